@@ -1,0 +1,165 @@
+"""The ``regbench`` command: a thin Hydra app around :func:`regbench.train.fit`.
+
+Before Hydra starts, the command line is composed once per swept value and validated, so a typo'd key, a
+wrong type, an unknown option or an out-of-range value fails with one line (exit status 2) before any run
+folder is written or any job of a sweep is launched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from regbench.config import register_configs
+from regbench.errors import RegbenchError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_NAME = "train"
+
+register_configs()
+# Sweep sub-folders are named after the overrides (seed excluded, so the seeds of one configuration sit
+# side by side below it); a sweep with no other override gets "default" instead of an empty name.
+OmegaConf.register_new_resolver("rb_run_name", lambda name: name or "default", replace=True)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")
+def app(cfg: DictConfig) -> float:
+    from regbench.train import fit  # lazy: keeps `regbench --help` fast
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return fit(cfg, run_dir)
+    except RegbenchError as e:
+        fail(e)
+
+
+def fail(e: BaseException, code: int = 2) -> None:
+    print(f"regbench: error: {e}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------------------------- precheck
+
+
+def _jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
+    """The override lists to check: the first job, plus one job per further value of each swept key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    choices: list[list[str]] = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not multirun:
+                raise RegbenchError(f"{o.input_line}: a sweep (several values) needs multirun; fix: add -m")
+            values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else []
+            choices.append([f"{key}={v}" for v in values] or [o.input_line])
+        else:
+            choices.append([o.input_line])
+    first = [c[0] for c in choices]
+    jobs = [first]
+    for i, c in enumerate(choices):
+        for alt in c[1:]:
+            jobs.append(first[:i] + [alt] + first[i + 1:])
+    return jobs
+
+
+def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional[str] = None,
+          config_name: str = CONFIG_NAME) -> list[DictConfig]:
+    """Compose and validate every job the command line describes. Raises RegbenchError with one line."""
+    from hydra import compose, initialize_config_dir
+
+    from regbench.config import validate
+
+    cfgs = []
+    try:
+        jobs = _jobs(overrides, multirun)
+    except RegbenchError:
+        raise
+    except Exception as e:
+        raise RegbenchError(describe(e)) from None
+    with initialize_config_dir(config_dir=str(Path(config_dir or CONFIG_DIR).resolve()), version_base="1.3"):
+        for job in jobs:
+            try:
+                cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
+            except Exception as e:
+                raise RegbenchError(describe(e)) from None
+            validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what the task sees
+            cfgs.append(cfg)
+    if not multirun and cfgs:
+        run_dir = Path(cfgs[0].hydra.run.dir)
+        if (run_dir / "summary.json").exists():
+            raise RegbenchError(f"{run_dir} already holds the results of a run; refusing to overwrite them; "
+                                "fix: choose a new folder with hydra.run.dir=...")
+    return cfgs
+
+
+def describe(e: BaseException) -> str:
+    """One line for a Hydra / OmegaConf composition error: the key, what is wrong, how to fix it."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
+        group, _, name = e.missing_cfg_file.rpartition("/")
+        options = [o for o in (e.options or [])]
+        hint = difflib.get_close_matches(name, options, n=1)
+        return (f"{group}={name}: no such option in config group '{group}'; available: {', '.join(options)}"
+                + (f"; did you mean {group}={hint[0]}?" if hint else ""))
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse override: {_first_line(e)}; see https://hydra.cc/docs/1.3/advanced/override_grammar/basic"
+    cause = e
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+        key = cause.full_key
+        leaf = key.rsplit(".", 1)[-1]
+        known = _schema_keys(getattr(cause, "object_type", None))
+        hint = difflib.get_close_matches(leaf, known, n=1)
+        msg = f"{key}: no such key"
+        if known:
+            msg += f" (valid keys here: {', '.join(known)})"
+        if hint:
+            msg += f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{hint[0]}?"
+        return msg
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {_first_line(cause)}"
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {_first_line(cause)}"
+    return _first_line(e)
+
+
+def _schema_keys(object_type) -> list[str]:
+    if object_type is not None and dataclasses.is_dataclass(object_type):
+        return [f.name for f in dataclasses.fields(object_type)]
+    return []
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point: ``regbench [-m] [overrides...]``."""
+    from hydra._internal.utils import get_args_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = get_args_parser().parse_args(argv)
+    inspecting = args.help or args.hydra_help or args.info or args.shell_completion or args.cfg \
+        or args.experimental_rerun
+    if not inspecting:
+        try:
+            check(args.overrides, multirun=args.multirun, config_dir=args.config_dir,
+                  config_name=args.config_name or CONFIG_NAME)
+        except RegbenchError as e:
+            fail(e)
+    sys.argv = [sys.argv[0], *argv]
+    app()
+
+

@@ -1,0 +1,145 @@
+"""What a run leaves behind: metrics.csv (one row per epoch), summary.json, TensorBoard events, checkpoints.
+
+Every file that is rewritten (summary.json, checkpoints) is written atomically: a temporary file in the same
+folder, flushed and fsynced, then renamed over the old one, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from regbench.errors import RegbenchError
+
+METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap_loss", "gap_acc",
+                  "epoch_time_s"]
+
+
+class LogWriteError(RegbenchError):
+    """A log or checkpoint file could not be written (read-only folder, full disk...)."""
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write ``path`` via a temp file in the same folder + fsync + rename (the old file survives any crash)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LogWriteError(f"cannot write {path}: {e.strerror or e}; fix: make the run folder writable "
+                            "(or choose another with hydra.run.dir=...) and free disk space") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=_jsonable) + "\n").encode()))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with the safe unpickler only (tensors and primitives); never runs code from the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise RegbenchError(f"checkpoint {path}: no such file") from None
+    except Exception as e:  # truncated zip, foreign pickle, unsafe global...
+        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely ({str(e).splitlines()[0][:200]}); "
+                            "fix: use a checkpoint written by regbench, or delete the corrupt file") from None
+
+
+class RunLogger:
+    """metrics.csv + TensorBoard writer of one run; the TB writer is created lazily on first use."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig):
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.metrics_path = run_dir / "metrics.csv"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            self._csv_file = open(self.metrics_path, "w", newline="")
+        except OSError as e:
+            raise LogWriteError(f"cannot write in run folder {run_dir}: {e.strerror or e}; fix: make it writable "
+                                "or choose another with hydra.run.dir=...") from None
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_COLUMNS)
+        self._csv.writeheader()
+        from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
+
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self._layout()
+        self.tb.add_text("config", _as_markdown_code(OmegaConf.to_yaml(cfg, resolve=True)), 0)
+
+    def _layout(self) -> None:
+        # One chart per quantity with train and val drawn on the same axes (TensorBoard's Custom Scalars tab).
+        self.tb.add_custom_scalars({
+            "overfitting": {
+                "loss (train vs val)": ["Multiline", ["loss/train", "loss/val"]],
+                "accuracy (train vs val)": ["Multiline", ["acc/train", "acc/val"]],
+                "generalization gap": ["Multiline", ["gap/loss", "gap/acc"]],
+            }
+        })
+
+    def log_epoch(self, row: dict) -> None:
+        try:
+            self._csv.writerow({k: row[k] for k in METRIC_COLUMNS})
+            self._csv_file.flush()
+        except OSError as e:
+            raise LogWriteError(f"cannot write {self.metrics_path}: {e.strerror or e}") from None
+        step = row["epoch"]
+        for tag, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("acc/train", "train_acc"),
+                         ("acc/val", "val_acc"), ("gap/loss", "gap_loss"), ("gap/acc", "gap_acc"), ("lr", "lr")):
+            self.tb.add_scalar(tag, row[key], step)
+        self.tb.flush()
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Write the HParams-plugin summaries into this run's own event file.
+
+        SummaryWriter.add_hparams would open a new writer in a timestamped sub-folder (a stray extra run in
+        TensorBoard); writing the three plugin summaries ourselves keeps one run per run folder.
+        """
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        metrics = {f"hparam/{k}": v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        exp, ssi, sei = hparams_summary(clean, metrics)
+        writer = self.tb._get_file_writer()
+        for s in (exp, ssi, sei):
+            writer.add_summary(s)
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, self.cfg.trainer.max_epochs)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self._csv_file.close()
+        self.tb.close()
+
+
+def _as_markdown_code(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
