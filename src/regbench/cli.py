@@ -35,9 +35,12 @@ def app(cfg: DictConfig) -> float:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return fit(cfg, run_dir)
+        value = fit(cfg, run_dir)
     except RegbenchError as e:
         fail(e)
+    print(f"run dir: {run_dir.resolve()}")
+    print(f"view it: tensorboard --logdir {run_dir.resolve()}")
+    return value
 
 
 def fail(e: BaseException, code: int = 2) -> None:

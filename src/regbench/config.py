@@ -306,8 +306,10 @@ def validate(cfg: DictConfig) -> None:
     if s.name in ("warmup", "warmup_cosine"):
         _check(s.warmup_epochs >= 0, "scheduler.warmup_epochs", s.warmup_epochs, "a number >= 0")
         _check(0 < s.start_factor <= 1, "scheduler.start_factor", s.start_factor, "a number in (0, 1]")
-        _check(s.warmup_epochs < cfg.trainer.max_epochs, "scheduler.warmup_epochs", s.warmup_epochs,
-               f"fewer epochs than trainer.max_epochs={cfg.trainer.max_epochs}")
+        cosine = s.name == "warmup_cosine"  # the cosine phase needs at least part of an epoch after the warmup
+        _check(s.warmup_epochs < cfg.trainer.max_epochs if cosine else s.warmup_epochs <= cfg.trainer.max_epochs,
+               "scheduler.warmup_epochs", s.warmup_epochs,
+               f"{'fewer' if cosine else 'no more'} epochs than trainer.max_epochs={cfg.trainer.max_epochs}")
     _check(s.name in ("constant", "step", "cosine", "onecycle", "warmup", "warmup_cosine"), "scheduler.name",
            s.name, "one of constant, step, cosine, onecycle, warmup, warmup_cosine")
 

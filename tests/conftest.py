@@ -1,0 +1,129 @@
+"""Shared fixtures: composing the real configs, and small datasets written in torchvision's on-disk formats."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import regbench.cli  # noqa: F401  (registers the schemas and resolvers)
+from regbench.cli import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny, fast setting for runs that only need to exercise the pipeline.
+TINY = ["data.train_size=64", "data.batch_size=32", "data.val_fraction=0.025", "data.test_size=100",
+        "trainer.max_epochs=1", "trainer.progress_bar=false"]
+
+
+def compose_cfg(*overrides: str, config_dir: Path = CONFIG_DIR, config_name: str = "train"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def config_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
+
+
+# ------------------------------------------------------------------------ torchvision on-disk formats
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool = False) -> None:
+    """MNIST's IDX format: big-endian magic (0x0803 images / 0x0801 labels), dims, then uint8 data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    files = {
+        f"{prefix}-images-idx3-ubyte": struct.pack(">iiii", 0x803, n, h, w) + images.astype(np.uint8).tobytes(),
+        f"{prefix}-labels-idx1-ubyte": struct.pack(">ii", 0x801, n) + labels.astype(np.uint8).tobytes(),
+    }
+    for name, payload in files.items():
+        (folder / name).write_bytes(payload)
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
+
+
+def make_mnist_like(root: Path, cls_folder: str, n_train: int = 240, n_test: int = 100, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = np.arange(n) % 10
+        write_idx(root / cls_folder / "raw", prefix, x, y, gz=True)
+        out[prefix] = (x, y)
+    return out
+
+
+def make_cifar(root: Path, monkeypatch, classes: int = 10, n_train: int = 250, n_test: int = 100,
+               seed: int = 0) -> dict:
+    """CIFAR python-pickle batches; torchvision's md5 table is pointed at the generated files."""
+    import torchvision.datasets as tvd
+
+    rng = np.random.default_rng(seed)
+    cls = tvd.CIFAR10 if classes == 10 else tvd.CIFAR100
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "labels" if classes == 10 else "fine_labels"
+    x_train = rng.integers(0, 256, size=(n_train, 3, 32, 32), dtype=np.uint8)
+    y_train = np.arange(n_train) % classes
+    x_test = rng.integers(0, 256, size=(n_test, 3, 32, 32), dtype=np.uint8)
+    y_test = np.arange(n_test) % classes
+
+    def dump(name, x, y):
+        path = folder / name
+        with open(path, "wb") as f:
+            pickle.dump({"data": x.reshape(len(x), -1), label_key: [int(v) for v in y]}, f)
+        return [name, _md5(path)]
+
+    train_names = [n for n, _ in cls.train_list]
+    chunks = np.array_split(np.arange(n_train), len(train_names))
+    train_list = [dump(name, x_train[idx], y_train[idx]) for name, idx in zip(train_names, chunks)]
+    test_list = [dump(cls.test_list[0][0], x_test, y_test)]
+    meta_path = folder / cls.meta["filename"]
+    with open(meta_path, "wb") as f:
+        pickle.dump({cls.meta["key"]: [f"class{i}" for i in range(classes)]}, f)
+    monkeypatch.setattr(cls, "train_list", train_list)
+    monkeypatch.setattr(cls, "test_list", test_list)
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(meta_path)})
+    return {"train": (x_train, y_train), "test": (x_test, y_test)}
+
+
+def make_svhn(root: Path, monkeypatch, n_train: int = 200, n_test: int = 100, seed: int = 0) -> dict:
+    """SVHN's .mat files: X is H x W x C x N, y is N x 1 with digit 0 stored as 10."""
+    import scipy.io
+    import torchvision.datasets as tvd
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    split_list = {k: list(v) for k, v in tvd.SVHN.split_list.items()}
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+        y = np.arange(n) % 10
+        path = root / split_list[split][1]
+        scipy.io.savemat(path, {"X": x.transpose(2, 3, 1, 0), "y": np.where(y == 0, 10, y).reshape(-1, 1)})
+        split_list[split][2] = _md5(path)
+        out[split] = (x, y)
+    monkeypatch.setattr(tvd.SVHN, "split_list", split_list)
+    return out
+
+
+@pytest.fixture
+def tv_root(tmp_path, monkeypatch) -> Path:
+    """A data.root holding small generated copies of every torchvision dataset regbench supports."""
+    root = tmp_path / "tvdata"
+    make_mnist_like(root, "MNIST", seed=1)
+    make_mnist_like(root, "FashionMNIST", seed=2)
+    make_cifar(root, monkeypatch, classes=10, seed=3)
+    make_cifar(root, monkeypatch, classes=100, n_train=400, n_test=100, seed=4)
+    make_svhn(root, monkeypatch, seed=5)
+    return root

@@ -1,0 +1,150 @@
+"""Config: every option of every group composes and trains; bad input fails with one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from regbench.cli import check, main
+from regbench.config import SCHEMAS
+from regbench.errors import ConfigError, RegbenchError
+from regbench.train import fit
+from tests.conftest import REPO, TINY, compose_cfg, config_options
+
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "experiment"]
+
+
+def test_every_yaml_names_its_schema():
+    for group in GROUPS[:-1]:
+        for path in (REPO / "configs" / group).glob("*.yaml"):
+            text = path.read_text()
+            assert f"/schema/{group}/" in text and "@_here_" in text, path
+            schema = text.split(f"/schema/{group}/")[1].split("@")[0]
+            assert schema in SCHEMAS[group], path
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in config_options(g)])
+def test_every_option_composes_and_trains_a_step(group, option, tv_root, tmp_path):
+    overrides = [*TINY, f"{group}={option}"]
+    if group == "data" and option != "mnist5k":
+        overrides += [f"data.root={tv_root}", "data.download=false"]
+    if group == "data" and option == "cifar100":
+        overrides.append("data.val_fraction=0.25")  # 100 classes: enough validation images for a stratified split
+    if group == "scheduler":
+        overrides.append("trainer.max_epochs=2")  # warmup_cosine needs epochs after its one-epoch warmup
+    cfg = compose_cfg(*overrides)
+    assert group == "experiment" or cfg[group] is not None
+    fit(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("model", ["mlp", "lecture_cnn"])
+@pytest.mark.parametrize("dataset", ["mnist5k", "cifar10"])
+def test_each_model_trains_on_grey_and_rgb_data(model, dataset, tv_root, tmp_path):
+    files = [f"data.root={tv_root}", "data.download=false"] if dataset != "mnist5k" else []
+    fit(compose_cfg(*TINY, f"model={model}", f"data={dataset}", *files), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["data"]["input_shape"][0] == (1 if dataset == "mnist5k" else 3)
+
+
+def test_experiment_file_changes_only_what_it_lists():
+    base = compose_cfg()
+    exp = compose_cfg("experiment=mnist_cnn")
+    assert exp.model.name == "lecture_cnn" and exp.optimizer.momentum == 0.9 and exp.optimizer.lr == 0.05
+    assert exp.trainer.max_epochs == 10 and exp.data == base.data and exp.seed == base.seed
+
+
+def test_group_values_are_typed():
+    cfg = compose_cfg("optimizer=adam")
+    assert OmegaConf.get_type(cfg.optimizer).__name__ == "AdamConfig"
+    assert OmegaConf.get_type(cfg.trainer).__name__ == "TrainerConfig"
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+BAD = [
+    (["trainer.max_epoch=3"], "trainer.max_epoch: no such key", "did you mean trainer.max_epochs?"),
+    (["sed=1"], "sed: no such key", "did you mean seed?"),
+    (["model.hiden=[8]"], "model.hiden: no such key", "did you mean model.hidden?"),
+    (["optimizer=adam", "optimizer.momentum=0.9"], "optimizer.momentum: no such key", "betas"),
+    (["trainer.max_epochs=ten"], "trainer.max_epochs: Value 'ten' of type 'str' could not be converted", ""),
+    (["data.batch_size=1.5"], "data.batch_size: Value '1.5' of type 'float' could not be converted to Integer", ""),
+    (["model=resnet"], "model=resnet: no such option in config group 'model'", "available: lecture_cnn, mlp"),
+    (["optimizer=adamm"], "optimizer=adamm: no such option", "did you mean optimizer=adam?"),
+    (["model.hidden=[1,2"], "cannot parse override", "override_grammar"),
+    (["optimizer.lr=0"], "optimizer.lr=0.0: expected a number > 0", "optimizer.lr=0.001"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1.0: expected a number > 0", ""),
+    (["data.batch_size=0"], "data.batch_size=0: expected an integer >= 1", ""),
+    (["data.val_fraction=1.5"], "data.val_fraction=1.5: expected a number in (0, 1)", ""),
+    (["data.val_fraction=0"], "data.val_fraction=0.0: expected a number in (0, 1)", ""),
+    (["data.train_size=0"], "data.train_size=0: expected an integer >= 1 or null", ""),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0: expected an integer >= 1", ""),
+    (["trainer.device=gpu"], "trainer.device='gpu': expected auto, cpu, cuda or cuda:N", ""),
+    (["trainer.amp=fp8"], "trainer.amp='fp8': expected one of none, bf16, fp16", ""),
+    (["model.activation=swish"], "model.activation='swish': expected one of relu", ""),
+    (["model.negative_slope=0.2"], "model.negative_slope=0.2: expected to be left alone", "model.activation=leaky_relu"),
+    (["optimizer=sgd", "optimizer.nesterov=true"], "optimizer.nesterov=True: expected momentum > 0", ""),
+    (["optimizer=adam", "optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5]: expected two numbers", ""),
+    (["scheduler=cosine", "scheduler.min_lr=1"], "scheduler.min_lr=1.0: expected a number in [0, optimizer.lr", ""),
+    (["scheduler=warmup", "scheduler.warmup_epochs=50"], "scheduler.warmup_epochs=50.0: expected no more epochs", ""),
+    (["data=mnist", "data.root=/nonexistent/x"], "", ""),  # composes fine; fails later in the data step
+    (["data.root=/tmp"], "data.root: no such key", "valid keys here"),  # mnist5k has no root: nothing to find
+    (["optimizer=sgd,adam"], "optimizer=sgd,adam: a sweep (several values) needs multirun", "add -m"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected,hint", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(overrides, expected, hint, capsys, tmp_path):
+    if not expected:  # this one is valid config: the data error comes from the run (see test_data)
+        check(overrides)
+        return
+    with pytest.raises(SystemExit) as e:
+        main([*overrides, f"hydra.run.dir={tmp_path}/run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("regbench: error: "), err
+    assert expected in err and hint in err, err
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_a_typo_in_any_job_of_a_sweep_fails_before_anything_runs(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["-m", "optimizer=sgd,adam", "optimizer.lr=0.1,-0.1", f"hydra.sweep.dir={tmp_path}/sweep"])
+    assert e.value.code == 2
+    assert "optimizer.lr=-0.1: expected a number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_check_composes_each_swept_value_once():
+    cfgs = check(["optimizer=sgd,adam,adamw", "seed=0,1"], multirun=True)
+    # the first job, plus one per further value of each swept key: 1 + 2 + 1
+    assert len(cfgs) == 4
+    assert sorted({c.optimizer.name for c in cfgs}) == ["adam", "adamw", "sgd"]
+
+
+def test_errors_raised_by_the_run_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*TINY, "data=cifar10", f"data.root={tmp_path}/none", "data.download=false",
+              f"hydra.run.dir={tmp_path}/run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "regbench: error: data=cifar10: dataset files not found" in err
+
+
+def test_existing_run_dir_is_refused_before_hydra_writes(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main([*TINY, f"hydra.run.dir={run}"])
+    assert "already holds the results of a run" in capsys.readouterr().err
+    assert not (run / ".hydra").exists()
+
+
+def test_config_error_message_format():
+    e = ConfigError("data.batch_size", 0, "an integer >= 1", "fix: data.batch_size=32")
+    assert str(e) == "data.batch_size=0: expected an integer >= 1; fix: data.batch_size=32"
+    assert isinstance(e, RegbenchError) and e.exit_code == 2

@@ -1,0 +1,180 @@
+"""The training loop and what a run leaves behind: metrics.csv, summary.json, TensorBoard events, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regbench.data import batches, load_data
+from regbench.errors import ConfigError, RegbenchError
+from regbench.logs import METRIC_COLUMNS, load_checkpoint
+from regbench.models import build_model
+from regbench.train import evaluate, fit, train_one_epoch
+from tests.conftest import TINY, compose_cfg
+
+SMALL = ["data.train_size=200", "data.batch_size=50", "data.test_size=100", "trainer.max_epochs=3",
+         "trainer.progress_bar=false", "model.hidden=[32]"]
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    value = fit(compose_cfg(*SMALL), run_dir)
+    return run_dir, value
+
+
+def test_run_dir_contents(small_run):
+    run_dir, value = small_run
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert list(rows[0]) == METRIC_COLUMNS
+    assert [int(r["step"]) for r in rows] == [4, 8, 12]  # 200 images / batch 50
+    for r in rows:
+        assert float(r["gap_loss"]) == pytest.approx(float(r["val_loss"]) - float(r["train_loss"]))
+        assert float(r["gap_acc"]) == pytest.approx(float(r["train_acc"]) - float(r["val_acc"]))
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["epochs_completed"] == 3 and s["error"] is None
+    assert s["params"] == {"trainable": 784 * 32 + 32 + 32 * 10 + 10, "frozen": 0, "buffers": 0,
+                           "total": 25_450}
+    assert s["final"]["epoch"] == 3 and s["final"]["val_loss"] == pytest.approx(float(rows[-1]["val_loss"]))
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert s["best"]["epoch"] == int(best["epoch"]) and value == pytest.approx(float(best["val_loss"]))
+    assert set(s["test"]) == {"loss", "acc"} and 0 <= s["test"]["acc"] <= 1
+    assert s["data"]["train"] == 200 and s["data"]["test"] == 100 and len(s["data"]["mean"]) == 1
+    assert s["versions"]["torch"] == torch.__version__
+
+
+def test_checkpoints_load_safely_and_restore_the_model(small_run):
+    run_dir, _ = small_run
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert last["epoch"] == 3 and last["config"]["model"]["hidden"] == [32]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert best["epoch"] == s["best"]["epoch"]
+    cfg = compose_cfg(*SMALL)
+    data = load_data(cfg.data, torch.device("cpu"))
+    model = build_model(cfg.model, data.input_shape, 10)
+    model.load_state_dict(last["model"])
+    test = evaluate(model, data.test_x, data.test_y, 1000)
+    assert test["acc"] == pytest.approx(s["test"]["acc"]) and test["loss"] == pytest.approx(s["test"]["loss"])
+
+
+def test_tensorboard_events(small_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.util import tensor_util
+
+    run_dir, _ = small_run
+    tb = run_dir / "tb"
+    assert [p for p in tb.iterdir() if p.is_dir()] == []  # hparams written without a stray sub-run
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "acc/train", "acc/val", "gap/loss", "gap/acc", "lr"} <= tags
+    assert {"hparam/best_val_loss", "hparam/test_acc"} <= tags
+    assert [e.step for e in acc.Scalars("loss/val")] == [1, 2, 3]
+    rows = read_metrics(run_dir)
+    assert [e.value for e in acc.Scalars("loss/train")] == pytest.approx([float(r["train_loss"]) for r in rows])
+    assert "config/text_summary" in acc.Tags()["tensors"]
+    text = tensor_util.make_ndarray(acc.Tensors("config/text_summary")[0].tensor_proto).item().decode()
+    assert "hidden:" in text and "max_epochs: 3" in text
+    plugins = acc.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugins and "_hparams_/session_start_info" in plugins
+    # Train and val share one chart in the Custom Scalars tab.
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(tensor_util.make_ndarray(acc.Tensors("custom_scalars__config__")[0].tensor_proto).item())
+    charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
+    assert charts["loss (train vs val)"] == ["loss/train", "loss/val"]
+
+
+def test_same_seed_reruns_bitwise_on_cpu(tmp_path, small_run):
+    run_dir, _ = small_run
+    fit(compose_cfg(*SMALL), tmp_path / "again")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "again")) == strip(read_metrics(run_dir))
+    a = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "again" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_another_seed_gives_another_run(tmp_path, small_run):
+    run_dir, _ = small_run
+    fit(compose_cfg(*SMALL, "seed=1"), tmp_path / "seed1")
+    assert read_metrics(tmp_path / "seed1")[0]["train_loss"] != read_metrics(run_dir)[0]["train_loss"]
+
+
+def test_train_one_epoch_accumulates_exactly():
+    # With lr = 0 the weights never change, so the epoch's summed loss / correct equal one full evaluation.
+    torch.manual_seed(0)
+    x, y = torch.randn(70, 1, 4, 4), torch.randint(0, 3, (70,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss_sum, correct, seen = train_one_epoch(model, opt, batches(x, y, 32, torch.Generator().manual_seed(0)))
+    assert seen == 70
+    with torch.no_grad():
+        logits = model(x)
+    assert loss_sum.item() / 70 == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert correct.item() == (logits.argmax(1) == y).sum().item()
+    ev = evaluate(model, x, y, batch_size=16)
+    assert ev["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_schedule_is_stepped_per_optimizer_step(tmp_path):
+    fit(compose_cfg(*TINY, "trainer.max_epochs=2", "scheduler=step", "scheduler.step_epochs=1",
+                    "scheduler.gamma=0.5", "optimizer=sgd", "optimizer.lr=0.1"), tmp_path)
+    assert [float(r["lr"]) for r in read_metrics(tmp_path)] == pytest.approx([0.05, 0.025])
+
+
+def test_divergence_stops_the_run_and_marks_it_failed(tmp_path):
+    cfg = compose_cfg(*TINY, "optimizer=sgd", "optimizer.lr=1e30", "trainer.max_epochs=3")
+    with pytest.raises(RegbenchError, match=r"non-finite training loss .* in epoch 1 .* lr=1e\+30"):
+        fit(cfg, tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "failed" and "non-finite" in s["error"] and s["epochs_completed"] == 0
+
+
+def test_refuses_to_overwrite_an_earlier_run(tmp_path):
+    fit(compose_cfg(*TINY), tmp_path)
+    before = (tmp_path / "metrics.csv").read_bytes()
+    with pytest.raises(RegbenchError, match="already holds the results of a run"):
+        fit(compose_cfg(*TINY, "seed=5"), tmp_path)
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+
+
+def test_bf16_autocast_on_cpu_and_fp16_needs_cuda(tmp_path):
+    fit(compose_cfg(*TINY, "trainer.amp=bf16"), tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["amp"] == "bf16"
+    with pytest.raises(ConfigError, match="trainer.amp='fp16'"):
+        fit(compose_cfg(*TINY, "trainer.amp=fp16", "trainer.device=cpu"), tmp_path / "fp16")
+
+
+def test_num_threads_is_applied(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        fit(compose_cfg(*TINY, "trainer.num_threads=1"), tmp_path)
+        assert torch.get_num_threads() == 1
+        assert json.loads((tmp_path / "summary.json").read_text())["num_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_monitor_val_acc_picks_the_most_accurate_epoch(tmp_path):
+    value = fit(compose_cfg(*SMALL, "trainer.monitor=val_acc", "trainer.save_checkpoints=false"), tmp_path)
+    rows = read_metrics(tmp_path)
+    assert value == max(float(r["val_acc"]) for r in rows)
+    assert not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_matches_shapes(tmp_path):
+    fit(compose_cfg(*TINY, "trainer.device=cuda", "trainer.amp=bf16"), tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["device"].startswith("cuda")
