@@ -87,10 +87,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     Nothing here reads a value back to the host, so CUDA steps queue up without stalls.
     """
     model.train()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    # Per-step values are kept as device tensors and reduced once at the end: two cheap ops per step
+    # (detach, argmax) instead of a running sum, and no host sync.
+    losses, sizes, preds, targets = [], [], [], []
     for xb, yb in batch_iter:
         with autocast():
             logits = model(xb)
@@ -105,12 +104,19 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             scaler.update()
         if scheduler is not None:
             scheduler.step()
-        n = yb.shape[0]
-        loss_sum.add_(loss.detach(), alpha=n)
-        correct.add_((logits.detach().argmax(1) == yb).sum())
-        seen += n
+        losses.append(loss.detach())
+        preds.append(logits.detach().argmax(1))
+        targets.append(yb)
+        sizes.append(yb.shape[0])
         if on_step is not None:
             on_step()
+    device = next(model.parameters()).device
+    if not losses:
+        return torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), 0
+    weights = torch.tensor(sizes, dtype=torch.float32).to(device, non_blocking=True)
+    loss_sum = (torch.stack(losses).float() * weights).sum()
+    correct = (torch.cat(preds) == torch.cat(targets)).sum()
+    seen = sum(sizes)
     return loss_sum, correct, seen
 
 
