@@ -68,8 +68,8 @@ def dataloader_epoch(model, opt, loader):
 
 
 def regbench_epoch(model, opt, x, y, bs, g):
-    loss_sum, correct, seen = train_one_epoch(model, opt, batches(x, y, bs, g))
-    return loss_sum.item() / seen, correct.item() / seen  # fit's once-per-epoch read-back
+    out = train_one_epoch(model, opt, batches(x, y, bs, g))
+    return out["loss"].item() / out["seen"], out["correct"].item() / out["seen"]  # fit's once-per-epoch read-back
 
 
 def bench(model_name: str, device: torch.device, epochs: int, warmup: int, train_size: int, batch_size: int):

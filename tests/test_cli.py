@@ -47,7 +47,7 @@ def test_python_dash_m_and_exit_status(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "regbench: error: trainer.max_epoch: no such key (valid keys here: max_epochs, device, amp, num_threads, "
-        "monitor, save_checkpoints, progress_bar); did you mean trainer.max_epochs?"]
+        "monitor, save_checkpoints, clean_subset, progress_bar); did you mean trainer.max_epochs?"]
 
 
 def test_multirun_names_runs_after_their_overrides(tmp_path):

@@ -75,7 +75,7 @@ def test_mlp_dropout_and_norm_hooks_are_placed_per_layer():
 
 
 def test_cnn_spatial_and_head_dropout_hooks():
-    model = LectureCNN(3, 32, 10, spatial_dropout=0.1, head_dropout=0.3, norm="groupnorm")
+    model = LectureCNN(3, 32, 10, spatial_dropout=0.1, head_dropout=0.3, norm="group_norm")
     assert sum(isinstance(m, nn.Dropout2d) for m in model.modules()) == 6
     assert [m.p for m in model.head if isinstance(m, nn.Dropout)] == [0.3]
     assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 6
@@ -112,7 +112,7 @@ def test_every_init(init):
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "lecture_cnn"])
-@pytest.mark.parametrize("norm", [None, "batchnorm", "layernorm", "groupnorm"])
+@pytest.mark.parametrize("norm", [None, "batchnorm", "layer_norm", "group_norm"])
 def test_every_parameter_gets_a_finite_gradient(model_name, norm):
     cfg = compose_cfg(f"model={model_name}").model
     hooks = {"norm": norm, "norm_groups": 4} if norm else {}

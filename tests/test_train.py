@@ -48,7 +48,7 @@ def test_run_dir_contents(small_run):
     assert s["final"]["epoch"] == 3 and s["final"]["val_loss"] == pytest.approx(float(rows[-1]["val_loss"]))
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert s["best"]["epoch"] == int(best["epoch"]) and value == pytest.approx(float(best["val_loss"]))
-    assert set(s["test"]) == {"loss", "acc"} and 0 <= s["test"]["acc"] <= 1
+    assert set(s["test"]) == {"loss", "acc", "ece"} and 0 <= s["test"]["acc"] <= 1 and 0 <= s["test"]["ece"] <= 1
     assert s["data"]["train"] == 200 and s["data"]["test"] == 100 and len(s["data"]["mean"]) == 1
     assert s["versions"]["torch"] == torch.__version__
 
@@ -93,7 +93,7 @@ def test_tensorboard_events(small_run):
     layout = layout_pb2.Layout()
     layout.ParseFromString(tensor_util.make_ndarray(acc.Tensors("custom_scalars__config__")[0].tensor_proto).item())
     charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
-    assert charts["loss (train vs val)"] == ["loss/train", "loss/val"]
+    assert charts["loss (train vs val)"] == ["loss/train", "loss/train_clean", "loss/val"]
 
 
 def test_same_seed_reruns_bitwise_on_cpu(tmp_path, small_run):
@@ -118,12 +118,12 @@ def test_train_one_epoch_accumulates_exactly():
     x, y = torch.randn(70, 1, 4, 4), torch.randint(0, 3, (70,))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss_sum, correct, seen = train_one_epoch(model, opt, batches(x, y, 32, torch.Generator().manual_seed(0)))
-    assert seen == 70
+    out = train_one_epoch(model, opt, batches(x, y, 32, torch.Generator().manual_seed(0)))
+    assert out["seen"] == 70 and out["penalty"] is None
     with torch.no_grad():
         logits = model(x)
-    assert loss_sum.item() / 70 == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
-    assert correct.item() == (logits.argmax(1) == y).sum().item()
+    assert out["loss"].item() / 70 == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert out["correct"].item() == (logits.argmax(1) == y).sum().item()
     ev = evaluate(model, x, y, batch_size=16)
     assert ev["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
 

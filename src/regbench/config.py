@@ -172,6 +172,7 @@ class TrainerConfig:
     num_threads: Optional[int] = None  # CPU threads for torch; null = the cores this process may use
     monitor: str = "val_loss"  # val_loss | val_acc: picks the best epoch/checkpoint; the value the app returns
     save_checkpoints: bool = True  # checkpoints/last.pt every epoch and checkpoints/best.pt on improvement
+    clean_subset: int = 1000  # training images for the clean (eval-mode, plain CE) train metric each epoch; 0 = off
     progress_bar: Optional[bool] = None  # null = only when stdout is a terminal
 
 
@@ -183,6 +184,7 @@ class TrainConfig:
     optimizer: Any = MISSING
     scheduler: Any = MISSING
     trainer: Any = MISSING
+    regularizer: Any = field(default_factory=dict)  # the stack: one entry per selected member
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -208,6 +210,9 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 def register_configs() -> None:
     """Store every schema under ``schema/<group>/<name>`` and the root schema as ``train_schema``."""
+    from regbench.regularizers import REGISTRY
+
+    SCHEMAS["regularizer"] = {name: cls.schema for name, cls in REGISTRY.items()}
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, schemas in SCHEMAS.items():
@@ -322,3 +327,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.num_threads is None or t.num_threads >= 1, "trainer.num_threads", t.num_threads,
            "an integer >= 1 or null (all cores this process may use)")
     _choice(t, "trainer.monitor", ("val_loss", "val_acc"))
+    _check(t.clean_subset >= 0, "trainer.clean_subset", t.clean_subset, "an integer >= 0 (0 = off)")
+
+    from regbench.regularizers import Context, build_stack
+
+    build_stack(cfg, Context(cfg))  # each member checks its own keys and whether it fits the model/optimizer

@@ -19,8 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from regbench.errors import RegbenchError
 
-METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap_loss", "gap_acc",
-                  "epoch_time_s"]
+METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_penalty", "train_acc", "clean_train_loss",
+                  "clean_train_acc", "val_loss", "val_acc", "val_ece", "gap_loss", "gap_acc", "clean_gap_loss",
+                  "clean_gap_acc", "weight_l1", "weight_l2", "epoch_time_s"]
+# TensorBoard tag -> metrics.csv column
+TB_TAGS = {
+    "loss/train": "train_loss", "loss/train_clean": "clean_train_loss", "loss/val": "val_loss",
+    "loss/penalty": "train_penalty", "acc/train": "train_acc", "acc/train_clean": "clean_train_acc",
+    "acc/val": "val_acc", "calibration/val_ece": "val_ece", "gap/loss": "gap_loss", "gap/acc": "gap_acc",
+    "gap/loss_clean": "clean_gap_loss", "gap/acc_clean": "clean_gap_acc", "weights/l1": "weight_l1",
+    "weights/l2": "weight_l2", "lr": "lr",
+}
 
 
 class LogWriteError(RegbenchError):
@@ -100,9 +109,9 @@ class RunLogger:
         # One chart per quantity with train and val drawn on the same axes (TensorBoard's Custom Scalars tab).
         self.tb.add_custom_scalars({
             "overfitting": {
-                "loss (train vs val)": ["Multiline", ["loss/train", "loss/val"]],
-                "accuracy (train vs val)": ["Multiline", ["acc/train", "acc/val"]],
-                "generalization gap": ["Multiline", ["gap/loss", "gap/acc"]],
+                "loss (train vs val)": ["Multiline", ["loss/train", "loss/train_clean", "loss/val"]],
+                "accuracy (train vs val)": ["Multiline", ["acc/train", "acc/train_clean", "acc/val"]],
+                "generalization gap": ["Multiline", ["gap/loss", "gap/loss_clean", "gap/acc", "gap/acc_clean"]],
             }
         })
 
@@ -113,9 +122,9 @@ class RunLogger:
         except OSError as e:
             raise LogWriteError(f"cannot write {self.metrics_path}: {e.strerror or e}") from None
         step = row["epoch"]
-        for tag, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("acc/train", "train_acc"),
-                         ("acc/val", "val_acc"), ("gap/loss", "gap_loss"), ("gap/acc", "gap_acc"), ("lr", "lr")):
-            self.tb.add_scalar(tag, row[key], step)
+        for tag, key in TB_TAGS.items():
+            if row[key] is not None:
+                self.tb.add_scalar(tag, row[key], step)
         self.tb.flush()
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:

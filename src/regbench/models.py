@@ -42,12 +42,12 @@ def make_norm(kind: Optional[str], features: int, dims: int, momentum: float = 0
     if kind == "batchnorm":
         cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
         return cls(features, eps=eps, momentum=momentum)
-    if kind == "layernorm":
+    if kind == "layer_norm":
         # Over all features of a sample; for conv maps this is GroupNorm with a single group.
         return nn.LayerNorm(features, eps=eps) if dims == 1 else nn.GroupNorm(1, features, eps=eps)
-    if kind == "groupnorm":
+    if kind == "group_norm":
         if features % groups:
-            raise ConfigError("groups", groups, f"a divisor of every normalised layer's width ({features})")
+            raise ConfigError("regularizer.group_norm.groups", groups, f"a divisor of every normalised layer's width ({features})")
         return nn.GroupNorm(groups, features, eps=eps)
     raise ValueError(f"unknown norm {kind!r}")
 
@@ -97,7 +97,7 @@ class MLP(nn.Module):
                  dropout_placement: str = "after_activation", norm: Optional[str] = None,
                  norm_momentum: float = 0.1, norm_eps: float = 1e-5, norm_groups: int = 8):
         super().__init__()
-        rates = _rates(dropout, len(hidden), "dropout.rate")
+        rates = _rates(dropout, len(hidden), "regularizer.dropout.rate")
         self.flatten = nn.Flatten()
         blocks = []
         width = in_features
@@ -134,12 +134,13 @@ class LectureCNN(nn.Module):
                  convs_per_block: int = 2, dense: int = 64, pooling: str = "max", global_pool: str = "max",
                  activation: str = "relu", negative_slope: float = 0.01, init: str = "default",
                  norm: Optional[str] = None, norm_momentum: float = 0.1, norm_eps: float = 1e-5,
-                 norm_groups: int = 8, spatial_dropout: Rates = 0.0, head_dropout: float = 0.0):
+                 norm_groups: int = 8, spatial_dropout: Rates = 0.0, head_dropout: Rates = 0.0,
+                 dropout_placement: str = "after_activation"):
         super().__init__()
         if pooling != "none" and image_size >> len(widths) < 1:
             raise ConfigError("model.widths", list(widths), f"at most {image_size.bit_length() - 1} pooled blocks "
                               f"for {image_size}x{image_size} images", "use fewer widths or model.pooling=none")
-        rates = _rates(spatial_dropout, len(widths), "dropout.spatial")
+        rates = _rates(spatial_dropout, len(widths), "regularizer.dropout.spatial")
         blocks = []
         c = in_channels
         for w, p in zip(widths, rates):
@@ -160,9 +161,15 @@ class LectureCNN(nn.Module):
             blocks.append(block)
         self.features = nn.Sequential(*blocks)
         self.global_pool = nn.AdaptiveMaxPool2d(1) if global_pool == "max" else nn.AdaptiveAvgPool2d(1)
-        head = nn.Sequential(nn.Flatten(), nn.Linear(c, dense), make_activation(activation, negative_slope))
-        if head_dropout > 0:
-            head.add_module("dropout", nn.Dropout(_rates(head_dropout, 1, "dropout.rate")[0]))
+        head = nn.Sequential()
+        head.add_module("flatten", nn.Flatten())
+        head.add_module("dense", nn.Linear(c, dense))
+        p = _rates(head_dropout, 1, "regularizer.dropout.rate")[0]
+        if p > 0 and dropout_placement == "before_activation":
+            head.add_module("dropout", nn.Dropout(p))
+        head.add_module("act", make_activation(activation, negative_slope))
+        if p > 0 and dropout_placement == "after_activation":
+            head.add_module("dropout", nn.Dropout(p))
         head.add_module("out", nn.Linear(dense, num_classes))
         self.head = head
         init_weights(self, init, activation, negative_slope)

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Optional
+from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from regbench.config import validate
 from regbench.data import batches, load_data, num_batches
 from regbench.errors import ConfigError, RegbenchError
 from regbench.logs import RunLogger, save_checkpoint, write_json
+from regbench.metrics import calibration_error
+from regbench.regularizers import Context, build_stack
 from regbench.models import build_model, count_parameters
 from regbench.optim import build_optimizer, build_scheduler
 
@@ -79,27 +81,42 @@ def autocast_for(device: torch.device, amp: str) -> tuple[Callable[[], ContextMa
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     batch_iter: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                    scheduler=None, autocast: Callable[[], ContextManager] = nullcontext,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                    penalty_fn: Optional[Callable[[nn.Module], Optional[torch.Tensor]]] = None,
+                    before_step: Optional[Callable] = None, scheduler=None,
+                    autocast: Callable[[], ContextManager] = nullcontext,
                     scaler: Optional[torch.amp.GradScaler] = None, on_step: Optional[Callable[[], None]] = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One pass over ``batch_iter``. Returns (summed loss, number correct) as device tensors, and the count.
+                    ) -> dict[str, Any]:
+    """One pass over ``batch_iter``; returns summed data loss, summed penalty (or None), number correct (device
+    tensors) and the number of samples seen.
 
+    The optimised objective is loss_fn(logits, y) + penalty_fn(model); the two parts are reported apart.
     Nothing here reads a value back to the host, so CUDA steps queue up without stalls.
     """
     model.train()
     # Per-step values are kept as device tensors and reduced once at the end: two cheap ops per step
     # (detach, argmax) instead of a running sum, and no host sync.
-    losses, sizes, preds, targets = [], [], [], []
+    losses, penalties, sizes, preds, targets = [], [], [], [], []
     for xb, yb in batch_iter:
         with autocast():
             logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            loss = loss_fn(logits, yb)
+        objective = loss
+        if penalty_fn is not None:
+            penalty = penalty_fn(model)  # outside autocast: summed in the parameters' own precision
+            if penalty is not None:
+                objective = loss + penalty
+                penalties.append(penalty.detach())
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
-            loss.backward()
+            objective.backward()
+            if before_step is not None:
+                before_step(model, optimizer, None)
             optimizer.step()
         else:
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
+            if before_step is not None:
+                before_step(model, optimizer, scaler)
             scaler.step(optimizer)
             scaler.update()
         if scheduler is not None:
@@ -112,29 +129,45 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             on_step()
     device = next(model.parameters()).device
     if not losses:
-        return torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), 0
+        zero = torch.zeros((), device=device)
+        return {"loss": zero, "penalty": None, "correct": zero.long(), "seen": 0}
     weights = torch.tensor(sizes, dtype=torch.float32).to(device, non_blocking=True)
-    loss_sum = (torch.stack(losses).float() * weights).sum()
-    correct = (torch.cat(preds) == torch.cat(targets)).sum()
-    seen = sum(sizes)
-    return loss_sum, correct, seen
+    return {
+        "loss": (torch.stack(losses).float() * weights).sum(),
+        "penalty": (torch.stack(penalties).float() * weights).sum() if penalties else None,
+        "correct": (torch.cat(preds) == torch.cat(targets)).sum(),
+        "seen": sum(sizes),
+    }
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             autocast: Callable[[], ContextManager] = nullcontext) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` in eval mode over (x, y)."""
+             autocast: Callable[[], ContextManager] = nullcontext, bins: int = 15) -> dict[str, float]:
+    """Mean cross-entropy (NLL), accuracy and expected calibration error of ``model`` in eval mode."""
     model.eval()
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    conf, correct = [], []
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         with autocast():
             logits = model(xb)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        c, pred = torch.softmax(logits, dim=1).max(dim=1)
+        conf.append(c)
+        correct.append(pred == yb)
+    conf_t, correct_t = torch.cat(conf), torch.cat(correct)
     n = len(y)
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
+    return {"loss": loss_sum.item() / n, "acc": correct_t.double().mean().item(),
+            "ece": calibration_error(conf_t, correct_t, bins)}
+
+
+def weight_norms(model: nn.Module) -> tuple[float, float]:
+    """(Σ|w|, √Σw²) over the weights (parameters with >= 2 dimensions: dense and conv kernels)."""
+    ws = [p.detach() for p in model.parameters() if p.ndim >= 2]
+    l1 = torch.stack([w.abs().sum() for w in ws]).sum()
+    l2 = torch.stack([w.pow(2).sum() for w in ws]).sum().sqrt()
+    return l1.item(), l2.item()
 
 
 # -------------------------------------------------------------------------------------------- fit
@@ -169,10 +202,20 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
 
     seed_everything(cfg.seed)
     data = load_data(cfg.data, device)
+
+    # The regularizer stack shapes the model (dropout, norms), its weights (transfer), the optimizer's
+    # parameter groups (weight decay), the loss (penalties, smoothing) and the end of training.
+    ctx = Context(cfg, num_classes=data.info.num_classes, device=device)
+    stack = build_stack(cfg, ctx)
     torch.manual_seed(cfg.seed)  # model init does not depend on how much randomness data loading used
-    model = build_model(cfg.model, data.input_shape, data.info.num_classes).to(device)
+    model = build_model(cfg.model, data.input_shape, data.info.num_classes, **stack.model_hooks()).to(device)
+    stack.setup(model)
     params = count_parameters(model)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    optimizer = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer))
+    loss_fn = partial(F.cross_entropy, **stack.loss_options()) if stack.loss_options() else F.cross_entropy
+    penalty_fn, before_step = stack.penalty_fn(), stack.before_step_fn()
+    warnings = stack.collect_warnings(model)
+
     bs, drop_last = cfg.data.batch_size, cfg.data.drop_last
     if drop_last and bs > len(data.train_y):
         raise ConfigError("data.batch_size", bs, f"at most the {len(data.train_y)} training images when "
@@ -180,17 +223,32 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
     steps_per_epoch = num_batches(len(data.train_y), bs, drop_last)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, t.max_epochs)
     order = torch.Generator(device=device).manual_seed(cfg.seed)  # data order, on the data's device
+    # A fixed subset of the training split, evaluated like validation (eval mode, plain CE): the training
+    # loss under dropout / smoothing / penalties is not comparable with the validation loss, this one is.
+    n_clean = min(t.clean_subset, len(data.train_y))
+    clean_idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(cfg.data.split_seed))
+    clean_idx = clean_idx[:n_clean].sort().values.to(device)
+    clean_x, clean_y = data.train_x[clean_idx], data.train_y[clean_idx]
 
-    log.info("model %s: %s trainable parameters, %s running-statistic values; optimizer %s; device %s, %d threads",
-             cfg.model.name, f"{params['trainable']:,}", f"{params['buffers']:,}", cfg.optimizer.name, device,
+    log.info("model %s: %s trainable parameters, %s frozen, %s running-statistic values; optimizer %s; "
+             "regularizers [%s]; device %s, %d threads", cfg.model.name, f"{params['trainable']:,}",
+             f"{params['frozen']:,}", f"{params['buffers']:,}", cfg.optimizer.name, ",".join(stack.names), device,
              threads)
+    if "weight_decay" in ctx.info:
+        wd = ctx.info["weight_decay"]
+        log.info("weight decay (%s, %s): %s parameters in %d tensors decayed, %s in %d tensors not decayed",
+                 wd["mode"], wd["applied_by"], f"{wd['decayed_elements']:,}", wd["decayed_tensors"],
+                 f"{wd['not_decayed_elements']:,}", wd["not_decayed_tensors"])
+    for w in warnings:
+        log.warning("warning: %s", w)
 
     logger = RunLogger(run_dir, cfg)
     summary = {
         "status": "running", "epochs_completed": 0, "max_epochs": t.max_epochs, "seed": cfg.seed,
-        "params": params, "monitor": t.monitor, "final": None, "best": None, "test": None,
-        "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
-        "steps_per_epoch": steps_per_epoch, "versions": _versions(), "run_dir": str(run_dir.resolve()),
+        "regularizers": stack.names, "params": params, "monitor": t.monitor, "final": None, "best": None,
+        "test": None, "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
+        "steps_per_epoch": steps_per_epoch, "warnings": warnings, "regularizer_info": ctx.info,
+        "versions": _versions(), "run_dir": str(run_dir.resolve()),
         "started": _now(), "finished": None, "time_s": None, "error": None,
     }
     write_json(run_dir / "summary.json", summary)
@@ -208,28 +266,41 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         for epoch in range(1, t.max_epochs + 1):
             epoch_start = time.perf_counter()
             bar.set_description(f"epoch {epoch}/{t.max_epochs}")
-            loss_sum, correct, seen = train_one_epoch(
-                model, optimizer, batches(data.train_x, data.train_y, bs, order, drop_last),
-                scheduler=scheduler, autocast=autocast, scaler=scaler, on_step=bar.update)
+            out = train_one_epoch(
+                model, optimizer, batches(data.train_x, data.train_y, bs, order, drop_last), loss_fn=loss_fn,
+                penalty_fn=penalty_fn, before_step=before_step, scheduler=scheduler, autocast=autocast,
+                scaler=scaler, on_step=bar.update)
             step += steps_per_epoch
-            train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen  # the epoch's one host sync
-            if not math.isfinite(train_loss):
+            seen = out["seen"]
+            train_loss, train_acc = out["loss"].item() / seen, out["correct"].item() / seen  # the epoch's sync
+            penalty = out["penalty"].item() / seen if out["penalty"] is not None else 0.0
+            if not (math.isfinite(train_loss) and math.isfinite(penalty)):
                 raise RegbenchError(
-                    f"training diverged: non-finite training loss ({train_loss}) in epoch {epoch} (steps "
-                    f"{step - steps_per_epoch + 1}-{step}) with optimizer {cfg.optimizer.name} lr={cfg.optimizer.lr}; "
-                    "fix: lower optimizer.lr, or add a warmup schedule (scheduler=warmup)")
+                    f"training diverged: non-finite training loss ({train_loss}, penalty {penalty}) in epoch "
+                    f"{epoch} (steps {step - steps_per_epoch + 1}-{step}) with optimizer {cfg.optimizer.name} "
+                    f"lr={cfg.optimizer.lr}, regularizers [{','.join(stack.names)}]; "
+                    "fix: lower optimizer.lr, add a warmup schedule (scheduler=warmup) or regularizer=[grad_clip]")
             val = evaluate(model, data.val_x, data.val_y, cfg.data.eval_batch_size, autocast)
+            clean = evaluate(model, clean_x, clean_y, cfg.data.eval_batch_size, autocast) if n_clean else None
+            l1, l2 = weight_norms(model)
             row = {
                 "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"], "val_acc": val["acc"],
+                "train_loss": train_loss, "train_penalty": penalty, "train_acc": train_acc,
+                "clean_train_loss": clean["loss"] if clean else None,
+                "clean_train_acc": clean["acc"] if clean else None,
+                "val_loss": val["loss"], "val_acc": val["acc"], "val_ece": val["ece"],
                 "gap_loss": val["loss"] - train_loss, "gap_acc": train_acc - val["acc"],
+                "clean_gap_loss": val["loss"] - clean["loss"] if clean else None,
+                "clean_gap_acc": clean["acc"] - val["acc"] if clean else None,
+                "weight_l1": l1, "weight_l2": l2,
                 "epoch_time_s": round(time.perf_counter() - epoch_start, 4),
             }
             logger.log_epoch(row)
             bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val['loss']:.4f}", val_acc=f"{val['acc']:.4f}")
-            log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | gap %.4f | lr %.3g | %.2fs",
-                     epoch, t.max_epochs, train_loss, train_acc, val["loss"], val["acc"], row["gap_loss"], row["lr"],
-                     row["epoch_time_s"])
+            log.info("epoch %d/%d  train loss %.4f acc %.4f%s | val loss %.4f acc %.4f | gap %.4f | lr %.3g | %.2fs",
+                     epoch, t.max_epochs, train_loss, train_acc,
+                     f" (clean {clean['loss']:.4f} / {clean['acc']:.4f})" if clean else "", val["loss"], val["acc"],
+                     row["clean_gap_loss"] if clean else row["gap_loss"], row["lr"], row["epoch_time_s"])
 
             improved = sign * row[t.monitor] < best_score
             if improved:
@@ -248,18 +319,29 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                     save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
             summary.update(epochs_completed=epoch, final=row)
             write_json(run_dir / "summary.json", summary)
+            if stack.on_epoch_end(epoch, row, model):
+                log.info("early stopping after epoch %d", epoch)
+                break
 
         bar.close()
+        stack.on_train_end(model)  # e.g. restore the best weights (early stopping)
         test = evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, autocast)
-        summary.update(status="completed", test=test, finished=_now(),
-                       time_s=round(time.perf_counter() - started, 2))
+        extra = stack.final_evals(model, data.test_x, data.test_y, evaluate)
+        summary.update(status="completed", test=test, test_extra=extra, regularizer_info=ctx.info,
+                       finished=_now(), time_s=round(time.perf_counter() - started, 2))
         write_json(run_dir / "summary.json", summary)
-        logger.log_hparams(_hparams(cfg), {
+        hp_metrics = {
             "best_val_loss": summary["best"]["val_loss"], "best_val_acc": summary["best"]["val_acc"],
-            "final_gap_loss": summary["final"]["gap_loss"], "test_acc": test["acc"], "test_loss": test["loss"],
-        })
-        log.info("test loss %.4f acc %.4f (final weights); best epoch %d by %s", test["loss"], test["acc"],
+            "final_gap_loss": summary["final"]["gap_loss"], "final_clean_gap_loss": summary["final"]["clean_gap_loss"],
+            "test_acc": test["acc"], "test_loss": test["loss"], "test_ece": test["ece"],
+        }
+        for name, result in extra.items():
+            hp_metrics.update({f"test_{name}_{k}": v for k, v in result.items() if k in ("acc", "nll", "ece")})
+        logger.log_hparams(_hparams(cfg), hp_metrics)
+        log.info("test loss %.4f acc %.4f ece %.4f; best epoch %d by %s", test["loss"], test["acc"], test["ece"],
                  summary["best"]["epoch"], t.monitor)
+        for name, result in extra.items():
+            log.info("test (%s): acc %.4f nll %.4f ece %.4f", name, result["acc"], result["nll"], result["ece"])
     except BaseException as e:
         bar.close()
         summary.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",

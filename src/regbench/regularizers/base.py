@@ -1,0 +1,89 @@
+"""The one interface every regularizer implements: optional hooks the training loop calls.
+
+A regularizer overrides only the hooks it needs; the defaults do nothing. Adding one = a module with a
+schema dataclass and a ``Regularizer`` subclass decorated with ``@register``, a YAML file in
+``configs/regularizer/``, and a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+REGISTRY: dict[str, type["Regularizer"]] = {}
+
+
+def register(cls: type["Regularizer"]) -> type["Regularizer"]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Context:
+    """What a regularizer may look at when it is checked and set up: the whole config and the run's facts."""
+
+    cfg: DictConfig
+    num_classes: int = 10
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # facts for summary.json, keyed by regularizer
+
+
+class Regularizer:
+    name: ClassVar[str]
+    schema: ClassVar[type]
+    # Position in the stack: hooks run in this order whatever the order on the command line.
+    order: ClassVar[int] = 50
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    @property
+    def key(self) -> str:
+        return f"regularizer.{self.name}"
+
+    # --- construction ---------------------------------------------------------------------------
+    def check(self, ctx: Context) -> None:
+        """Raise ConfigError if this regularizer cannot apply to the chosen model/optimizer/data."""
+
+    def model_hooks(self, ctx: Context) -> dict[str, Any]:
+        """Keyword arguments for the model builder (dropout rates, normalisation layers...)."""
+        return {}
+
+    def setup(self, model: nn.Module, ctx: Context) -> None:
+        """Called once the model exists (load pretrained weights, freeze layers...)."""
+
+    def param_groups(self, model: nn.Module, optimizer_cfg: DictConfig, ctx: Context) -> Optional[list[dict]]:
+        """Optimizer parameter groups, or None to leave the default single group."""
+        return None
+
+    # --- every step -----------------------------------------------------------------------------
+    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+        """A term added to the training loss (logged apart from the data loss)."""
+        return None
+
+    def loss_options(self) -> dict[str, Any]:
+        """Keyword arguments for the training cross-entropy (e.g. label_smoothing)."""
+        return {}
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler) -> None:
+        """After backward, before optimizer.step() (gradient clipping, decoupled decay)."""
+
+    # --- every epoch / the end ------------------------------------------------------------------
+    def on_epoch_end(self, epoch: int, row: dict, model: nn.Module) -> bool:
+        """Return True to stop training after this epoch."""
+        return False
+
+    def on_train_end(self, model: nn.Module, ctx: Context) -> None:
+        """Once after the last epoch, before the test evaluation (e.g. restore the best weights)."""
+
+    def final_eval(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, evaluate) -> Optional[dict]:
+        """An extra evaluation of the test set reported beside the plain one (MC dropout, ensembles)."""
+        return None
+
+    def warnings(self, stack: "list[Regularizer]", ctx: Context) -> list[str]:
+        return []

@@ -1,0 +1,59 @@
+"""Snapshot (checkpoint) ensembles: average the softmax of the weights of the last k epochs, or of the k
+best epochs by ``trainer.monitor``, evaluated on the test set at the end. (Seed ensembles come from sweeps.)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from regbench.errors import ConfigError
+from regbench.metrics import summarize_probs
+from regbench.regularizers.base import Context, Regularizer, register
+
+
+@dataclass
+class EnsembleConfig:
+    source: str = "last"  # last: the last k epochs | best: the k best epochs by trainer.monitor
+    k: int = 5
+    bins: int = 15  # ECE bins
+
+
+@register
+class Ensemble(Regularizer):
+    name, schema, order = "ensemble", EnsembleConfig, 96
+
+    def check(self, ctx: Context) -> None:
+        if self.cfg.source not in ("last", "best"):
+            raise ConfigError(f"{self.key}.source", self.cfg.source, "last or best")
+        if not 1 <= self.cfg.k <= ctx.cfg.trainer.max_epochs:
+            raise ConfigError(f"{self.key}.k", self.cfg.k, f"1..trainer.max_epochs={ctx.cfg.trainer.max_epochs} "
+                              "(one snapshot per epoch)")
+        self.monitor = ctx.cfg.trainer.monitor
+        self.sign = 1.0 if self.monitor == "val_loss" else -1.0
+        self.snapshots: list[tuple[float, int, dict]] = []  # (score, epoch, state on CPU)
+
+    def on_epoch_end(self, epoch: int, row: dict, model: nn.Module) -> bool:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        score = epoch if self.cfg.source == "last" else -self.sign * row[self.monitor]
+        self.snapshots.append((score, epoch, state))
+        self.snapshots.sort(key=lambda s: s[0], reverse=True)  # keep the k highest scores
+        del self.snapshots[self.cfg.k:]
+        return False
+
+    @torch.no_grad()
+    def final_eval(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, evaluate) -> Optional[dict]:
+        member = copy.deepcopy(model).eval()
+        probs = None
+        for _, _, state in self.snapshots:
+            member.load_state_dict(state)
+            p = torch.cat([torch.softmax(member(x[i:i + 1000]).double(), 1) for i in range(0, len(y), 1000)])
+            probs = p if probs is None else probs + p
+        out = summarize_probs(probs / len(self.snapshots), y, self.cfg.bins)
+        out["members"] = sorted(epoch for _, epoch, _ in self.snapshots)
+        out["source"] = self.cfg.source
+        return out

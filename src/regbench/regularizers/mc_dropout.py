@@ -1,0 +1,63 @@
+"""Monte Carlo dropout: at test time keep only the dropout layers stochastic (BatchNorm stays in eval mode)
+and average the softmax over N passes; reported beside the plain evaluation (accuracy, NLL, ECE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from regbench.errors import ConfigError
+from regbench.metrics import summarize_probs
+from regbench.regularizers.base import Context, Regularizer, register
+
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+@dataclass
+class MCDropoutConfig:
+    passes: int = 30  # N stochastic forward passes
+    bins: int = 15  # ECE bins
+
+
+@register
+class MCDropout(Regularizer):
+    name, schema, order = "mc_dropout", MCDropoutConfig, 95
+
+    def check(self, ctx: Context) -> None:
+        if self.cfg.passes < 1 or self.cfg.bins < 1:
+            raise ConfigError(self.key, {"passes": self.cfg.passes, "bins": self.cfg.bins}, "integers >= 1")
+
+    def setup(self, model: nn.Module, ctx: Context) -> None:
+        if not any(isinstance(m, DROPOUT_TYPES) and m.p > 0 for m in model.modules()):
+            raise ConfigError("regularizer", list(ctx.cfg.regularizer), "dropout in the model for mc_dropout",
+                              "add it to the stack, e.g. regularizer=[dropout,mc_dropout]")
+        self.seed = int(ctx.cfg.seed)
+
+    @torch.no_grad()
+    def final_eval(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, evaluate) -> Optional[dict]:
+        return {**mc_dropout_eval(model, x, y, self.cfg.passes, self.cfg.bins, seed=self.seed),
+                "passes": self.cfg.passes}
+
+
+@torch.no_grad()
+def mc_dropout_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: int, bins: int = 15,
+                    batch_size: int = 1000, seed: int = 0) -> dict:
+    was_training = model.training
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, DROPOUT_TYPES):
+            m.train()
+    # Seeded on its own so the evaluation does not depend on (or disturb) the training RNG stream.
+    fork = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork):
+        torch.manual_seed(seed)
+        probs = torch.zeros(len(y), model(x[:1]).shape[1], device=x.device, dtype=torch.float64)
+        for _ in range(passes):
+            for i in range(0, len(y), batch_size):
+                probs[i:i + batch_size] += torch.softmax(model(x[i:i + batch_size]).double(), dim=1)
+    model.train(was_training)
+    return summarize_probs(probs / passes, y, bins)

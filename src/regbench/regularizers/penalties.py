@@ -1,0 +1,123 @@
+"""L1, L2 and elastic-net penalties added to the training loss (lecture notation: λ, r).
+
+    l1:          λ·Σ|w|
+    l2:          λ·Σw²        (half: true gives ½·λ·Σw²; Keras' L2(λ) is the form without ½)
+    elastic_net: λ·(r·Σ|w| + (1−r)/2·Σw²)
+
+By default only weights (dense and conv kernels, the parameters with ≥ 2 dimensions) are penalised, not
+biases or normalisation parameters; ``layers`` narrows it to parameters whose names match glob patterns.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from regbench.errors import ConfigError
+from regbench.regularizers.base import Context, Regularizer, register
+
+
+@dataclass
+class PenaltyConfig:
+    lam: float = 1e-4  # λ, the penalty's strength
+    params: str = "weights"  # weights (kernels only) | all (also biases and normalisation parameters)
+    layers: Optional[list[str]] = None  # glob patterns on parameter names, e.g. ["hidden.0.*"]; null = every layer
+
+
+@dataclass
+class L2Config(PenaltyConfig):
+    half: bool = False  # true: ½·λ·Σw² (gradient λ·w); false: λ·Σw² (gradient 2λ·w, Keras' convention)
+
+
+@dataclass
+class ElasticNetConfig(PenaltyConfig):
+    ratio: float = 0.5  # r: share of the L1 term
+
+
+def select_params(model: nn.Module, params: str, layers: Optional[list[str]], key: str) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters a penalty applies to, by kind (weights/all) and optional name patterns."""
+    chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (params == "all" or p.ndim >= 2)]
+    if layers:
+        for pattern in layers:
+            if not any(_match(n, pattern) for n, _ in model.named_parameters()):
+                names = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()})
+                raise ConfigError(f"{key}.layers", pattern, f"a pattern matching parameter names of this model "
+                                  f"(layers: {', '.join(names)})")
+        chosen = [(n, p) for n, p in chosen if any(_match(n, pat) for pat in layers)]
+    return chosen
+
+
+def _match(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern.rstrip(".*") + ".*")
+
+
+class _Penalty(Regularizer):
+    """Shared by l1 / l2 / elastic_net; each subclass defines ``value(params)``, the penalty without λ."""
+
+    order = 10
+
+    def check(self, ctx: Context) -> None:
+        if not self.cfg.lam >= 0:
+            raise ConfigError(f"{self.key}.lam", self.cfg.lam, "a number >= 0")
+        if self.cfg.params not in ("weights", "all"):
+            raise ConfigError(f"{self.key}.params", self.cfg.params, "weights or all")
+
+    def setup(self, model: nn.Module, ctx: Context) -> None:
+        self.params = [p for _, p in select_params(model, self.cfg.params, self.cfg.layers, self.key)]
+        ctx.info[self.name] = {"tensors": len(self.params), "elements": sum(p.numel() for p in self.params)}
+
+    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+        if not self.params or self.cfg.lam == 0:
+            return None
+        return self.cfg.lam * self.value(self.params)
+
+    def warnings(self, stack, ctx: Context) -> list[str]:
+        o = ctx.cfg.optimizer
+        coupled = o.weight_decay > 0 and o.name != "adamw"
+        coupled |= any(r.name == "weight_decay" and r.cfg.mode == "coupled" for r in stack)
+        if coupled and self.name in ("l2", "elastic_net"):
+            return [f"{self.name} penalty together with coupled weight decay: both shrink the same weights "
+                    "(double counting; a penalty λ·Σw² equals coupled decay 2λ)"]
+        return []
+
+
+def l1(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([p.abs().sum() for p in params]).sum()
+
+
+def sq(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([p.pow(2).sum() for p in params]).sum()
+
+
+@register
+class L1(_Penalty):
+    name, schema = "l1", PenaltyConfig
+
+    def value(self, params):
+        return l1(params)
+
+
+@register
+class L2(_Penalty):
+    name, schema = "l2", L2Config
+
+    def value(self, params):
+        return 0.5 * sq(params) if self.cfg.half else sq(params)
+
+
+@register
+class ElasticNet(_Penalty):
+    name, schema = "elastic_net", ElasticNetConfig
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        if not 0 <= self.cfg.ratio <= 1:
+            raise ConfigError(f"{self.key}.ratio", self.cfg.ratio, "a number in [0, 1]")
+
+    def value(self, params):
+        r = self.cfg.ratio
+        return r * l1(params) + (1 - r) / 2 * sq(params)

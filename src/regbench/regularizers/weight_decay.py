@@ -1,0 +1,72 @@
+"""Weight decay through optimizer parameter groups, coupled or decoupled, for any optimizer.
+
+    decoupled: w ← w − lr·wd·w before each step (AdamW's rule; it follows the lr schedule)
+    coupled:   g ← g + wd·w (torch's ``weight_decay``; in Adam it is then divided by √v̂, so not true decay)
+
+Biases and other 1-D parameters (normalisation scales and shifts) are excluded by default — timm's and
+nanoGPT's choice; torch applies ``weight_decay`` to every parameter. Where the optimizer implements the rule
+itself (torch's coupled decay in SGD/Adam/RMSprop/Adagrad, AdamW's decoupled decay) its own code does the
+work through the group's ``weight_decay``; otherwise the rule is applied here, on the same groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from regbench.errors import ConfigError
+from regbench.regularizers.base import Context, Regularizer, register
+
+
+@dataclass
+class WeightDecayConfig:
+    rate: float = 5e-4  # wd
+    mode: str = "decoupled"  # decoupled | coupled
+    exclude_bias_and_norm: bool = True  # leave biases and 1-D parameters undecayed
+
+
+@register
+class WeightDecay(Regularizer):
+    name, schema, order = "weight_decay", WeightDecayConfig, 20
+    needs_unscaled_grads = True
+
+    def check(self, ctx: Context) -> None:
+        if not self.cfg.rate >= 0:
+            raise ConfigError(f"{self.key}.rate", self.cfg.rate, "a number >= 0")
+        if self.cfg.mode not in ("decoupled", "coupled"):
+            raise ConfigError(f"{self.key}.mode", self.cfg.mode, "decoupled or coupled")
+        if ctx.cfg.optimizer.weight_decay != 0:
+            raise ConfigError("optimizer.weight_decay", ctx.cfg.optimizer.weight_decay,
+                              "0 when regularizer weight_decay is in the stack (it owns the decay)",
+                              "add optimizer.weight_decay=0")
+
+    def param_groups(self, model: nn.Module, optimizer_cfg, ctx: Context) -> list[dict]:
+        decay, keep = [], []
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 or not self.cfg.exclude_bias_and_norm else keep).append(p)
+        native = (self.cfg.mode == "coupled") != (optimizer_cfg.name == "adamw")  # the optimizer does it itself
+        self.manual = [] if native else decay
+        ctx.info[self.name] = {
+            "mode": self.cfg.mode, "rate": self.cfg.rate, "applied_by": "optimizer" if native else "regbench",
+            "decayed_tensors": len(decay), "decayed_elements": sum(p.numel() for p in decay),
+            "not_decayed_tensors": len(keep), "not_decayed_elements": sum(p.numel() for p in keep),
+        }
+        groups = [{"params": decay, "weight_decay": self.cfg.rate if native else 0.0}]
+        if keep:
+            groups.append({"params": keep, "weight_decay": 0.0})
+        return groups
+
+    def before_step(self, model, optimizer: torch.optim.Optimizer, scaler) -> None:
+        if not self.manual or self.cfg.rate == 0:
+            return
+        if self.cfg.mode == "coupled":  # AdamW has no coupled mode: add wd·w to the gradient ourselves
+            grads = [p.grad for p in self.manual if p.grad is not None]
+            params = [p for p in self.manual if p.grad is not None]
+            torch._foreach_add_(grads, params, alpha=self.cfg.rate)
+        else:  # decoupled for SGD/Adam/...: w ← w·(1 − lr·wd) with this step's lr, before the update (as AdamW)
+            lr = optimizer.param_groups[0]["lr"]
+            with torch.no_grad():
+                torch._foreach_mul_(self.manual, 1 - lr * self.cfg.rate)
