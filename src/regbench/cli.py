@@ -111,7 +111,7 @@ def describe(e: BaseException) -> str:
 
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
         group, _, name = e.missing_cfg_file.rpartition("/")
-        options = [o for o in (e.options or [])]
+        options = list(e.options or []) or sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
         hint = difflib.get_close_matches(name, options, n=1)
         return (f"{group}={name}: no such option in config group '{group}'; available: {', '.join(options)}"
                 + (f"; did you mean {group}={hint[0]}?" if hint else ""))
@@ -122,6 +122,15 @@ def describe(e: BaseException) -> str:
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         key = cause.full_key
+        parts = key.split(".")
+        if parts[0] == "regularizer" and len(parts) >= 2 and _schema_keys(getattr(cause, "object_type", None)) == []:
+            members = sorted(p.stem for p in (CONFIG_DIR / "regularizer").glob("*.yaml"))
+            if parts[1] in members:
+                return (f"{key}: {parts[1]} is not in the regularizer stack; add it first: "
+                        f"regularizer=[{parts[1]}] (or append it to the list you already use)")
+            hint = difflib.get_close_matches(parts[1], members, n=1)
+            return (f"{key}: no regularizer named '{parts[1]}'; available: {', '.join(members)}"
+                    + (f"; did you mean {hint[0]}?" if hint else ""))
         leaf = key.rsplit(".", 1)[-1]
         known = _schema_keys(getattr(cause, "object_type", None))
         hint = difflib.get_close_matches(leaf, known, n=1)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from regbench.errors import ConfigError
@@ -30,11 +31,14 @@ class MCDropout(Regularizer):
     def check(self, ctx: Context) -> None:
         if self.cfg.passes < 1 or self.cfg.bins < 1:
             raise ConfigError(self.key, {"passes": self.cfg.passes, "bins": self.cfg.bins}, "integers >= 1")
+        if "dropout" not in ctx.cfg.regularizer:  # neither model family has dropout of its own
+            raise ConfigError("regularizer", list(ctx.cfg.regularizer), "dropout in the model for mc_dropout",
+                              "add it to the stack, e.g. regularizer=[dropout,mc_dropout]")
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
         if not any(isinstance(m, DROPOUT_TYPES) and m.p > 0 for m in model.modules()):
-            raise ConfigError("regularizer", list(ctx.cfg.regularizer), "dropout in the model for mc_dropout",
-                              "add it to the stack, e.g. regularizer=[dropout,mc_dropout]")
+            raise ConfigError("regularizer.dropout", OmegaConf.to_container(ctx.cfg.regularizer.dropout),
+                              "a non-zero rate where the model has dropout layers, for mc_dropout")
         self.seed = int(ctx.cfg.seed)
 
     @torch.no_grad()
