@@ -140,7 +140,7 @@ def test_existing_run_dir_is_refused_before_hydra_writes(tmp_path, capsys):
     (run / "summary.json").write_text("{}")
     with pytest.raises(SystemExit):
         main([*TINY, f"hydra.run.dir={run}"])
-    assert "already holds the results of a run" in capsys.readouterr().err
+    assert "already holds the results of" in capsys.readouterr().err
     assert not (run / ".hydra").exists()
 
 

@@ -145,7 +145,7 @@ def test_divergence_stops_the_run_and_marks_it_failed(tmp_path):
 def test_refuses_to_overwrite_an_earlier_run(tmp_path):
     fit(compose_cfg(*TINY), tmp_path)
     before = (tmp_path / "metrics.csv").read_bytes()
-    with pytest.raises(RegbenchError, match="already holds the results of a run"):
+    with pytest.raises(RegbenchError, match="already holds the results of a completed run"):
         fit(compose_cfg(*TINY, "seed=5"), tmp_path)
     assert (tmp_path / "metrics.csv").read_bytes() == before
 

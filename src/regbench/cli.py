@@ -96,11 +96,10 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
                 raise RegbenchError(describe(e)) from None
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what the task sees
             cfgs.append(cfg)
-    if not multirun and cfgs:
-        run_dir = Path(cfgs[0].hydra.run.dir)
-        if (run_dir / "summary.json").exists():
-            raise RegbenchError(f"{run_dir} already holds the results of a run; refusing to overwrite them; "
-                                "fix: choose a new folder with hydra.run.dir=...")
+    if not multirun and cfgs:  # before Hydra writes .hydra/ into the folder of an earlier run
+        from regbench.train import prepare_run_dir
+
+        prepare_run_dir(Path(cfgs[0].hydra.run.dir), cfgs[0].trainer.resume)
     return cfgs
 
 

@@ -171,7 +171,11 @@ class TrainerConfig:
     amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA; uses a GradScaler)
     num_threads: Optional[int] = None  # CPU threads for torch; null = the cores this process may use
     monitor: str = "val_loss"  # val_loss | val_acc: picks the best epoch/checkpoint; the value the app returns
-    save_checkpoints: bool = True  # checkpoints/last.pt every epoch and checkpoints/best.pt on improvement
+    save_checkpoints: bool = True  # checkpoints/epoch_NNNN.pt (+ last.pt, best.pt links); false = none
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    keep_last: int = 2  # epoch checkpoints kept (older ones are deleted; best.pt always stays)
+    resume: bool = False  # continue the run in hydra.run.dir from its newest checkpoint (see `regbench resume`)
+    deterministic: bool = False  # torch deterministic algorithms (+ CUBLAS_WORKSPACE_CONFIG, no cudnn benchmark)
     clean_subset: int = 1000  # training images for the clean (eval-mode, plain CE) train metric each epoch; 0 = off
     progress_bar: Optional[bool] = None  # null = only when stdout is a terminal
 
@@ -328,6 +332,8 @@ def validate(cfg: DictConfig) -> None:
            "an integer >= 1 or null (all cores this process may use)")
     _choice(t, "trainer.monitor", ("val_loss", "val_acc"))
     _check(t.clean_subset >= 0, "trainer.clean_subset", t.clean_subset, "an integer >= 0 (0 = off)")
+    _check(t.checkpoint_every >= 1, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 1 (epochs)")
+    _check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
 
     from regbench.regularizers import Context, build_stack
 

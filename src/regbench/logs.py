@@ -83,27 +83,60 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                             "fix: use a checkpoint written by regbench, or delete the corrupt file") from None
 
 
-class RunLogger:
-    """metrics.csv + TensorBoard writer of one run; the TB writer is created lazily on first use."""
+def read_metrics(path: Path) -> list[dict]:
+    """The complete rows of a metrics.csv (a line cut short by a crash is dropped), values as floats."""
+    rows = []
+    for line in _complete_lines(path)[1:]:
+        values = next(csv.reader([line]))
+        rows.append({k: (float(v) if v != "" else None) for k, v in zip(METRIC_COLUMNS, values)})
+        rows[-1]["epoch"] = int(rows[-1]["epoch"])
+    return rows
 
-    def __init__(self, run_dir: Path, cfg: DictConfig):
+
+def _complete_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")[:-1]  # the last element is "" after a final newline, or a cut-off line
+    return [ln for ln in lines if ln.count(",") == len(METRIC_COLUMNS) - 1]
+
+
+class RunLogger:
+    """metrics.csv + TensorBoard writer of one run.
+
+    ``resume_epoch``: continue an interrupted run — rows after that epoch are dropped from metrics.csv and
+    TensorBoard events from later steps are purged (``purge_step``), so curves have no duplicated or stale
+    points.
+    """
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, resume_epoch: int | None = None):
         self.run_dir = run_dir
         self.cfg = cfg
         self.metrics_path = run_dir / "metrics.csv"
+        header = ",".join(METRIC_COLUMNS)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "checkpoints").mkdir(exist_ok=True)
-            self._csv_file = open(self.metrics_path, "w", newline="")
+            if resume_epoch is None:
+                lines = [header]
+            else:
+                lines = [header] + [ln for ln in _complete_lines(self.metrics_path)[1:]
+                                    if int(ln.split(",", 1)[0]) <= resume_epoch]
+            atomic_write(self.metrics_path, lambda f: f.write(("\r\n".join(lines) + "\r\n").encode()))
+            self._csv_file = open(self.metrics_path, "a", newline="")
         except OSError as e:
             raise LogWriteError(f"cannot write in run folder {run_dir}: {e.strerror or e}; fix: make it writable "
                                 "or choose another with hydra.run.dir=...") from None
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_COLUMNS)
-        self._csv.writeheader()
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
-        self._layout()
-        self.tb.add_text("config", _as_markdown_code(OmegaConf.to_yaml(cfg, resolve=True)), 0)
+        if resume_epoch is None:
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            self._layout()
+            self.tb.add_text("config", _as_markdown_code(OmegaConf.to_yaml(cfg, resolve=True)), 0)
+        else:
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_epoch + 1)
 
     def _layout(self) -> None:
         # One chart per quantity with train and val drawn on the same axes (TensorBoard's Custom Scalars tab).

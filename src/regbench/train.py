@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +30,8 @@ from regbench import __version__
 from regbench.config import validate
 from regbench.data import batches, load_data, num_batches
 from regbench.errors import ConfigError, RegbenchError
-from regbench.logs import RunLogger, save_checkpoint, write_json
+from regbench.checkpoint import Checkpoints, capture_rng, config_differences, fault_point, restore_rng
+from regbench.logs import RunLogger, write_json
 from regbench.metrics import calibration_error
 from regbench.regularizers import Context, build_stack
 from regbench.models import build_model, count_parameters
@@ -180,21 +182,73 @@ def _versions() -> dict[str, str]:
             "cuda": torch.version.cuda or "none", "python": platform.python_version()}
 
 
+def _git() -> dict[str, Any]:
+    """Commit and dirty flag of the source tree regbench runs from (null when it is not a git checkout)."""
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def set_determinism(on: bool) -> None:
+    """trainer.deterministic: torch's deterministic algorithms, CUBLAS workspace, no cudnn autotuning."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = on
+
+
+# Keys that may differ between a run and its resumption (they do not change what is computed).
+RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
+    """Refuse to overwrite an earlier run; return True if this call resumes one."""
+    summary_path = run_dir / "summary.json"
+    has_results = summary_path.exists() or (run_dir / "metrics.csv").exists()
+    if not has_results:
+        return False
+    status = None
+    try:
+        import json
+
+        status = json.loads(summary_path.read_text()).get("status")
+    except (OSError, ValueError):
+        pass
+    if status == "completed":
+        raise RegbenchError(f"{run_dir} already holds the results of a completed run; refusing to overwrite them; "
+                            "fix: choose a new folder with hydra.run.dir=...")
+    if not resume:
+        raise RegbenchError(f"{run_dir} already holds the results of an unfinished run (status {status}); "
+                            "refusing to overwrite them; fix: continue it with trainer.resume=true "
+                            f"(or `regbench resume {run_dir}`), or choose a new folder with hydra.run.dir=...")
+    return True
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> float:
     """Train the composed experiment ``cfg`` and write its results into ``run_dir``.
 
-    Returns the best value of ``trainer.monitor`` (what Hydra sweepers optimise).
+    With ``trainer.resume=true`` and an unfinished run in ``run_dir``, continue it from its newest checkpoint;
+    on CPU the result is bitwise identical to an uninterrupted run. Returns the best value of
+    ``trainer.monitor`` (what Hydra sweepers optimise).
     """
     validate(cfg)
     run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists() or (run_dir / "metrics.csv").exists():
-        raise RegbenchError(f"{run_dir} already holds the results of a run; refusing to overwrite them; "
-                            "fix: choose a new folder with hydra.run.dir=...")
     t = cfg.trainer
+    resuming = prepare_run_dir(run_dir, t.resume)
+    set_determinism(t.deterministic)
     device = resolve_device(t.device)
     threads = t.num_threads or default_num_threads()
     torch.set_num_threads(threads)
@@ -215,6 +269,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
     loss_fn = partial(F.cross_entropy, **stack.loss_options()) if stack.loss_options() else F.cross_entropy
     penalty_fn, before_step = stack.penalty_fn(), stack.before_step_fn()
     warnings = stack.collect_warnings(model)
+    for w in warnings:
+        log.warning("warning: %s", w)
 
     bs, drop_last = cfg.data.batch_size, cfg.data.drop_last
     if drop_last and bs > len(data.train_y):
@@ -230,6 +286,36 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
     clean_idx = clean_idx[:n_clean].sort().values.to(device)
     clean_x, clean_y = data.train_x[clean_idx], data.train_y[clean_idx]
 
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last)
+    sign = 1.0 if t.monitor == "val_loss" else -1.0  # minimise val_loss, maximise val_acc
+    best_score, best_row, start_epoch, step = math.inf, None, 0, 0
+    if resuming:
+        ckpts.clean_temporaries()
+        state, load_warnings = ckpts.load_latest(device)
+        for w in load_warnings:
+            log.warning("warning: %s", w)
+        warnings = warnings + load_warnings
+        if state is not None:
+            differ = config_differences(state["config"], resolved, RESUME_MAY_DIFFER)
+            if differ:
+                raise RegbenchError(f"cannot resume {run_dir}: its checkpoint was written with another config; keys "
+                                    f"that differ: {'; '.join(differ)}; fix: resume with the run's own config "
+                                    f"(`regbench resume {run_dir}`) or start a new run folder")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state["scaler"] is not None:
+                scaler.load_state_dict(state["scaler"])
+            stack.load_state_dict(state["regularizers"])
+            restore_rng(state["rng"], order)
+            start_epoch, step = state["epoch"], state["step"]
+            best_score, best_row = state["best_score"], state["best_row"]
+            log.info("resuming %s from epoch %d", run_dir, start_epoch)
+        else:
+            log.warning("warning: %s has no usable checkpoint; starting it from epoch 1", run_dir)
+
     log.info("model %s: %s trainable parameters, %s frozen, %s running-statistic values; optimizer %s; "
              "regularizers [%s]; device %s, %d threads", cfg.model.name, f"{params['trainable']:,}",
              f"{params['frozen']:,}", f"{params['buffers']:,}", cfg.optimizer.name, ",".join(stack.names), device,
@@ -239,31 +325,30 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         log.info("weight decay (%s, %s): %s parameters in %d tensors decayed, %s in %d tensors not decayed",
                  wd["mode"], wd["applied_by"], f"{wd['decayed_elements']:,}", wd["decayed_tensors"],
                  f"{wd['not_decayed_elements']:,}", wd["not_decayed_tensors"])
-    for w in warnings:
-        log.warning("warning: %s", w)
 
-    logger = RunLogger(run_dir, cfg)
+    logger = RunLogger(run_dir, cfg, resume_epoch=start_epoch if resuming else None)
     summary = {
-        "status": "running", "epochs_completed": 0, "max_epochs": t.max_epochs, "seed": cfg.seed,
-        "regularizers": stack.names, "params": params, "monitor": t.monitor, "final": None, "best": None,
+        "status": "running", "epochs_completed": start_epoch, "max_epochs": t.max_epochs, "seed": cfg.seed,
+        "regularizers": stack.names, "params": params, "monitor": t.monitor, "final": None, "best": best_row,
         "test": None, "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
-        "steps_per_epoch": steps_per_epoch, "warnings": warnings, "regularizer_info": ctx.info,
-        "versions": _versions(), "run_dir": str(run_dir.resolve()),
+        "deterministic": t.deterministic, "steps_per_epoch": steps_per_epoch, "warnings": warnings,
+        "regularizer_info": ctx.info, "versions": _versions(), "git": _git(), "command": sys.argv,
+        "run_dir": str(run_dir.resolve()), "resumed_from_epoch": start_epoch if resuming else None,
         "started": _now(), "finished": None, "time_s": None, "error": None,
     }
     write_json(run_dir / "summary.json", summary)
 
-    sign = 1.0 if t.monitor == "val_loss" else -1.0  # minimise val_loss, maximise val_acc
-    best_score = math.inf
-    step = 0
     started = time.perf_counter()
     show_bar = sys.stdout.isatty() if t.progress_bar is None else t.progress_bar
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps_per_epoch * t.max_epochs, disable=not show_bar, unit="step", dynamic_ncols=True,
-               file=sys.stderr, leave=False)
+    bar = tqdm(total=steps_per_epoch * t.max_epochs, initial=steps_per_epoch * start_epoch, disable=not show_bar,
+               unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)
     try:
-        for epoch in range(1, t.max_epochs + 1):
+        stopped = bool(stack.get("early_stopping") and stack.get("early_stopping").stopped_epoch)
+        for epoch in range(start_epoch + 1, t.max_epochs + 1):
+            if stopped:
+                break
             epoch_start = time.perf_counter()
             bar.set_description(f"epoch {epoch}/{t.max_epochs}")
             out = train_one_epoch(
@@ -278,8 +363,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                 raise RegbenchError(
                     f"training diverged: non-finite training loss ({train_loss}, penalty {penalty}) in epoch "
                     f"{epoch} (steps {step - steps_per_epoch + 1}-{step}) with optimizer {cfg.optimizer.name} "
-                    f"lr={cfg.optimizer.lr}, regularizers [{','.join(stack.names)}]; "
-                    "fix: lower optimizer.lr, add a warmup schedule (scheduler=warmup) or regularizer=[grad_clip]")
+                    f"lr={cfg.optimizer.lr}, regularizers [{','.join(stack.names)}]; the last good checkpoint is "
+                    "kept; fix: lower optimizer.lr, add a warmup (scheduler=warmup) or regularizer=[grad_clip]")
             val = evaluate(model, data.val_x, data.val_y, cfg.data.eval_batch_size, autocast)
             clean = evaluate(model, clean_x, clean_y, cfg.data.eval_batch_size, autocast) if n_clean else None
             l1, l2 = weight_norms(model)
@@ -296,6 +381,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
                 "epoch_time_s": round(time.perf_counter() - epoch_start, 4),
             }
             logger.log_epoch(row)
+            fault_point("after_metrics", epoch)
             bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val['loss']:.4f}", val_acc=f"{val['acc']:.4f}")
             log.info("epoch %d/%d  train loss %.4f acc %.4f%s | val loss %.4f acc %.4f | gap %.4f | lr %.3g | %.2fs",
                      epoch, t.max_epochs, train_loss, train_acc,
@@ -304,26 +390,26 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
 
             improved = sign * row[t.monitor] < best_score
             if improved:
-                best_score = sign * row[t.monitor]
-                summary["best"] = dict(row)
-            if t.save_checkpoints:
-                state = {
+                best_score, best_row = sign * row[t.monitor], dict(row)
+            stopped = stack.on_epoch_end(epoch, row, model)
+            if t.save_checkpoints and (epoch % t.checkpoint_every == 0 or epoch == t.max_epochs or stopped):
+                ckpts.save(epoch, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": epoch, "step": step, "metrics": row,
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                }
-                save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
-                if improved:
-                    save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
-            summary.update(epochs_completed=epoch, final=row)
+                    "regularizers": stack.state_dict(), "rng": capture_rng(order),
+                    "epoch": epoch, "step": step, "metrics": row, "best_score": best_score, "best_row": best_row,
+                    "config": resolved,
+                }, best=improved)
+            summary.update(epochs_completed=epoch, final=row, best=best_row)
             write_json(run_dir / "summary.json", summary)
-            if stack.on_epoch_end(epoch, row, model):
+            fault_point("after_summary", epoch)
+            if stopped:
                 log.info("early stopping after epoch %d", epoch)
-                break
 
         bar.close()
+        if summary["final"] is None:  # resumed after the last epoch had been checkpointed
+            summary["final"] = _last_row(run_dir)
         stack.on_train_end(model)  # e.g. restore the best weights (early stopping)
         test = evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, autocast)
         extra = stack.final_evals(model, data.test_x, data.test_y, evaluate)
@@ -355,6 +441,13 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
     finally:
         logger.close()
     return summary["best"][t.monitor]
+
+
+def _last_row(run_dir: Path) -> Optional[dict]:
+    from regbench.logs import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.csv")
+    return rows[-1] if rows else None
 
 
 def _hparams(cfg: DictConfig) -> dict:

@@ -118,6 +118,13 @@ class Stack:
                 out[r.name] = result
         return out
 
+    def state_dict(self) -> dict[str, dict]:
+        return {r.name: r.state_dict() for r in self.members}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for r in self.members:
+            r.load_state_dict(state.get(r.name, {}))
+
     def collect_warnings(self, model: nn.Module) -> list[str]:
         """Combinations that are legal but probably not what the user meant; each printed once, saved in the run."""
         o = self.ctx.cfg.optimizer

@@ -87,3 +87,11 @@ class Regularizer:
 
     def warnings(self, stack: "list[Regularizer]", ctx: Context) -> list[str]:
         return []
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What this member must carry across a resume (tensors and primitives only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

@@ -79,6 +79,15 @@ class EarlyStopping(Regularizer):
     def on_epoch_end(self, epoch: int, row: dict, model) -> bool:
         return self.update(epoch, row[self.cfg.monitor], lambda: copy.deepcopy(model.state_dict()))
 
+    STATE = ("best", "best_epoch", "best_state", "wait", "stopped_epoch")
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self.STATE:
+            setattr(self, k, state[k])
+
     def on_train_end(self, model, ctx: Context) -> None:
         restored = self.cfg.restore_best_weights and self.best_state is not None
         if restored:

@@ -45,6 +45,12 @@ class Ensemble(Regularizer):
         del self.snapshots[self.cfg.k:]
         return False
 
+    def state_dict(self) -> dict:
+        return {"snapshots": [list(s) for s in self.snapshots]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.snapshots = [tuple(s) for s in state["snapshots"]]
+
     @torch.no_grad()
     def final_eval(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, evaluate) -> Optional[dict]:
         member = copy.deepcopy(model).eval()
