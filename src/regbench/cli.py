@@ -156,21 +156,77 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+# ------------------------------------------------------------------------------------ rerun / resume
+
+# Which schema types a group of a saved config, by the option's `name` (see config.SCHEMAS).
+_SCHEMA_OF = {
+    "data": lambda name: "embedded" if name == "mnist5k" else "torchvision",
+    "model": lambda name: name,
+    "optimizer": lambda name: "adam" if name == "adamw" else name,
+    "scheduler": lambda name: name,
+    "trainer": lambda name: "trainer",
+}
+
+
+def saved_config_dir(run_dir: Path) -> Path:
+    """A config folder whose primary config ``rerun`` is the run's saved config, typed by regbench's schemas.
+
+    ``<run>/.hydra/config.yaml`` holds the composed config; it is wrapped with the schemas (so overrides are
+    still checked) and regbench's Hydra settings (run folders, log name) in a temporary folder.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise RegbenchError(f"{run_dir}: not a regbench run folder (no .hydra/config.yaml); fix: give the folder "
+                            "printed as 'run dir:' by the run")
+    try:
+        cfg = OmegaConf.load(saved)
+        defaults = ["train_schema"]
+        for group, schema in _SCHEMA_OF.items():
+            defaults.append(f"/schema/{group}/{schema(cfg[group].get('name', group))}@{group}")
+        defaults += [f"/schema/regularizer/{m}@regularizer.{m}" for m in cfg.get("regularizer", {}) or {}]
+    except Exception as e:
+        raise RegbenchError(f"{saved}: cannot be read as a regbench config ({_first_line(e)})") from None
+    folder = Path(tempfile.mkdtemp(prefix="regbench-rerun-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    shutil.copytree(CONFIG_DIR / "hydra", folder / "hydra")
+    body = OmegaConf.to_yaml(cfg)
+    (folder / "rerun.yaml").write_text(
+        "# The saved config of " + str(run_dir) + ", typed by regbench's schemas.\ndefaults:\n"
+        + "".join(f"  - {d}\n" for d in defaults) + "  - hydra: default\n  - _self_\n\n" + body)
+    return folder
+
+
+def _subcommand(argv: list[str]) -> list[str]:
+    """``rerun <run> [overrides]`` / ``resume <run> [overrides]`` -> plain Hydra arguments."""
+    verb, rest = argv[0], argv[1:]
+    if not rest or "=" in rest[0]:
+        raise RegbenchError(f"usage: regbench {verb} <run dir> [overrides...]")
+    run_dir = Path(rest[0]).expanduser().resolve()
+    args = ["--config-dir", str(saved_config_dir(run_dir)), "--config-name", "rerun", *rest[1:]]
+    if verb == "resume":
+        args += [f"hydra.run.dir={run_dir}", "trainer.resume=true"]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console-script entry point: ``regbench [-m] [overrides...]``."""
+    """Console-script entry point: ``regbench [-m] [overrides...]``, ``regbench rerun|resume <run dir>``."""
     from hydra._internal.utils import get_args_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = get_args_parser().parse_args(argv)
-    inspecting = args.help or args.hydra_help or args.info or args.shell_completion or args.cfg \
-        or args.experimental_rerun
-    if not inspecting:
-        try:
+    try:
+        if argv and argv[0] in ("rerun", "resume"):
+            argv = _subcommand(argv)
+        args = get_args_parser().parse_args(argv)
+        inspecting = args.help or args.hydra_help or args.info or args.shell_completion or args.cfg \
+            or args.experimental_rerun
+        if not inspecting:
             check(args.overrides, multirun=args.multirun, config_dir=args.config_dir,
                   config_name=args.config_name or CONFIG_NAME)
-        except RegbenchError as e:
-            fail(e)
+    except RegbenchError as e:
+        fail(e)
     sys.argv = [sys.argv[0], *argv]
     app()
-
-

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +44,9 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
+            if os.environ.get("REGBENCH_FAULT") == f"during_write:{path.name}":  # crash-safety tests only
+                f.truncate(f.tell() // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
             os.fsync(f.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
