@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import pickle
 import struct
 from pathlib import Path
@@ -20,6 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 # A tiny, fast setting for runs that only need to exercise the pipeline.
 TINY = ["data.train_size=64", "data.batch_size=32", "data.val_fraction=0.025", "data.test_size=100",
         "trainer.max_epochs=1", "trainer.progress_bar=false"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Hydra's in-process runs attach log handlers to the test's captured stderr; drop them afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def compose_cfg(*overrides: str, config_dir: Path = CONFIG_DIR, config_name: str = "train"):

@@ -131,7 +131,7 @@ def test_errors_raised_by_the_run_exit_2(tmp_path, capsys):
               f"hydra.run.dir={tmp_path}/run"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "regbench: error: data=cifar10: dataset files not found" in err
+    assert "regbench: error: data=cifar10: dataset files missing or corrupt" in err
 
 
 def test_existing_run_dir_is_refused_before_hydra_writes(tmp_path, capsys):

@@ -150,12 +150,12 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path, name):
         load_data(cfg, CPU)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith(f"data={name}: dataset files not found in {tmp_path}")
+    assert msg.startswith(f"data={name}: dataset files missing or corrupt in {tmp_path}")
     assert "data.download=false" in msg and "fix:" in msg
 
 
 def test_corrupt_cifar_file_is_reported(tmp_path, monkeypatch):
     make_cifar(tmp_path, monkeypatch)
     (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="data=cifar10: dataset files not found"):
+    with pytest.raises(DataError, match="data=cifar10: dataset files missing or corrupt"):
         load_data(data_cfg("data=cifar10", f"data.root={tmp_path}", "data.download=false"), CPU)

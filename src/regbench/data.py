@@ -85,7 +85,7 @@ def _torchvision(cls_name: str, folder: str, split_kw: str) -> Callable[[DictCon
                 where = os.path.join(root, folder)
                 reason = "data.download=false" if not cfg.download else f"download failed: {_short(e)}"
                 raise DataError(
-                    f"data={cfg.name}: dataset files not found in {where} ({reason}); fix: put the "
+                    f"data={cfg.name}: dataset files missing or corrupt in {where} ({reason}); fix: put the "
                     f"{cls_name} files there (torchvision's layout), set data.root=<folder that holds them>, "
                     "or run once with network access and data.download=true") from None
             splits.extend(_decode(ds))

@@ -78,13 +78,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with the safe unpickler only (tensors and primitives); never runs code from the file."""
+    import pickle
+    import re
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise RegbenchError(f"checkpoint {path}: no such file") from None
-    except Exception as e:  # truncated zip, foreign pickle, unsafe global...
-        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely ({str(e).splitlines()[0][:200]}); "
-                            "fix: use a checkpoint written by regbench, or delete the corrupt file") from None
+    except pickle.UnpicklingError as e:  # the safe unpickler refused something: code, or a foreign object
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[-1][:160]
+        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely ({what}, which the weights-only loader "
+                            "refuses; regbench never loads checkpoints unsafely); fix: use a checkpoint written by "
+                            "regbench from a source you trust") from None
+    except Exception as e:  # truncated or corrupt file
+        reason = str(e).strip().splitlines()[0].split(". This is an internal")[0][:160]
+        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (truncated or corrupt: {reason}); "
+                            "fix: delete it, or use another checkpoint written by regbench") from None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -130,8 +140,9 @@ class RunLogger:
             atomic_write(self.metrics_path, lambda f: f.write(("\r\n".join(lines) + "\r\n").encode()))
             self._csv_file = open(self.metrics_path, "a", newline="")
         except OSError as e:
-            raise LogWriteError(f"cannot write in run folder {run_dir}: {e.strerror or e}; fix: make it writable "
-                                "or choose another with hydra.run.dir=...") from None
+            where = f" ({e.filename})" if e.filename else ""
+            raise LogWriteError(f"cannot write in run folder {run_dir}: {e.strerror or e}{where}; fix: make it "
+                                "writable or choose another with hydra.run.dir=...") from None
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_COLUMNS)
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
