@@ -31,9 +31,16 @@ OmegaConf.register_new_resolver("rb_run_name", lambda name: name or "default", r
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def app(cfg: DictConfig) -> float:
+    from hydra.types import RunMode
+
     from regbench.train import fit  # lazy: keeps `regbench --help` fast
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN:
+        from regbench.sweep import run_job
+
+        return run_job(cfg, run_dir, fit, _threads_per_job(hc))
     try:
         value = fit(cfg, run_dir)
     except RegbenchError as e:
@@ -41,6 +48,20 @@ def app(cfg: DictConfig) -> float:
     print(f"run dir: {run_dir.resolve()}")
     print(f"view it: tensorboard --logdir {run_dir.resolve()}")
     return value
+
+
+def _threads_per_job(hc) -> Optional[int]:
+    """Torch threads for one job of a parallel sweep, so jobs together use the cores once (not n times)."""
+    from regbench.train import default_num_threads
+
+    launcher = hc.launcher
+    if "cpus_per_task" in launcher and launcher.cpus_per_task:
+        return int(launcher.cpus_per_task)
+    if "n_jobs" in launcher and launcher.n_jobs:
+        cores = default_num_threads()
+        n = cores if launcher.n_jobs < 0 else min(int(launcher.n_jobs), cores)
+        return max(1, cores // n)
+    return None
 
 
 def fail(e: BaseException, code: int = 2) -> None:
@@ -89,6 +110,16 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
     except Exception as e:
         raise RegbenchError(describe(e)) from None
     with initialize_config_dir(config_dir=str(Path(config_dir or CONFIG_DIR).resolve()), version_base="1.3"):
+        if multirun:  # a named study's hydra.sweeper.params sweep too (the command line wins for a key)
+            try:
+                base = compose(config_name=config_name, overrides=jobs[0], return_hydra_config=True)
+                params = base.hydra.sweeper.get("params") or {}
+                given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+                extra = [f"{k}={v}" for k, v in params.items() if k not in given]
+                if extra:
+                    jobs = _jobs([*extra, *overrides], multirun)
+            except Exception as e:
+                raise RegbenchError(describe(e)) from None
         for job in jobs:
             try:
                 cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
@@ -213,10 +244,19 @@ def _subcommand(argv: list[str]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console-script entry point: ``regbench [-m] [overrides...]``, ``regbench rerun|resume <run dir>``."""
+    """Console-script entry point: ``regbench [-m] [overrides...]``, ``regbench rerun|resume <run dir>``,
+    ``regbench report <sweep dir>``."""
     from hydra._internal.utils import get_args_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        from regbench.report import main as report_main
+
+        try:
+            report_main(argv[1:])
+        except RegbenchError as e:
+            fail(e)
+        return
     try:
         if argv and argv[0] in ("rerun", "resume"):
             argv = _subcommand(argv)

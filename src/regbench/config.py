@@ -38,7 +38,7 @@ class TorchvisionDataConfig(DataConfig):
     """A dataset read by torchvision's own dataset class from ``root``."""
 
     root: str = "${oc.env:REGBENCH_DATA,data}"  # folder torchvision reads from (and downloads into)
-    download: bool = True  # fetch missing files; offline, set false to get a clear error at once
+    download: bool = "${oc.decode:${oc.env:REGBENCH_DOWNLOAD,true}}"  # fetch missing files (offline: false, or REGBENCH_DOWNLOAD=false)
 
 
 # -------------------------------------------------------------------------------------------- model

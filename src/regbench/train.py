@@ -237,20 +237,21 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     return True
 
 
-def fit(cfg: DictConfig, run_dir: Path) -> float:
+def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_threads: Optional[int] = None) -> float:
     """Train the composed experiment ``cfg`` and write its results into ``run_dir``.
 
-    With ``trainer.resume=true`` and an unfinished run in ``run_dir``, continue it from its newest checkpoint;
-    on CPU the result is bitwise identical to an uninterrupted run. Returns the best value of
-    ``trainer.monitor`` (what Hydra sweepers optimise).
+    With ``trainer.resume=true`` (or ``resume=True``, what sweeps pass) and an unfinished run in ``run_dir``,
+    continue it from its newest checkpoint; on CPU the result is bitwise identical to an uninterrupted run.
+    ``default_threads`` replaces the all-cores default of ``trainer.num_threads=null`` (parallel sweep jobs).
+    Returns the best value of ``trainer.monitor`` (what Hydra sweepers optimise).
     """
     validate(cfg)
     run_dir = Path(run_dir)
     t = cfg.trainer
-    resuming = prepare_run_dir(run_dir, t.resume)
+    resuming = prepare_run_dir(run_dir, t.resume if resume is None else resume)
     set_determinism(t.deterministic)
     device = resolve_device(t.device)
-    threads = t.num_threads or default_num_threads()
+    threads = t.num_threads or default_threads or default_num_threads()
     torch.set_num_threads(threads)
     autocast, scaler = autocast_for(device, t.amp)
 
@@ -440,6 +441,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> float:
         raise
     finally:
         logger.close()
+    # The completion marker, written last: sweeps skip a run folder that has it.
+    write_json(run_dir / "COMPLETED", {"finished": summary["finished"], "best": summary["best"][t.monitor]})
     return summary["best"][t.monitor]
 
 
@@ -463,4 +466,5 @@ def _hparams(cfg: DictConfig) -> dict:
                 flat[key] = v
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
+    flat["regularizers"] = "[" + ",".join(cfg.regularizer) + "]"  # the stack as one column
     return flat
