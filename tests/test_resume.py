@@ -24,7 +24,7 @@ from tests.conftest import compose_cfg
 RUN = ["data.train_size=256", "data.batch_size=32", "data.test_size=200", "trainer.max_epochs=5",
        "trainer.progress_bar=false", "model.hidden=[64]", "scheduler=cosine",
        "regularizer=[dropout,l2,early_stopping,ensemble]", "regularizer.early_stopping.patience=50",
-       "regularizer.ensemble.k=2", "trainer.keep_last=2"]
+       "regularizer.ensemble.k=2", "trainer.keep_last=2", "augmentation=digits"]
 
 
 def cli(args, env=None, check=True):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from regbench.errors import ConfigError
 
@@ -30,7 +30,8 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 1000  # evaluation only: larger is faster, results do not depend on it
     drop_last: bool = False  # drop the last incomplete training batch of each epoch
-    normalize: str = "per_channel"  # per_channel (mean/std of the training split) | none
+    normalize: str = "per_channel"  # per_channel | featurewise | samplewise | zca | none (stats: training split)
+    zca_epsilon: float = 0.1  # ε added to the covariance eigenvalues before whitening (normalize=zca only)
 
 
 @dataclass
@@ -161,6 +162,27 @@ class WarmupCosineSchedule(WarmupSchedule):
     min_lr: float = 0.0  # lr reached at the last step, after the cosine decay that follows the warmup
 
 
+# ------------------------------------------------------------------------------------- augmentation
+
+
+@dataclass
+class TTAConfig:
+    enabled: bool = False  # test-time augmentation in the final evaluation, reported beside the plain one
+    hflip: bool = True  # a mirrored view (only where the dataset is label-safe for flips)
+    vflip: bool = False
+    shift: int = 2  # views shifted by ±shift pixels horizontally and vertically (reflect padding); 0 = none
+    bins: int = 15  # ECE bins
+
+
+@dataclass
+class AugmentationConfig:
+    name: str = "none"
+    ops: list[Any] = field(default_factory=list)  # the policy: [{op: hflip, p: 0.5}, {op: crop, padding: 4}, ...]
+    allow_label_unsafe: bool = False  # flips on a dataset whose labels they change (digits) without a warning
+    preview: int = 16  # training images shown before/after augmentation in TensorBoard (0 = none)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+
+
 # ------------------------------------------------------------------------------------------ trainer
 
 
@@ -189,6 +211,7 @@ class TrainConfig:
     scheduler: Any = MISSING
     trainer: Any = MISSING
     regularizer: Any = field(default_factory=dict)  # the stack: one entry per selected member
+    augmentation: Any = MISSING
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -209,6 +232,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "warmup_cosine": WarmupCosineSchedule,
     },
     "trainer": {"trainer": TrainerConfig},
+    "augmentation": {"policy": AugmentationConfig},
 }
 
 
@@ -259,7 +283,10 @@ def validate(cfg: DictConfig) -> None:
     _check(d.train_size is None or d.train_size >= 1, "data.train_size", d.train_size,
            "an integer >= 1 or null (the whole training split)")
     _check(d.test_size is None or d.test_size >= 1, "data.test_size", d.test_size, "an integer >= 1 or null")
-    _choice(d, "data.normalize", ("per_channel", "none"))
+    _choice(d, "data.normalize", ("per_channel", "featurewise", "samplewise", "zca", "none"))
+    _check(d.zca_epsilon > 0, "data.zca_epsilon", d.zca_epsilon, "a number > 0")
+    _check(d.normalize == "zca" or d.zca_epsilon == 0.1, "data.zca_epsilon", d.zca_epsilon,
+           "to be left alone unless data.normalize=zca (it is only used there)", "add data.normalize=zca")
 
     m = cfg.model
     _choice(m, "model.activation", ACTIVATIONS)
@@ -334,6 +361,15 @@ def validate(cfg: DictConfig) -> None:
     _check(t.clean_subset >= 0, "trainer.clean_subset", t.clean_subset, "an integer >= 0 (0 = off)")
     _check(t.checkpoint_every >= 1, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 1 (epochs)")
     _check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
+
+    a = cfg.augmentation
+    _check(a.preview >= 0, "augmentation.preview", a.preview, "an integer >= 0")
+    _check(a.tta.shift >= 0 and a.tta.bins >= 1, "augmentation.tta", OmegaConf.to_container(a.tta),
+           "shift >= 0 and bins >= 1")
+    from regbench.augment import build_policy
+    from regbench.data import DATASETS
+
+    build_policy(a, DATASETS[d.name])  # every op checks its own keys
 
     from regbench.regularizers import Context, build_stack
 

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -158,9 +158,62 @@ def stratified_take(y: torch.Tensor, k: int, g: torch.Generator) -> tuple[torch.
 # ------------------------------------------------------------------------------------------ bundle
 
 
+NORMALIZATIONS = ("per_channel", "featurewise", "samplewise", "zca", "none")
+
+
+class Normalizer:
+    """Maps [0, 1] images to the model's input; statistics come from the training split only.
+
+    per_channel: (x − mean_c) / std_c over all training pixels of channel c (the usual choice; what Keras calls
+    featurewise_center + featurewise_std_normalization). featurewise: (x − mean_f) / (std_f + 1e-6) for every
+    input feature f (pixel and channel) separately. samplewise: each image minus its own mean, divided by its
+    own std (+ 1e-6). zca: per-feature centring, then ZCA whitening W = U·diag(1/√(S + ε))·Uᵀ from the
+    training covariance. none: the [0, 1] pixels as they are.
+    """
+
+    def __init__(self, kind: str, train01: torch.Tensor, zca_epsilon: float = 0.1):
+        self.kind = kind
+        x = train01.double()
+        c = x.shape[1]
+        self.mean = torch.zeros(1, c, 1, 1, dtype=torch.float64)
+        self.std = torch.ones(1, c, 1, 1, dtype=torch.float64)
+        self.zca: Optional[torch.Tensor] = None
+        if kind == "per_channel":
+            self.mean = x.mean(dim=(0, 2, 3), keepdim=True)
+            self.std = x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
+        elif kind == "featurewise":
+            self.mean = x.mean(dim=0, keepdim=True)
+            self.std = x.std(dim=0, keepdim=True) + 1e-6
+        elif kind == "zca":
+            self.mean = x.mean(dim=0, keepdim=True)
+            flat = (x - self.mean).flatten(1)
+            cov = flat.T @ flat / len(flat)
+            eigval, eigvec = torch.linalg.eigh(cov)
+            self.zca = (eigvec * (1.0 / torch.sqrt(eigval.clamp_min(0) + zca_epsilon))) @ eigvec.T
+
+    def to(self, device: torch.device) -> "Normalizer":
+        self.mean = self.mean.to(device, torch.float32)
+        self.std = self.std.to(device, torch.float32)
+        if self.zca is not None:
+            self.zca = self.zca.to(device, torch.float32)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "samplewise":
+            dims = tuple(range(1, x.ndim))
+            return (x - x.mean(dim=dims, keepdim=True)) / (x.std(dim=dims, keepdim=True) + 1e-6)
+        if self.kind == "zca":
+            return ((x - self.mean).flatten(1) @ self.zca).view_as(x)
+        return (x - self.mean) / self.std
+
+
 @dataclass
 class Data:
-    """Normalised float32 tensors on the training device, plus what the run records about them."""
+    """Normalised float32 tensors on the training device, plus what the run records about them.
+
+    ``train_raw`` (the training images in [0, 1]) is kept only when an augmentation policy needs it; the
+    policy's output then goes through ``normalize``.
+    """
 
     info: DatasetInfo
     train_x: torch.Tensor
@@ -171,6 +224,9 @@ class Data:
     test_y: torch.Tensor
     mean: list[float]
     std: list[float]
+    normalize: Optional[Normalizer] = None
+    pixel_mean: list[float] = field(default_factory=list)  # per-channel mean of the training pixels in [0, 1]
+    train_raw: Optional[torch.Tensor] = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -178,8 +234,10 @@ class Data:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 
 
-def load_data(cfg: DictConfig, device: torch.device) -> Data:
-    """Decode ``cfg.name``, split it with ``cfg.split_seed``, normalise with training statistics, move to device."""
+def load_data(cfg: DictConfig, device: torch.device, keep_raw: bool = False) -> Data:
+    """Decode ``cfg.name``, split it with ``cfg.split_seed``, normalise with training statistics, move to device.
+
+    ``keep_raw``: also keep the training images in [0, 1] for an augmentation policy."""
     info = DATASETS[cfg.name]
     pool_x, pool_y, test_x, test_y = info.load(cfg)
 
@@ -204,36 +262,39 @@ def load_data(cfg: DictConfig, device: torch.device) -> Data:
     train_x, train_y = pool_x[train_idx], pool_y[train_idx]
     val_x, val_y = pool_x[val_idx], pool_y[val_idx]
 
-    # Statistics from the training images only (never validation or test), per channel, on [0, 1] pixels.
+    # Statistics from the training images only (never validation or test), on [0, 1] pixels.
     scaled = train_x.double().div_(255)
-    if cfg.normalize == "per_channel":
-        mean = scaled.mean(dim=(0, 2, 3))
-        std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-8)
-    else:
-        mean, std = torch.zeros(info.channels, dtype=torch.float64), torch.ones(info.channels, dtype=torch.float64)
+    norm = Normalizer(cfg.normalize, scaled, cfg.zca_epsilon).to(device)
+    pixel_mean = [float(v) for v in scaled.mean(dim=(0, 2, 3))]
+
+    def to01(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=device, dtype=torch.float32).div_(255)
 
     def prep(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device=device, dtype=torch.float32).div_(255)
-        m = mean.to(device=device, dtype=torch.float32).view(1, -1, 1, 1)
-        s = std.to(device=device, dtype=torch.float32).view(1, -1, 1, 1)
-        return x.sub_(m).div_(s).contiguous()
+        return norm(to01(x)).contiguous()
 
+    per_channel = norm.mean.ndim == 4 and norm.mean.shape[2:] == (1, 1) and norm.kind != "samplewise"
     data = Data(
         info=info,
         train_x=prep(train_x), train_y=train_y.to(device),
         val_x=prep(val_x), val_y=val_y.to(device),
         test_x=prep(test_x), test_y=test_y.to(device),
-        mean=[float(v) for v in mean], std=[float(v) for v in std],
+        mean=[float(v) for v in norm.mean.flatten()] if per_channel else [0.0] * info.channels,
+        std=[float(v) for v in norm.std.flatten()] if per_channel else [1.0] * info.channels,
+        normalize=norm, pixel_mean=pixel_mean,
+        train_raw=to01(train_x).contiguous() if keep_raw else None,
     )
     data.meta = {
         "name": cfg.name,
         "train": len(train_y), "val": len(val_y), "test": len(test_y),
         "input_shape": list(data.input_shape), "num_classes": info.num_classes,
-        "normalize": cfg.normalize, "mean": data.mean, "std": data.std,
+        "normalize": cfg.normalize, "mean": data.mean, "std": data.std, "pixel_mean": pixel_mean,
         "split_seed": cfg.split_seed,
     }
-    log.info("data %s: train %d, val %d, test %d, shape %s, mean %s, std %s", cfg.name, len(train_y),
-             len(val_y), len(test_y), list(data.input_shape), _fmt(data.mean), _fmt(data.std))
+    if cfg.normalize == "zca":
+        data.meta["zca_epsilon"] = cfg.zca_epsilon
+    log.info("data %s: train %d, val %d, test %d, shape %s, normalize %s, pixel mean %s", cfg.name, len(train_y),
+             len(val_y), len(test_y), list(data.input_shape), cfg.normalize, _fmt(pixel_mean))
     return data
 
 

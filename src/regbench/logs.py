@@ -175,6 +175,15 @@ class RunLogger:
                 self.tb.add_scalar(tag, row[key], step)
         self.tb.flush()
 
+    def log_images(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """A grid of training images before and after augmentation (TensorBoard's Images tab)."""
+        from torchvision.utils import make_grid
+
+        nrow = max(1, int(len(before) ** 0.5))
+        self.tb.add_image("augmentation/before", make_grid(before.float().cpu(), nrow=nrow), 0)
+        self.tb.add_image("augmentation/after", make_grid(after.float().cpu().clamp(0, 1), nrow=nrow), 0)
+        self.tb.flush()
+
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """Write the HParams-plugin summaries into this run's own event file.
 

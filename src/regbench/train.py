@@ -30,6 +30,7 @@ from regbench import __version__
 from regbench.config import validate
 from regbench.data import batches, load_data, num_batches
 from regbench.errors import ConfigError, RegbenchError
+from regbench.augment import build_policy
 from regbench.checkpoint import Checkpoints, capture_rng, config_differences, fault_point, restore_rng
 from regbench.logs import RunLogger, write_json
 from regbench.metrics import calibration_error
@@ -86,6 +87,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
                     penalty_fn: Optional[Callable[[nn.Module], Optional[torch.Tensor]]] = None,
                     before_step: Optional[Callable] = None, scheduler=None,
+                    augment: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None,
                     autocast: Callable[[], ContextManager] = nullcontext,
                     scaler: Optional[torch.amp.GradScaler] = None, on_step: Optional[Callable[[], None]] = None,
                     ) -> dict[str, Any]:
@@ -93,6 +95,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     tensors) and the number of samples seen.
 
     The optimised objective is loss_fn(logits, y) + penalty_fn(model); the two parts are reported apart.
+    ``augment(x, y) -> (x, y)`` transforms each batch first; with soft (mixed) targets, accuracy is counted
+    against each sample's dominant label.
     Nothing here reads a value back to the host, so CUDA steps queue up without stalls.
     """
     model.train()
@@ -100,6 +104,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     # (detach, argmax) instead of a running sum, and no host sync.
     losses, penalties, sizes, preds, targets = [], [], [], [], []
     for xb, yb in batch_iter:
+        if augment is not None:
+            xb, yb = augment(xb, yb)
         with autocast():
             logits = model(xb)
             loss = loss_fn(logits, yb)
@@ -125,7 +131,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler.step()
         losses.append(loss.detach())
         preds.append(logits.detach().argmax(1))
-        targets.append(yb)
+        targets.append(yb.argmax(1) if yb.ndim == 2 else yb)
         sizes.append(yb.shape[0])
         if on_step is not None:
             on_step()
@@ -256,7 +262,8 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     autocast, scaler = autocast_for(device, t.amp)
 
     seed_everything(cfg.seed)
-    data = load_data(cfg.data, device)
+    data = load_data(cfg.data, device, keep_raw=bool(cfg.augmentation.ops))
+    policy = build_policy(cfg.augmentation, data.info, data.pixel_mean)
 
     # The regularizer stack shapes the model (dropout, norms), its weights (transfer), the optimizer's
     # parameter groups (weight decay), the loss (penalties, smoothing) and the end of training.
@@ -269,7 +276,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     optimizer = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer))
     loss_fn = partial(F.cross_entropy, **stack.loss_options()) if stack.loss_options() else F.cross_entropy
     penalty_fn, before_step = stack.penalty_fn(), stack.before_step_fn()
-    warnings = stack.collect_warnings(model)
+    warnings = stack.collect_warnings(model) + augmentation_warnings(cfg, policy, data.info)
     for w in warnings:
         log.warning("warning: %s", w)
 
@@ -280,6 +287,11 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     steps_per_epoch = num_batches(len(data.train_y), bs, drop_last)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, t.max_epochs)
     order = torch.Generator(device=device).manual_seed(cfg.seed)  # data order, on the data's device
+    train_source = data.train_raw if policy is not None else data.train_x
+
+    def augment(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xa, ya = policy(xb, yb)  # on [0, 1] images, batched, parameters per image
+        return data.normalize(xa), ya
     # A fixed subset of the training split, evaluated like validation (eval mode, plain CE): the training
     # loss under dropout / smoothing / penalties is not comparable with the validation loss, this one is.
     n_clean = min(t.clean_subset, len(data.train_y))
@@ -328,12 +340,16 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
                  f"{wd['not_decayed_elements']:,}", wd["not_decayed_tensors"])
 
     logger = RunLogger(run_dir, cfg, resume_epoch=start_epoch if resuming else None)
+    if policy is not None and cfg.augmentation.preview and not resuming:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            before = data.train_raw[:cfg.augmentation.preview]
+            logger.log_images(before, policy.images(before))
     summary = {
         "status": "running", "epochs_completed": start_epoch, "max_epochs": t.max_epochs, "seed": cfg.seed,
         "regularizers": stack.names, "params": params, "monitor": t.monitor, "final": None, "best": best_row,
         "test": None, "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
         "deterministic": t.deterministic, "steps_per_epoch": steps_per_epoch, "warnings": warnings,
-        "regularizer_info": ctx.info, "versions": _versions(), "git": _git(), "command": sys.argv,
+        "regularizer_info": ctx.info, "augmentation": _augmentation_info(cfg, policy), "versions": _versions(), "git": _git(), "command": sys.argv,
         "run_dir": str(run_dir.resolve()), "resumed_from_epoch": start_epoch if resuming else None,
         "started": _now(), "finished": None, "time_s": None, "error": None,
     }
@@ -353,9 +369,9 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
             epoch_start = time.perf_counter()
             bar.set_description(f"epoch {epoch}/{t.max_epochs}")
             out = train_one_epoch(
-                model, optimizer, batches(data.train_x, data.train_y, bs, order, drop_last), loss_fn=loss_fn,
+                model, optimizer, batches(train_source, data.train_y, bs, order, drop_last), loss_fn=loss_fn,
                 penalty_fn=penalty_fn, before_step=before_step, scheduler=scheduler, autocast=autocast,
-                scaler=scaler, on_step=bar.update)
+                scaler=scaler, on_step=bar.update, augment=augment if policy is not None else None)
             step += steps_per_epoch
             seen = out["seen"]
             train_loss, train_acc = out["loss"].item() / seen, out["correct"].item() / seen  # the epoch's sync
@@ -414,6 +430,9 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
         stack.on_train_end(model)  # e.g. restore the best weights (early stopping)
         test = evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, autocast)
         extra = stack.final_evals(model, data.test_x, data.test_y, evaluate)
+        if cfg.augmentation.tta.enabled:
+            extra["tta"] = tta_eval(model, data.test_x, data.test_y, cfg.augmentation.tta, data.info.flips_label_safe,
+                                    cfg.data.eval_batch_size)
         summary.update(status="completed", test=test, test_extra=extra, regularizer_info=ctx.info,
                        finished=_now(), time_s=round(time.perf_counter() - started, 2))
         write_json(run_dir / "summary.json", summary)
@@ -444,6 +463,57 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     # The completion marker, written last: sweeps skip a run folder that has it.
     write_json(run_dir / "COMPLETED", {"finished": summary["finished"], "best": summary["best"][t.monitor]})
     return summary["best"][t.monitor]
+
+
+def augmentation_warnings(cfg: DictConfig, policy, info) -> list[str]:
+    found = []
+    if policy is not None and policy.flips and not info.flips_label_safe and not cfg.augmentation.allow_label_unsafe:
+        found.append(f"the augmentation flips images of {info.name}, whose labels flips can change (a mirrored '3' "
+                     "is no 3); use augmentation=digits, or set augmentation.allow_label_unsafe=true if intended")
+    if policy is not None and policy.soft_targets and "label_smoothing" in cfg.regularizer:
+        found.append("label smoothing together with MixUp/CutMix soft targets: the targets are softened twice "
+                     "(smoothing is applied to the mixed targets)")
+    if cfg.augmentation.tta.enabled and cfg.augmentation.tta.hflip and not info.flips_label_safe:
+        found.append(f"test-time augmentation leaves out the mirrored view: flips are not label-safe for {info.name}")
+    return found
+
+
+def _augmentation_info(cfg: DictConfig, policy) -> dict:
+    info = {"name": cfg.augmentation.name, "ops": OmegaConf.to_container(cfg.augmentation.ops, resolve=True),
+            "soft_targets": bool(policy is not None and policy.soft_targets)}
+    if info["soft_targets"]:
+        info["train_acc"] = "accuracy against the dominant label of each mixed target"
+    return info
+
+
+@torch.no_grad()
+def tta_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, flips_ok: bool,
+             batch_size: int = 1000) -> dict:
+    """Test-time augmentation: average the softmax over views (identity, flips where label-safe, ±shift-pixel
+    shifted crops with reflect padding) of the already normalised test images."""
+    from regbench.augment import shifted_crop
+    from regbench.metrics import summarize_probs
+
+    model.eval()
+    n, k = len(y), cfg.shift
+    views: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [("identity", lambda b: b)]
+    if cfg.hflip and flips_ok:
+        views.append(("hflip", lambda b: b.flip(-1)))
+    if cfg.vflip and flips_ok:
+        views.append(("vflip", lambda b: b.flip(-2)))
+    if k > 0:
+        for name, dx, dy in (("left", -k, 0), ("right", k, 0), ("up", 0, -k), ("down", 0, k)):
+            def shift(b, dx=dx, dy=dy):
+                ox = torch.full((len(b),), k + dx, device=b.device)
+                oy = torch.full((len(b),), k + dy, device=b.device)
+                return shifted_crop(b, k, "reflect", ox, oy)
+            views.append((f"shift_{name}", shift))
+    total = None
+    for _, view in views:
+        p = torch.cat([torch.softmax(model(view(x[i:i + batch_size])).double(), 1) for i in range(0, n, batch_size)])
+        total = p if total is None else total + p
+    probs = total / len(views)
+    return {**summarize_probs(probs, y, cfg.bins), "views": [name for name, _ in views]}
 
 
 def _last_row(run_dir: Path) -> Optional[dict]:

@@ -1,0 +1,669 @@
+"""Batched data augmentation on the training device, with random parameters drawn per image.
+
+A policy is a list of ops applied to a whole batch of [0, 1] images (N x C x H x W) at once; every image
+draws its own parameters (flip or not, crop offset, angle, box, op and magnitude...), so two identical
+images in a batch come out different. Randomness comes from torch's global generator (seeded by the run's
+seed and saved in checkpoints), so runs and resumes are reproducible.
+
+Why not torchvision.transforms.v2 directly: applied to a batch it draws *one* set of parameters for the
+whole batch, and applied per sample it needs a Python loop (or DataLoader workers) — 10x and more slower.
+The geometric and colour maths below reproduce torchvision's v2 functional ops exactly (the tests use them
+as oracles), and parameter-free ops (equalize, autocontrast, sharpness' blur) call torchvision itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from regbench.errors import ConfigError
+
+Batch = torch.Tensor  # N x C x H x W, float in [0, 1]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _u(n: int, lo: float, hi: float, device) -> torch.Tensor:
+    return torch.rand(n, device=device) * (hi - lo) + lo
+
+
+def _chosen(n: int, p: float, device) -> torch.Tensor:
+    return torch.rand(n, device=device) < p
+
+
+def _where(mask: torch.Tensor, a: Batch, b: Batch) -> Batch:
+    return torch.where(mask.view(-1, 1, 1, 1), a, b)
+
+
+def inverse_affine(angle, tx, ty, zx, zy, shear_x, shear_y, cx=0.0, cy=0.0) -> torch.Tensor:
+    """Per-sample inverse affine matrices (N x 2 x 3), torchvision's ``_get_inverse_affine_matrix`` batched,
+    with separate x / y scales (Keras' zoom draws them independently). Angles in degrees, pixels, centre at
+    (cx, cy) relative to the image centre. Computed in float64 like torchvision's Python floats, so nearest-
+    neighbour sampling rounds the same way."""
+    angle, tx, ty, zx, zy, shear_x, shear_y = (torch.as_tensor(v, dtype=torch.float64) for v in
+                                               (angle, tx, ty, zx, zy, shear_x, shear_y))
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    m0, m1, m3, m4 = d / zx, -b / zx, -c / zy, a / zy
+    m2 = cx - m0 * (cx + tx) - m1 * (cy + ty)
+    m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
+    return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3)
+
+
+def warp(x: Batch, theta: torch.Tensor, mode: str = "bilinear", fill: str = "zero") -> Batch:
+    """Apply per-sample inverse affine matrices like torchvision's ``_affine_grid`` + ``grid_sample``."""
+    n, _, h, w = x.shape
+    dev, dt = x.device, x.dtype
+    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=dev, dtype=dt)
+    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=dev, dtype=dt)
+    base = torch.stack([xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w), torch.ones(h, w, device=dev, dtype=dt)],
+                       dim=-1).view(1, h * w, 3)
+    scale = torch.tensor([0.5 * w, 0.5 * h], device=dev, dtype=dt)
+    rescaled = (theta.to(dev, dt).transpose(1, 2) / scale)
+    grid = base.expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
+    padding = "border" if fill == "nearest" else "zeros"  # Keras' fill_mode='nearest' repeats the edge pixels
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
+
+
+def _blend(x: Batch, degenerate: Batch, factor: torch.Tensor) -> Batch:
+    """torchvision's _blend: factor * x + (1 - factor) * degenerate, clamped to [0, 1]; factor per sample."""
+    f = factor.view(-1, 1, 1, 1).to(x.dtype)
+    return (f * x + (1 - f) * degenerate).clamp_(0, 1)
+
+
+def grayscale(x: Batch) -> Batch:
+    if x.shape[1] == 1:
+        return x
+    return TF.rgb_to_grayscale(x, num_output_channels=1)
+
+
+def adjust_brightness(x: Batch, factor: torch.Tensor) -> Batch:
+    return _blend(x, torch.zeros_like(x), factor)
+
+
+def adjust_contrast(x: Batch, factor: torch.Tensor) -> Batch:
+    mean = grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(x, mean.expand_as(x), factor)
+
+
+def adjust_saturation(x: Batch, factor: torch.Tensor) -> Batch:
+    if x.shape[1] == 1:  # grey images have no saturation (torchvision returns them unchanged)
+        return x
+    return _blend(x, grayscale(x).expand_as(x), factor)
+
+
+def adjust_sharpness(x: Batch, factor: torch.Tensor) -> Batch:
+    degenerate = TF.adjust_sharpness(x, 0.0)  # torchvision's blurred image (borders kept)
+    return _blend(x, degenerate, factor)
+
+
+def posterize(x: Batch, bits: torch.Tensor) -> Batch:
+    levels = (2.0 ** bits).view(-1, 1, 1, 1).to(x.dtype)
+    return x.mul(levels).floor_().clamp_(max=levels - 1).div_(levels)
+
+
+def solarize(x: Batch, threshold: torch.Tensor) -> Batch:
+    return torch.where(x >= threshold.view(-1, 1, 1, 1), 1.0 - x, x)
+
+
+# ------------------------------------------------------------------------------------------- ops
+
+OPS: dict[str, type] = {}
+
+
+def op(name: str):
+    def register(cls):
+        cls.name = name
+        OPS[name] = cls
+        return cls
+    return register
+
+
+class Op:
+    """Per-image op: ``__call__(x) -> x`` on a [0, 1] batch. ``mixes`` ops also change the targets."""
+
+    name: str
+    mixes = False
+    flips = False  # changes left/right or up/down: not label-safe for digits
+
+    def check(self, key: str, info) -> None:
+        """Raise ConfigError for values out of range (``key`` names the op in the config)."""
+
+
+@op("hflip")
+@dataclass
+class HFlip(Op):
+    p: float = 0.5
+    flips = True
+
+    def __call__(self, x: Batch) -> Batch:
+        return _where(_chosen(len(x), self.p, x.device), x.flip(-1), x)
+
+
+@op("vflip")
+@dataclass
+class VFlip(Op):
+    p: float = 0.5
+    flips = True
+
+    def __call__(self, x: Batch) -> Batch:
+        return _where(_chosen(len(x), self.p, x.device), x.flip(-2), x)
+
+
+def shifted_crop(x: Batch, padding: int, mode: str, ox: torch.Tensor, oy: torch.Tensor) -> Batch:
+    """Pad by ``padding`` and cut an H x W window at per-sample offsets (ox, oy) in [0, 2 * padding]."""
+    n, c, h, w = x.shape
+    pad_mode = {"reflect": "reflect", "zero": "constant", "edge": "replicate"}[mode]
+    xp = F.pad(x, (padding,) * 4, mode=pad_mode)
+    rows = (oy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
+    xp = xp.gather(2, rows)
+    cols = (ox.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return xp.gather(3, cols)
+
+
+@op("crop")
+@dataclass
+class Crop(Op):
+    padding: int = 4  # pixels added on every side before a random H x W crop
+    padding_mode: str = "reflect"  # reflect | zero | edge
+    p: float = 1.0
+
+    def check(self, key, info):
+        if self.padding < 1 or self.padding_mode not in ("reflect", "zero", "edge"):
+            raise ConfigError(key, {"padding": self.padding, "padding_mode": self.padding_mode},
+                              "padding >= 1 and padding_mode reflect, zero or edge")
+
+    def __call__(self, x: Batch) -> Batch:
+        n = len(x)
+        ox = torch.randint(0, 2 * self.padding + 1, (n,), device=x.device)
+        oy = torch.randint(0, 2 * self.padding + 1, (n,), device=x.device)
+        keep = ~_chosen(n, self.p, x.device)
+        ox = torch.where(keep, torch.full_like(ox, self.padding), ox)
+        oy = torch.where(keep, torch.full_like(oy, self.padding), oy)
+        return shifted_crop(x, self.padding, self.padding_mode, ox, oy)
+
+
+@op("affine")
+@dataclass
+class Affine(Op):
+    """Keras ImageDataGenerator's geometry: rotation_range (degrees), width/height_shift_range (fractions of
+    the size), zoom_range z (zx, zy drawn independently from [1 − z, 1 + z]), shear_range (degrees)."""
+
+    rotation: float = 0.0  # angle uniform in [−rotation, rotation] degrees
+    translate: float = 0.0  # shift uniform in [−translate, translate] × width (and × height)
+    zoom: float = 0.0  # zx, zy uniform in [1 − zoom, 1 + zoom], independently
+    shear: float = 0.0  # shear angle uniform in [−shear, shear] degrees (along x)
+    fill: str = "nearest"  # nearest (Keras' default: repeat the edge) | zero
+    interpolation: str = "bilinear"  # bilinear | nearest
+    p: float = 1.0
+
+    def check(self, key, info):
+        ok = self.rotation >= 0 and 0 <= self.translate < 1 and 0 <= self.zoom < 1 and 0 <= self.shear < 90
+        if not ok or self.fill not in ("nearest", "zero") or self.interpolation not in ("bilinear", "nearest"):
+            raise ConfigError(key, {f.name: getattr(self, f.name) for f in fields(self)},
+                              "rotation >= 0, 0 <= translate < 1, 0 <= zoom < 1, 0 <= shear < 90, fill nearest|zero, "
+                              "interpolation bilinear|nearest")
+
+    def __call__(self, x: Batch) -> Batch:
+        n, _, h, w = x.shape
+        dev = x.device
+        on = _chosen(n, self.p, dev).float()
+        angle = _u(n, -self.rotation, self.rotation, dev) * on
+        tx = _u(n, -self.translate, self.translate, dev) * w * on
+        ty = _u(n, -self.translate, self.translate, dev) * h * on
+        zx = 1 + _u(n, -self.zoom, self.zoom, dev) * on
+        zy = 1 + _u(n, -self.zoom, self.zoom, dev) * on
+        shear = _u(n, -self.shear, self.shear, dev) * on
+        theta = inverse_affine(angle, tx, ty, zx, zy, shear, torch.zeros_like(shear))
+        return warp(x, theta, self.interpolation, self.fill)
+
+
+@dataclass
+class _Colour(Op):
+    strength: float = 0.2  # factor uniform in [1 − strength, 1 + strength]
+    p: float = 1.0
+
+    def check(self, key, info):
+        if not 0 <= self.strength < 1:
+            raise ConfigError(f"{key}.strength", self.strength, "a number in [0, 1)")
+
+    def factors(self, x: Batch) -> torch.Tensor:
+        n = len(x)
+        f = _u(n, 1 - self.strength, 1 + self.strength, x.device)
+        return torch.where(_chosen(n, self.p, x.device), f, torch.ones_like(f))
+
+
+@op("brightness")
+@dataclass
+class Brightness(_Colour):
+    def __call__(self, x):
+        return adjust_brightness(x, self.factors(x))
+
+
+@op("contrast")
+@dataclass
+class Contrast(_Colour):
+    def __call__(self, x):
+        return adjust_contrast(x, self.factors(x))
+
+
+@op("saturation")
+@dataclass
+class Saturation(_Colour):
+    def check(self, key, info):
+        super().check(key, info)
+        if info.channels != 3:
+            raise ConfigError(key, "saturation", f"an RGB dataset (data={info.name} has {info.channels} channel)")
+
+    def __call__(self, x):
+        return adjust_saturation(x, self.factors(x))
+
+
+@op("noise")
+@dataclass
+class Noise(Op):
+    std: float = 0.05  # Gaussian noise σ, in [0, 1] pixel units
+    p: float = 1.0
+
+    def check(self, key, info):
+        if not self.std >= 0:
+            raise ConfigError(f"{key}.std", self.std, "a number >= 0")
+
+    def __call__(self, x):
+        on = _chosen(len(x), self.p, x.device).to(x.dtype).view(-1, 1, 1, 1)
+        return (x + on * self.std * torch.randn_like(x)).clamp_(0, 1)
+
+
+def boxes(n: int, h: int, w: int, area: torch.Tensor, ratio: torch.Tensor, device):
+    """Per-sample boxes of a given area fraction and aspect ratio, centre uniform, clipped to the image.
+    Returns (y0, y1, x0, x1) integer tensors."""
+    bh = torch.sqrt(area * h * w * ratio).round().clamp(1, h)
+    bw = torch.sqrt(area * h * w / ratio).round().clamp(1, w)
+    cy = torch.randint(0, h, (n,), device=device)
+    cx = torch.randint(0, w, (n,), device=device)
+    y0 = (cy - torch.div(bh, 2, rounding_mode="floor")).clamp(0, h).long()
+    x0 = (cx - torch.div(bw, 2, rounding_mode="floor")).clamp(0, w).long()
+    y1 = (cy + bh - torch.div(bh, 2, rounding_mode="floor")).clamp(0, h).long()
+    x1 = (cx + bw - torch.div(bw, 2, rounding_mode="floor")).clamp(0, w).long()
+    return y0, y1, x0, x1
+
+
+def box_mask(y0, y1, x0, x1, h: int, w: int) -> torch.Tensor:
+    ys = torch.arange(h, device=y0.device).view(1, h, 1)
+    xs = torch.arange(w, device=y0.device).view(1, 1, w)
+    return ((ys >= y0.view(-1, 1, 1)) & (ys < y1.view(-1, 1, 1)) & (xs >= x0.view(-1, 1, 1))
+            & (xs < x1.view(-1, 1, 1))).unsqueeze(1)
+
+
+@op("cutout")
+@dataclass
+class Cutout(Op):
+    """Cutout / random erasing: ``count`` boxes per image, area a fraction in ``scale`` of the image, aspect
+    ratio (h / w) log-uniform in ``ratio``; filled with the dataset mean (0 after normalisation), a constant
+    in [0, 1], or Gaussian noise."""
+
+    count: int = 1
+    scale: list[float] = field(default_factory=lambda: [0.02, 0.33])
+    ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])
+    value: Any = "mean"  # mean | noise | a number in [0, 1]
+    p: float = 0.5
+
+    def check(self, key, info):
+        ok = (self.count >= 1 and len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1
+              and len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1])
+        ok &= self.value in ("mean", "noise") or (isinstance(self.value, (int, float)) and 0 <= self.value <= 1)
+        if not ok:
+            raise ConfigError(key, {f.name: getattr(self, f.name) for f in fields(self)},
+                              "count >= 1, 0 < scale[0] <= scale[1] <= 1, 0 < ratio[0] <= ratio[1], "
+                              "value mean, noise or a number in [0, 1]")
+        self.mean = torch.tensor(info.mean if hasattr(info, "mean") else [0.5] * info.channels)
+
+    def __call__(self, x):
+        n, c, h, w = x.shape
+        dev = x.device
+        mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=dev)
+        for _ in range(self.count):
+            area = _u(n, self.scale[0], self.scale[1], dev)
+            ratio = torch.exp(_u(n, math.log(self.ratio[0]), math.log(self.ratio[1]), dev))
+            box = box_mask(*boxes(n, h, w, area, ratio, dev), h, w)
+            mask |= box & _chosen(n, self.p, dev).view(-1, 1, 1, 1)
+        if self.value == "mean":
+            fill = self.mean.to(dev, x.dtype).view(1, c, 1, 1).expand_as(x)
+        elif self.value == "noise":
+            fill = torch.rand_like(x)
+        else:
+            fill = torch.full_like(x, float(self.value))
+        return torch.where(mask, fill, x)
+
+
+# --------------------------------------------------------------------- RandAugment / TrivialAugment
+
+# torchvision's op lists and magnitude bins (transforms.v2.RandAugment / TrivialAugmentWide), for [0, 1] floats.
+def _augmentation_space(kind: str, bins: int, h: int, w: int) -> dict[str, tuple[torch.Tensor, bool]]:
+    if kind == "randaugment":
+        return {
+            "Identity": (torch.tensor(0.0), False),
+            "ShearX": (torch.linspace(0.0, 0.3, bins), True),
+            "ShearY": (torch.linspace(0.0, 0.3, bins), True),
+            "TranslateX": (torch.linspace(0.0, 150.0 / 331.0 * w, bins), True),
+            "TranslateY": (torch.linspace(0.0, 150.0 / 331.0 * h, bins), True),
+            "Rotate": (torch.linspace(0.0, 30.0, bins), True),
+            "Brightness": (torch.linspace(0.0, 0.9, bins), True),
+            "Color": (torch.linspace(0.0, 0.9, bins), True),
+            "Contrast": (torch.linspace(0.0, 0.9, bins), True),
+            "Sharpness": (torch.linspace(0.0, 0.9, bins), True),
+            "Posterize": (8 - (torch.arange(bins) / ((bins - 1) / 4)).round().int(), False),
+            "Solarize": (torch.linspace(1.0, 0.0, bins), False),
+            "AutoContrast": (torch.tensor(0.0), False),
+            "Equalize": (torch.tensor(0.0), False),
+        }
+    return {  # TrivialAugmentWide
+        "Identity": (torch.tensor(0.0), False),
+        "ShearX": (torch.linspace(0.0, 0.99, bins), True),
+        "ShearY": (torch.linspace(0.0, 0.99, bins), True),
+        "TranslateX": (torch.linspace(0.0, 32.0, bins), True),
+        "TranslateY": (torch.linspace(0.0, 32.0, bins), True),
+        "Rotate": (torch.linspace(0.0, 135.0, bins), True),
+        "Brightness": (torch.linspace(0.0, 0.99, bins), True),
+        "Color": (torch.linspace(0.0, 0.99, bins), True),
+        "Contrast": (torch.linspace(0.0, 0.99, bins), True),
+        "Sharpness": (torch.linspace(0.0, 0.99, bins), True),
+        "Posterize": (8 - (torch.arange(bins) / ((bins - 1) / 6)).round().int(), False),
+        "Solarize": (torch.linspace(1.0, 0.0, bins), False),
+        "AutoContrast": (torch.tensor(0.0), False),
+        "Equalize": (torch.tensor(0.0), False),
+    }
+
+
+def apply_named_op(x: Batch, name: str, magnitude: torch.Tensor) -> Batch:
+    """torchvision's ``_apply_op`` for a batch, with one magnitude per image (interpolation nearest, fill 0)."""
+    n = len(x)
+    zero = torch.zeros(n, device=x.device)
+    one = torch.ones(n, device=x.device)
+    m = magnitude.to(x.device, torch.float32)
+    if name == "Identity":
+        return x
+    if name in ("ShearX", "ShearY"):  # shear about the top-left corner, as torchvision's center=[0, 0]
+        h, w = x.shape[-2:]
+        deg = torch.rad2deg(torch.atan(m))
+        sx, sy = (deg, zero) if name == "ShearX" else (zero, deg)
+        theta = inverse_affine(zero, zero, zero, one, one, sx, sy, cx=-w * 0.5, cy=-h * 0.5)
+        return warp(x, theta, "nearest", "zero")
+    if name in ("TranslateX", "TranslateY"):
+        t = m.trunc()  # int(magnitude) in torchvision
+        tx, ty = (t, zero) if name == "TranslateX" else (zero, t)
+        return warp(x, inverse_affine(zero, tx, ty, one, one, zero, zero), "nearest", "zero")
+    if name == "Rotate":  # torchvision's rotate(angle) is affine(-angle)
+        return warp(x, inverse_affine(-m, zero, zero, one, one, zero, zero), "nearest", "zero")
+    if name == "Brightness":
+        return adjust_brightness(x, 1.0 + m)
+    if name == "Color":
+        return adjust_saturation(x, 1.0 + m)
+    if name == "Contrast":
+        return adjust_contrast(x, 1.0 + m)
+    if name == "Sharpness":
+        return adjust_sharpness(x, 1.0 + m)
+    if name == "Posterize":
+        return posterize(x, m.int().float())
+    if name == "Solarize":
+        return solarize(x, m)
+    if name == "AutoContrast":
+        return TF.autocontrast(x)
+    if name == "Equalize":
+        return TF.equalize(x)
+    raise ValueError(name)
+
+
+@dataclass
+class _AutoAugment(Op):
+    bins: int = 31
+    p: float = 1.0
+    kind = "randaugment"
+
+    def check(self, key, info):
+        if self.bins < 2:
+            raise ConfigError(f"{key}.bins", self.bins, "an integer >= 2")
+
+    def _round(self, x: Batch, magnitude_bin: Optional[int]) -> Batch:
+        """One op per image (uniform over the op list); images are grouped by op and each group runs batched."""
+        n, _, h, w = x.shape
+        space = _augmentation_space(self.kind, self.bins, h, w)
+        names = list(space)
+        which = torch.randint(0, len(names), (n,), device=x.device)
+        which = torch.where(_chosen(n, self.p, x.device), which, torch.zeros_like(which))  # 0 = Identity
+        if magnitude_bin is None:  # TrivialAugment: a magnitude bin per image
+            bins = torch.randint(0, self.bins, (n,), device=x.device)
+        else:
+            bins = torch.full((n,), magnitude_bin, device=x.device)
+        sign = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0)
+        out = x.clone()
+        for i, name in enumerate(names):
+            idx = torch.nonzero(which == i).squeeze(1)
+            if name == "Identity" or idx.numel() == 0:
+                continue
+            mags, signed = space[name]
+            m = mags.to(x.device)[bins[idx]].float() if mags.ndim else torch.zeros(len(idx), device=x.device)
+            if signed:
+                m = m * sign[idx]
+            out[idx] = apply_named_op(x[idx], name, m)
+        return out
+
+
+@op("randaugment")
+@dataclass
+class RandAugment(_AutoAugment):
+    """torchvision's RandAugment: ``num_ops`` rounds, each image its own op, fixed magnitude bin."""
+
+    num_ops: int = 2
+    magnitude: int = 9  # bin index in [0, bins)
+    kind = "randaugment"
+
+    def check(self, key, info):
+        super().check(key, info)
+        if self.num_ops < 1 or not 0 <= self.magnitude < self.bins:
+            raise ConfigError(key, {"num_ops": self.num_ops, "magnitude": self.magnitude, "bins": self.bins},
+                              "num_ops >= 1 and 0 <= magnitude < bins")
+
+    def __call__(self, x):
+        for _ in range(self.num_ops):
+            x = self._round(x, self.magnitude)
+        return x
+
+
+@op("trivialaugment")
+@dataclass
+class TrivialAugment(_AutoAugment):
+    """torchvision's TrivialAugmentWide: one op per image, magnitude bin uniform per image."""
+
+    kind = "trivialaugment"
+
+    def __call__(self, x):
+        return self._round(x, None)
+
+
+# ------------------------------------------------------------------------------------------ mixing
+
+
+class Mixer(Op):
+    """Batch op that mixes pairs of images and their targets: ``mix(x, y_soft) -> (x, y_soft)``."""
+
+    mixes = True
+
+
+def _beta(alpha: float, n: int, device) -> torch.Tensor:
+    a = torch.full((n,), float(alpha), device=device)
+    return torch.distributions.Beta(a, a).sample()
+
+
+def mixup(x, y, lam, perm):
+    """x̃ = λ·x_i + (1 − λ)·x_j, ỹ = λ·y_i + (1 − λ)·y_j, partner j = perm[i]; λ per sample."""
+    l4 = lam.view(-1, 1, 1, 1).to(x.dtype)
+    l2 = lam.view(-1, 1).to(y.dtype)
+    return l4 * x + (1 - l4) * x[perm], l2 * y + (1 - l2) * y[perm]
+
+
+def cutmix(x, y, lam, perm):
+    """Paste a box of side √(1 − λ)·H × √(1 − λ)·W (centre uniform, clipped) from the partner; the target weight
+    is λ recomputed from the clipped box: λ_adj = 1 − box area / (H·W)."""
+    n, _, h, w = x.shape
+    cut = torch.sqrt(1.0 - lam)
+    bh, bw = (cut * h).floor(), (cut * w).floor()  # H first (rows), then W (columns)
+    cy = torch.randint(0, h, (n,), device=x.device)
+    cx = torch.randint(0, w, (n,), device=x.device)
+    y0 = (cy - torch.div(bh, 2, rounding_mode="floor")).clamp(0, h).long()
+    y1 = (cy + torch.div(bh, 2, rounding_mode="floor")).clamp(0, h).long()
+    x0 = (cx - torch.div(bw, 2, rounding_mode="floor")).clamp(0, w).long()
+    x1 = (cx + torch.div(bw, 2, rounding_mode="floor")).clamp(0, w).long()
+    mask = box_mask(y0, y1, x0, x1, h, w)
+    lam_adj = 1.0 - ((y1 - y0) * (x1 - x0)).to(y.dtype) / (h * w)
+    l2 = lam_adj.view(-1, 1)
+    return torch.where(mask, x[perm], x), l2 * y + (1 - l2) * y[perm], lam_adj
+
+
+@op("mixup")
+@dataclass
+class MixUp(Mixer):
+    alpha: float = 0.2  # λ ~ Beta(α, α), one λ per image
+    p: float = 1.0
+
+    def check(self, key, info):
+        if not self.alpha > 0:
+            raise ConfigError(f"{key}.alpha", self.alpha, "a number > 0")
+
+    def mix(self, x, y):
+        n = len(x)
+        lam = _beta(self.alpha, n, x.device)
+        lam = torch.where(_chosen(n, self.p, x.device), lam, torch.ones_like(lam))
+        return mixup(x, y, lam, torch.randperm(n, device=x.device))
+
+
+@op("cutmix")
+@dataclass
+class CutMix(Mixer):
+    alpha: float = 1.0  # CutMix's own α (not MixUp's)
+    p: float = 1.0
+
+    def check(self, key, info):
+        if not self.alpha > 0:
+            raise ConfigError(f"{key}.alpha", self.alpha, "a number > 0")
+
+    def mix(self, x, y):
+        n = len(x)
+        lam = _beta(self.alpha, n, x.device)
+        lam = torch.where(_chosen(n, self.p, x.device), lam, torch.ones_like(lam))
+        xm, ym, _ = cutmix(x, y, lam, torch.randperm(n, device=x.device))
+        return xm, ym
+
+
+@op("mixup_cutmix")
+@dataclass
+class MixUpCutMix(Mixer):
+    """Per image: CutMix with probability ``switch_prob`` (its own α), else MixUp."""
+
+    mixup_alpha: float = 0.2
+    cutmix_alpha: float = 1.0
+    switch_prob: float = 0.5
+    p: float = 1.0
+
+    def check(self, key, info):
+        if not (self.mixup_alpha > 0 and self.cutmix_alpha > 0 and 0 <= self.switch_prob <= 1):
+            raise ConfigError(key, {"mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha,
+                                    "switch_prob": self.switch_prob}, "alphas > 0 and switch_prob in [0, 1]")
+
+    def mix(self, x, y):
+        n = len(x)
+        perm = torch.randperm(n, device=x.device)
+        use_cut = _chosen(n, self.switch_prob, x.device)
+        on = _chosen(n, self.p, x.device)
+        lam_m = torch.where(on, _beta(self.mixup_alpha, n, x.device), torch.ones(n, device=x.device))
+        lam_c = torch.where(on, _beta(self.cutmix_alpha, n, x.device), torch.ones(n, device=x.device))
+        xm, ym = mixup(x, y, lam_m, perm)
+        xc, yc, _ = cutmix(x, y, lam_c, perm)
+        return _where(use_cut, xc, xm), torch.where(use_cut.view(-1, 1), yc, ym)
+
+
+# ------------------------------------------------------------------------------------------ policy
+
+
+def build_op(spec: dict, key: str, info) -> Op:
+    spec = dict(spec)
+    name = spec.pop("op", None)
+    if name not in OPS:
+        raise ConfigError(f"{key}.op", name, "one of " + ", ".join(sorted(OPS)))
+    cls = OPS[name]
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in spec if k not in known]
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", spec[unknown[0]], f"a key of op {name} ({', '.join(known)})")
+    instance = cls(**spec)
+    if not 0 <= instance.p <= 1:
+        raise ConfigError(f"{key}.p", instance.p, "a probability in [0, 1]")
+    instance.check(key, info)
+    return instance
+
+
+class Policy:
+    """The configured list of ops; ``__call__(x01, y) -> (x01, y_or_soft)``, batched on x's device."""
+
+    def __init__(self, ops: list[Op], num_classes: int):
+        self.ops = [o for o in ops if not o.mixes]
+        self.mixers = [o for o in ops if o.mixes]
+        self.num_classes = num_classes
+
+    @property
+    def soft_targets(self) -> bool:
+        return bool(self.mixers)
+
+    @property
+    def flips(self) -> bool:
+        return any(o.flips for o in self.ops)
+
+    def images(self, x: Batch) -> Batch:
+        for o in self.ops:
+            x = o(x)
+        return x
+
+    @torch.no_grad()
+    def __call__(self, x: Batch, y: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        x = self.images(x)
+        if self.mixers:
+            y = F.one_hot(y, self.num_classes).to(x.dtype) if y.ndim == 1 else y
+            for m in self.mixers:
+                x, y = m.mix(x, y)
+        return x, y
+
+
+def build_policy(cfg, info, stats=None) -> Optional[Policy]:
+    """The policy of ``cfg`` (the augmentation node) for dataset ``info``, or None when it has no ops."""
+    ops = []
+    seen_mixer = False
+    for i, spec in enumerate(cfg.ops):
+        key = f"augmentation.ops[{i}]"
+        if not isinstance(spec, dict):
+            from omegaconf import OmegaConf
+
+            spec = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, str) else {"op": spec}
+        o = build_op(spec, key, _Info(info, stats))
+        if seen_mixer and not o.mixes:
+            raise ConfigError(key, spec, "mixing ops (mixup, cutmix, mixup_cutmix) last in the list")
+        seen_mixer |= o.mixes
+        ops.append(o)
+    return Policy(ops, info.num_classes) if ops else None
+
+
+class _Info:
+    """What ops may check: the dataset's channels / name and the training mean (for cutout's fill)."""
+
+    def __init__(self, info, stats):
+        self.name, self.channels = info.name, info.channels
+        if stats is not None:
+            self.mean = stats

@@ -1,0 +1,317 @@
+"""Augmentation: batched ops with per-image parameters, checked against torchvision's functional ops;
+MixUp / CutMix targets; normalisation variants; test-time augmentation; every preset trains a step."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode as IM
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from regbench.augment import (OPS, Policy, _augmentation_space, adjust_brightness, adjust_contrast,
+                              adjust_saturation, apply_named_op, build_op, build_policy, cutmix, inverse_affine, mixup,
+                              shifted_crop, warp)
+from regbench.data import DATASETS, Normalizer, load_data
+from regbench.errors import ConfigError
+from regbench.train import fit
+from tests.conftest import TINY, compose_cfg, config_options
+
+MNIST, CIFAR = DATASETS["mnist5k"], DATASETS["cifar10"]
+SIMPLE = {"hflip": {}, "vflip": {}, "crop": {}, "affine": {"rotation": 20, "translate": 0.1, "zoom": 0.1, "shear": 5},
+          "brightness": {}, "contrast": {}, "saturation": {}, "noise": {}, "cutout": {},
+          "randaugment": {}, "trivialaugment": {}}
+
+
+def images(n=8, c=3, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, c, size, size, generator=g)
+
+
+def test_every_op_is_covered():
+    assert set(SIMPLE) | {"mixup", "cutmix", "mixup_cutmix"} == set(OPS)
+
+
+@pytest.mark.parametrize("name", sorted(SIMPLE))
+def test_op_shape_dtype_p0_identity_per_sample_and_seeded(name):
+    p = 0.5 if name in ("hflip", "vflip") else 1.0  # a flip's only per-image parameter is whether it flips
+    op = build_op({"op": name, **SIMPLE[name], "p": p}, "augmentation.ops[0]", CIFAR)
+    x = images().expand(8, 3, 32, 32).clone()
+    x[:] = x[0]  # eight identical images
+    torch.manual_seed(1)
+    out = op(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    differs = [not torch.equal(out[0], out[i]) for i in range(1, 8)]
+    assert any(differs), "every image draws its own parameters"
+    torch.manual_seed(1)
+    assert torch.equal(op(x), out)  # seeded: the same draw again
+    off = build_op({"op": name, **SIMPLE[name], "p": 0.0}, "augmentation.ops[0]", CIFAR)
+    assert torch.allclose(off(x), x, atol=1e-6)  # p = 0 is the identity
+
+
+def test_flips_and_crop_agree_with_torchvision():
+    x = images(4)
+    assert torch.equal(build_op({"op": "hflip", "p": 1.0}, "k", CIFAR)(x), TF.horizontal_flip(x))
+    assert torch.equal(build_op({"op": "vflip", "p": 1.0}, "k", CIFAR)(x), TF.vertical_flip(x))
+    ox, oy = torch.tensor([0, 3, 8, 5]), torch.tensor([8, 1, 0, 4])
+    out = shifted_crop(x, 4, "reflect", ox, oy)
+    padded = TF.pad(x, [4], padding_mode="reflect")
+    for i in range(4):
+        assert torch.equal(out[i], TF.crop(padded[i], int(oy[i]), int(ox[i]), 32, 32))
+    zero = shifted_crop(x, 4, "zero", ox, oy)
+    assert torch.equal(zero[0], TF.crop(TF.pad(x[0], [4], fill=0.0), 8, 0, 32, 32))
+
+
+@pytest.mark.parametrize("angle,tx,ty,scale,shear", [(17.0, 3, -2, 1.1, 8.0), (-30.0, 0, 0, 0.9, 0.0),
+                                                      (5.0, 1, 1, 1.0, -12.0), (0.0, 4, 0, 1.0, 0.0)])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_affine_agrees_with_torchvision(angle, tx, ty, scale, shear, mode):
+    x = images(1)
+    ref = TF.affine(x, angle=angle, translate=[tx, ty], scale=scale, shear=[shear, 0.0],
+                    interpolation=IM.BILINEAR if mode == "bilinear" else IM.NEAREST)
+    t = lambda v: torch.tensor([float(v)])  # noqa: E731
+    mine = warp(x, inverse_affine(t(angle), t(tx), t(ty), t(scale), t(scale), t(shear), t(0)), mode, "zero")
+    assert torch.allclose(mine, ref, atol=1e-5)
+
+
+def test_affine_zoom_draws_x_and_y_independently(monkeypatch):
+    import regbench.augment as aug
+
+    seen = {}
+    real = aug.inverse_affine
+
+    def spy(angle, tx, ty, zx, zy, *rest, **kw):
+        seen.update(zx=zx, zy=zy)
+        return real(angle, tx, ty, zx, zy, *rest, **kw)
+
+    monkeypatch.setattr(aug, "inverse_affine", spy)
+    torch.manual_seed(0)
+    build_op({"op": "affine", "zoom": 0.3}, "k", CIFAR)(images(2000, 1, 8))
+    zx, zy = seen["zx"], seen["zy"]
+    assert zx.min() >= 0.7 and zx.max() <= 1.3 and zy.min() >= 0.7 and zy.max() <= 1.3  # [1 − z, 1 + z]
+    assert abs(torch.corrcoef(torch.stack([zx, zy]))[0, 1]) < 0.1  # drawn independently (Keras' zoom_range)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("kind,cls", [("randaugment", v2.RandAugment), ("trivialaugment", v2.TrivialAugmentWide)])
+def test_randaugment_ops_agree_with_torchvision(kind, cls, channels):
+    """Every op of torchvision's list, at several magnitude bins and both signs, on single images."""
+    reference = cls()
+    x = images(1, channels)
+    ours = _augmentation_space(kind, 31, 32, 32)
+    for name, (bins_fn, signed) in reference._AUGMENTATION_SPACE.items():
+        mags = bins_fn(31, 32, 32)
+        if mags is not None:
+            assert torch.equal(mags.float(), ours[name][0].float()), name  # the same magnitude bins
+        for b in (0, 9, 20, 30):
+            m = float(mags[b]) if mags is not None and mags.ndim else 0.0
+            for sign in ((1, -1) if signed else (1,)):
+                value = int(m) if name == "Posterize" else m * sign
+                ref = reference._apply_image_or_video_transform(x, name, value, interpolation=IM.NEAREST,
+                                                                fill={torch.Tensor: None})
+                mine = apply_named_op(x, name, torch.tensor([float(value)]))
+                assert torch.allclose(mine, ref, atol=1e-5), (name, b, sign)
+
+
+@pytest.mark.parametrize("fn,ref", [(adjust_brightness, TF.adjust_brightness), (adjust_contrast, TF.adjust_contrast),
+                                    (adjust_saturation, TF.adjust_saturation)])
+def test_colour_ops_agree_with_torchvision_per_sample(fn, ref):
+    x = images(3)
+    factors = torch.tensor([0.6, 1.0, 1.4])
+    out = fn(x, factors)
+    for i in range(3):
+        assert torch.allclose(out[i], ref(x[i], float(factors[i])), atol=1e-6)
+
+
+def test_randaugment_gives_each_image_its_own_op():
+    op = build_op({"op": "trivialaugment"}, "k", CIFAR)
+    x = images(1).expand(64, 3, 32, 32).clone()
+    torch.manual_seed(0)
+    out = op(x)
+    distinct = {tuple(o.flatten()[:50].tolist()) for o in out}
+    assert len(distinct) > 10
+
+
+# --------------------------------------------------------------------------------------- mixing
+
+
+def test_mixup_targets_sum_to_one_and_loss_is_the_lambda_mixture():
+    x, y = images(6), torch.tensor([0, 1, 2, 3, 4, 5])
+    y1 = F.one_hot(y, 10).float()
+    lam = torch.tensor([0.9, 0.5, 0.3, 1.0, 0.0, 0.7])
+    perm = torch.tensor([1, 0, 3, 2, 5, 4])
+    xm, ym = mixup(x, y1, lam, perm)
+    assert torch.allclose(ym.sum(1), torch.ones(6))
+    assert torch.allclose(xm[0], 0.9 * x[0] + 0.1 * x[1])
+    logits = torch.randn(6, 10)
+    soft = F.cross_entropy(logits, ym, reduction="none")
+    expected = lam * F.cross_entropy(logits, y, reduction="none") + (1 - lam) * F.cross_entropy(logits, y[perm],
+                                                                                               reduction="none")
+    assert torch.allclose(soft, expected, atol=1e-6)
+    # label smoothing commutes with mixing: smoothing the mixed target = mixing the smoothed targets
+    smoothed = F.cross_entropy(logits, ym, label_smoothing=0.1, reduction="none")
+    mixed = lam * F.cross_entropy(logits, y, label_smoothing=0.1, reduction="none") + (1 - lam) * F.cross_entropy(
+        logits, y[perm], label_smoothing=0.1, reduction="none")
+    assert torch.allclose(smoothed, mixed, atol=1e-6)
+
+
+def test_cutmix_lambda_equals_the_pasted_area_exactly():
+    torch.manual_seed(0)
+    n, h, w = 500, 24, 32  # not square: catches an H/W mix-up
+    x = torch.zeros(n, 1, h, w)
+    partner = torch.ones(n, 1, h, w)
+    both = torch.cat([x, partner])
+    y = F.one_hot(torch.cat([torch.zeros(n), torch.ones(n)]).long(), 2).float()
+    perm = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    lam = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(1.0)).sample((2 * n,))
+    xm, ym, lam_adj = cutmix(both, y, lam, perm)
+    pasted = xm[:n].mean(dim=(1, 2, 3))  # fraction of pixels from the partner (ones)
+    assert torch.allclose(1 - lam_adj[:n], pasted, atol=1e-6)
+    assert torch.allclose(ym[:n, 1], pasted, atol=1e-6) and torch.allclose(ym.sum(1), torch.ones(2 * n))
+    # the box is clipped at the borders, so λ_adj >= λ on average (never the uncorrected λ)
+    assert (lam_adj[:n] >= lam[:n] - 1e-6).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("name", ["mixup", "cutmix", "mixup_cutmix"])
+def test_mixers_in_a_policy_give_soft_targets(name):
+    policy = Policy([build_op({"op": name}, "k", CIFAR)], 10)
+    torch.manual_seed(0)
+    x, y = policy(images(16), torch.arange(16) % 10)
+    assert y.shape == (16, 10) and torch.allclose(y.sum(1), torch.ones(16)) and policy.soft_targets
+
+
+def test_mixup_run_counts_accuracy_against_the_dominant_label(tmp_path):
+    fit(compose_cfg(*TINY, "augmentation=mixup"), tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["augmentation"]["soft_targets"] is True
+    assert "dominant label" in s["augmentation"]["train_acc"]
+
+
+# ------------------------------------------------------------------------------- policy and config
+
+
+@pytest.mark.parametrize("model", ["mlp", "lecture_cnn"])
+@pytest.mark.parametrize("preset", config_options("augmentation"))
+def test_every_preset_composes_and_trains_a_step(preset, model, tmp_path):
+    fit(compose_cfg(*TINY, f"augmentation={preset}", f"model={model}", "augmentation.allow_label_unsafe=true"),
+        tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "completed" and s["augmentation"]["name"] == preset
+
+
+def test_presets_are_what_the_lectures_say():
+    digits = compose_cfg("augmentation=digits").augmentation.ops
+    assert [o.op for o in digits] == ["affine"] and digits[0].rotation <= 20 and digits[0].translate <= 0.2
+    keras = compose_cfg("augmentation=keras_lecture").augmentation.ops
+    assert {o.op for o in keras} == {"affine", "hflip"} and keras[0].rotation == 15 and keras[0].fill == "nearest"
+    heavy = [o.op for o in compose_cfg("augmentation=heavy").augmentation.ops]
+    assert heavy == ["crop", "hflip", "trivialaugment", "cutout"]
+    assert [o.op for o in compose_cfg("augmentation=standard").augmentation.ops] == ["crop", "hflip"]
+
+
+@pytest.mark.parametrize("ops,match", [
+    ("[{op:hflip,prob:0.5}]", r"augmentation.ops\[0\].prob=0.5: expected a key of op hflip \(p\)"),
+    ("[{op:rotate}]", r"augmentation.ops\[0\].op='rotate': expected one of"),
+    ("[{op:mixup},{op:hflip}]", r"augmentation.ops\[1\]=.*expected mixing ops .* last"),
+    ("[{op:crop,padding:0}]", r"augmentation.ops\[0\]=.*padding >= 1"),
+    ("[{op:saturation}]", r"expected an RGB dataset"),
+    ("[{op:hflip,p:1.5}]", r"augmentation.ops\[0\].p=1.5: expected a probability"),
+])
+def test_bad_ops_are_config_errors(ops, match):
+    with pytest.raises(ConfigError, match=match):
+        from regbench.config import validate
+
+        validate(compose_cfg(f"augmentation.ops={ops}"))
+
+
+def test_flipping_digits_warns_unless_allowed(tmp_path):
+    fit(compose_cfg(*TINY, "augmentation=standard"), tmp_path / "a")
+    warnings = json.loads((tmp_path / "a" / "summary.json").read_text())["warnings"]
+    assert any("mirrored '3'" in w for w in warnings)
+    fit(compose_cfg(*TINY, "augmentation=standard", "augmentation.allow_label_unsafe=true"), tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["warnings"] == []
+
+
+def test_label_smoothing_with_mixup_warns(tmp_path):
+    fit(compose_cfg(*TINY, "augmentation=mixup", "regularizer=[label_smoothing]"), tmp_path)
+    warnings = json.loads((tmp_path / "summary.json").read_text())["warnings"]
+    assert any("softened twice" in w for w in warnings)
+
+
+def test_preview_grid_goes_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(compose_cfg(*TINY, "augmentation=digits"), tmp_path)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert {"augmentation/before", "augmentation/after"} <= set(acc.Tags()["images"])
+
+
+def test_augmented_training_is_reproducible(tmp_path):
+    fit(compose_cfg(*TINY, "augmentation=heavy", "trainer.max_epochs=2"), tmp_path / "a")
+    fit(compose_cfg(*TINY, "augmentation=heavy", "trainer.max_epochs=2"), tmp_path / "b")
+    a = [r.rsplit(",", 1)[0] for r in (tmp_path / "a" / "metrics.csv").read_text().splitlines()]
+    b = [r.rsplit(",", 1)[0] for r in (tmp_path / "b" / "metrics.csv").read_text().splitlines()]
+    assert a == b
+
+
+# --------------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize("kind", ["per_channel", "featurewise", "samplewise", "zca", "none"])
+def test_normalisations_use_training_statistics(kind):
+    d = load_data(compose_cfg("data.train_size=500", f"data.normalize={kind}").data, torch.device("cpu"))
+    x = d.train_x.flatten(1).double()
+    if kind == "per_channel":
+        assert abs(x.mean().item()) < 1e-5 and x.std().item() == pytest.approx(1, abs=1e-3)
+    elif kind == "featurewise":
+        assert x.mean(0).abs().max().item() < 1e-4
+    elif kind == "samplewise":
+        assert x.mean(1).abs().max().item() < 1e-5 and torch.allclose(x.std(1), torch.ones(500, dtype=x.dtype),
+                                                                          atol=1e-3)
+    elif kind == "zca":
+        cov = x.T @ x / len(x)  # whitened: covariance ≈ S / (S + ε) on the data's directions, ≤ 1
+        eig = torch.linalg.eigvalsh(cov)
+        assert eig.max().item() <= 1.0 + 1e-3 and eig.max().item() > 0.9
+    else:
+        assert d.train_x.min().item() == 0.0 and d.train_x.max().item() == 1.0
+    # validation images use the same (training) statistics: re-normalising raw val pixels reproduces them
+    assert d.meta["normalize"] == kind
+
+
+def test_zca_matches_a_hand_computation():
+    torch.manual_seed(0)
+    x = torch.rand(50, 1, 2, 2, dtype=torch.float64)
+    norm = Normalizer("zca", x, zca_epsilon=0.1)
+    flat = (x - x.mean(0, keepdim=True)).flatten(1)
+    cov = flat.T @ flat / 50
+    s, u = torch.linalg.eigh(cov)
+    w = u @ torch.diag(1 / torch.sqrt(s + 0.1)) @ u.T
+    assert torch.allclose(norm.to(torch.device("cpu"))(x.float()).double().flatten(1), (flat @ w), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- TTA
+
+
+def test_tta_views_and_identity_only_equals_plain_evaluation(tmp_path):
+    from regbench.train import evaluate, tta_eval
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    x, y = images(20), torch.arange(20) % 10
+    cfg = compose_cfg("augmentation.tta.enabled=true", "augmentation.tta.hflip=false", "augmentation.tta.shift=0")
+    only = tta_eval(model, x, y, cfg.augmentation.tta, True)
+    assert only["views"] == ["identity"]
+    assert only["nll"] == pytest.approx(evaluate(model, x, y, 100)["loss"], rel=1e-6)
+    cfg = compose_cfg("augmentation.tta.enabled=true")
+    assert tta_eval(model, x, y, cfg.augmentation.tta, True)["views"] == [
+        "identity", "hflip", "shift_left", "shift_right", "shift_up", "shift_down"]
+    assert "hflip" not in tta_eval(model, x, y, cfg.augmentation.tta, False)["views"]  # digits: no mirrored view
+    fit(compose_cfg(*TINY, "augmentation.tta.enabled=true"), tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert set(s["test_extra"]["tta"]) >= {"acc", "nll", "ece", "views"}
+    assert math.isfinite(s["test_extra"]["tta"]["nll"])
