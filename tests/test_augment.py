@@ -128,6 +128,22 @@ def test_colour_ops_agree_with_torchvision_per_sample(fn, ref):
         assert torch.allclose(out[i], ref(x[i], float(factors[i])), atol=1e-6)
 
 
+def test_flip_next_to_crop_is_fused_into_one_gather():
+    from regbench.augment import Crop, HFlip
+
+    for ops in ([HFlip(p=0.3), Crop(padding=2)], [Crop(padding=2), HFlip(p=0.3)]):
+        policy = Policy(ops, 10)
+        assert len(policy.ops) == 1 and isinstance(policy.ops[0], Crop) and policy.ops[0].flip_p == 0.3
+        assert policy.flips
+    x = images(1).expand(400, 3, 32, 32).clone()
+    x[:] = x[0]
+    torch.manual_seed(0)
+    out = Policy([HFlip(p=0.3), Crop(padding=2, p=0.0)], 10).images(x)  # no shift: only the flip acts
+    flipped = sum(torch.equal(o, x[0].flip(-1)) for o in out) / len(out)
+    assert all(torch.equal(o, x[0]) or torch.equal(o, x[0].flip(-1)) for o in out)
+    assert flipped == pytest.approx(0.3, abs=0.07)
+
+
 def test_randaugment_gives_each_image_its_own_op():
     op = build_op({"op": "trivialaugment"}, "k", CIFAR)
     x = images(1).expand(64, 3, 32, 32).clone()

@@ -13,6 +13,7 @@ as oracles), and parameter-free ops (equalize, autocontrast, sharpness' blur) ca
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Union
@@ -41,12 +42,13 @@ def _where(mask: torch.Tensor, a: Batch, b: Batch) -> Batch:
     return torch.where(mask.view(-1, 1, 1, 1), a, b)
 
 
-def inverse_affine(angle, tx, ty, zx, zy, shear_x, shear_y, cx=0.0, cy=0.0) -> torch.Tensor:
+def inverse_affine(angle, tx, ty, zx, zy, shear_x, shear_y, cx=0.0, cy=0.0,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Per-sample inverse affine matrices (N x 2 x 3), torchvision's ``_get_inverse_affine_matrix`` batched,
     with separate x / y scales (Keras' zoom draws them independently). Angles in degrees, pixels, centre at
     (cx, cy) relative to the image centre. Computed in float64 like torchvision's Python floats, so nearest-
-    neighbour sampling rounds the same way."""
-    angle, tx, ty, zx, zy, shear_x, shear_y = (torch.as_tensor(v, dtype=torch.float64) for v in
+    neighbour sampling rounds the same way (float32 is enough for bilinear sampling, which has no ties)."""
+    angle, tx, ty, zx, zy, shear_x, shear_y = (torch.as_tensor(v, dtype=dtype) for v in
                                                (angle, tx, ty, zx, zy, shear_x, shear_y))
     rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
     a = torch.cos(rot - sy) / torch.cos(sy)
@@ -59,17 +61,37 @@ def inverse_affine(angle, tx, ty, zx, zy, shear_x, shear_y, cx=0.0, cy=0.0) -> t
     return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3)
 
 
+@functools.lru_cache(maxsize=16)
+def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y of the output pixel centres relative to the image centre (1 x H x W each), as torchvision's
+    ``_affine_grid`` builds them."""
+    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=device, dtype=dtype)
+    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=device, dtype=dtype)
+    return xs.view(1, 1, w).expand(1, h, w).contiguous(), ys.view(1, h, 1).expand(1, h, w).contiguous()
+
+
 def warp(x: Batch, theta: torch.Tensor, mode: str = "bilinear", fill: str = "zero") -> Batch:
-    """Apply per-sample inverse affine matrices like torchvision's ``_affine_grid`` + ``grid_sample``."""
+    """Apply per-sample inverse affine matrices like torchvision's ``_affine_grid`` + ``grid_sample``.
+
+    The grid is x·θ₀ + y·θ₁ + θ₂ per output pixel, written out elementwise: a batched 3 x 2 matrix product
+    (torchvision's bmm, which it runs once per call) costs more than the sampling itself on CPU."""
     n, _, h, w = x.shape
-    dev, dt = x.device, x.dtype
-    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=dev, dtype=dt)
-    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=dev, dtype=dt)
-    base = torch.stack([xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w), torch.ones(h, w, device=dev, dtype=dt)],
-                       dim=-1).view(1, h * w, 3)
-    scale = torch.tensor([0.5 * w, 0.5 * h], device=dev, dtype=dt)
-    rescaled = (theta.to(dev, dt).transpose(1, 2) / scale)
-    grid = base.expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
+    gx_base, gy_base = _base_grid(h, w, x.device, x.dtype)
+    scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float64, device=theta.device).view(1, 2, 1)
+    t = (theta / scale).to(x.device, x.dtype)  # rows rescaled to normalised coordinates
+    if mode == "nearest":
+        # Nearest sampling jumps at rounding ties, so here the grid is computed exactly as torchvision does
+        # (one bmm), to pick the same pixels; bilinear sampling is continuous and takes the cheaper form.
+        base = torch.stack([gx_base, gy_base, torch.ones_like(gx_base)], dim=-1).view(1, h * w, 3)
+        grid = base.expand(n, -1, -1).bmm(t.transpose(1, 2)).view(n, h, w, 2)
+    else:  # grid = x·θ₀ + y·θ₁ + θ₂ (and θ₃..θ₅), written as planes then viewed as N x H x W x 2
+        t = t.view(n, 6, 1, 1)
+        planes = torch.empty(n, 2, h, w, device=x.device, dtype=x.dtype)
+        torch.addcmul(t[:, 2], gx_base, t[:, 0], out=planes[:, 0])
+        planes[:, 0].addcmul_(gy_base, t[:, 1])
+        torch.addcmul(t[:, 5], gx_base, t[:, 3], out=planes[:, 1])
+        planes[:, 1].addcmul_(gy_base, t[:, 4])
+        grid = planes.permute(0, 2, 3, 1)
     padding = "border" if fill == "nearest" else "zeros"  # Keras' fill_mode='nearest' repeats the edge pixels
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
 
@@ -159,15 +181,19 @@ class VFlip(Op):
         return _where(_chosen(len(x), self.p, x.device), x.flip(-2), x)
 
 
-def shifted_crop(x: Batch, padding: int, mode: str, ox: torch.Tensor, oy: torch.Tensor) -> Batch:
-    """Pad by ``padding`` and cut an H x W window at per-sample offsets (ox, oy) in [0, 2 * padding]."""
+def shifted_crop(x: Batch, padding: int, mode: str, ox: torch.Tensor, oy: torch.Tensor,
+                 flip: Optional[torch.Tensor] = None) -> Batch:
+    """Pad by ``padding`` and cut an H x W window at per-sample offsets (ox, oy) in [0, 2 * padding] —
+    mirrored left-right where ``flip`` is set — as one gather over the flattened padded images."""
     n, c, h, w = x.shape
     pad_mode = {"reflect": "reflect", "zero": "constant", "edge": "replicate"}[mode]
-    xp = F.pad(x, (padding,) * 4, mode=pad_mode)
-    rows = (oy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
-    xp = xp.gather(2, rows)
-    cols = (ox.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
-    return xp.gather(3, cols)
+    xp = F.pad(x, (padding,) * 4, mode=pad_mode).flatten(2)  # N x C x (H+2p)(W+2p)
+    wp = w + 2 * padding
+    j = torch.arange(w, device=x.device)
+    cols = ox.view(n, 1) + (j if flip is None else torch.where(flip.view(n, 1), w - 1 - j, j))  # N x W
+    rows = (oy.view(n, 1) + torch.arange(h, device=x.device)) * wp  # N x H
+    index = (rows.view(n, h, 1) + cols.view(n, 1, w)).view(n, 1, h * w).expand(n, c, h * w)
+    return xp.gather(2, index).view(n, c, h, w)
 
 
 @op("crop")
@@ -176,6 +202,11 @@ class Crop(Op):
     padding: int = 4  # pixels added on every side before a random H x W crop
     padding_mode: str = "reflect"  # reflect | zero | edge
     p: float = 1.0
+    flip_p = 0.0  # set by Policy when it fuses a neighbouring hflip into this crop (not a config key)
+
+    @property
+    def flips(self) -> bool:
+        return self.flip_p > 0
 
     def check(self, key, info):
         if self.padding < 1 or self.padding_mode not in ("reflect", "zero", "edge"):
@@ -189,7 +220,8 @@ class Crop(Op):
         keep = ~_chosen(n, self.p, x.device)
         ox = torch.where(keep, torch.full_like(ox, self.padding), ox)
         oy = torch.where(keep, torch.full_like(oy, self.padding), oy)
-        return shifted_crop(x, self.padding, self.padding_mode, ox, oy)
+        flip = _chosen(n, self.flip_p, x.device) if self.flip_p > 0 else None
+        return shifted_crop(x, self.padding, self.padding_mode, ox, oy, flip)
 
 
 @op("affine")
@@ -215,15 +247,13 @@ class Affine(Op):
 
     def __call__(self, x: Batch) -> Batch:
         n, _, h, w = x.shape
-        dev = x.device
-        on = _chosen(n, self.p, dev).float()
-        angle = _u(n, -self.rotation, self.rotation, dev) * on
-        tx = _u(n, -self.translate, self.translate, dev) * w * on
-        ty = _u(n, -self.translate, self.translate, dev) * h * on
-        zx = 1 + _u(n, -self.zoom, self.zoom, dev) * on
-        zy = 1 + _u(n, -self.zoom, self.zoom, dev) * on
-        shear = _u(n, -self.shear, self.shear, dev) * on
-        theta = inverse_affine(angle, tx, ty, zx, zy, shear, torch.zeros_like(shear))
+        # One draw for all parameters: rows angle, tx, ty, zx, zy, shear in [−1, 1), then "apply?" in [0, 1).
+        dt = torch.float64 if self.interpolation == "nearest" else torch.float32
+        r = torch.rand(7, n, device=x.device, dtype=dt)
+        spread = torch.tensor([self.rotation, self.translate * w, self.translate * h, self.zoom, self.zoom,
+                               self.shear], dtype=dt).to(x.device, non_blocking=True).view(6, 1)
+        v = (r[:6] * 2 - 1).mul_(spread).mul_((r[6] < self.p).to(dt))
+        theta = inverse_affine(v[0], v[1], v[2], 1 + v[3], 1 + v[4], v[5], torch.zeros_like(v[5]), dtype=dt)
         return warp(x, theta, self.interpolation, self.fill)
 
 
@@ -284,17 +314,17 @@ class Noise(Op):
 
 
 def boxes(n: int, h: int, w: int, area: torch.Tensor, ratio: torch.Tensor, device):
-    """Per-sample boxes of a given area fraction and aspect ratio, centre uniform, clipped to the image.
-    Returns (y0, y1, x0, x1) integer tensors."""
-    bh = torch.sqrt(area * h * w * ratio).round().clamp(1, h)
-    bw = torch.sqrt(area * h * w / ratio).round().clamp(1, w)
-    cy = torch.randint(0, h, (n,), device=device)
-    cx = torch.randint(0, w, (n,), device=device)
-    y0 = (cy - torch.div(bh, 2, rounding_mode="floor")).clamp(0, h).long()
-    x0 = (cx - torch.div(bw, 2, rounding_mode="floor")).clamp(0, w).long()
-    y1 = (cy + bh - torch.div(bh, 2, rounding_mode="floor")).clamp(0, h).long()
-    x1 = (cx + bw - torch.div(bw, 2, rounding_mode="floor")).clamp(0, w).long()
-    return y0, y1, x0, x1
+    """Per-sample boxes of a given area fraction and aspect ratio (h / w), centre uniform over the image,
+    clipped to it. Returns (y0, y1, x0, x1) integer tensors."""
+    bh = torch.sqrt(area * (h * w) * ratio).round_().clamp_(1, h)
+    bw = torch.sqrt(area * (h * w) / ratio).round_().clamp_(1, w)
+    centre = torch.rand(2, n, device=device)
+    cy, cx = (centre[0] * h).floor_(), (centre[1] * w).floor_()
+    y0 = (cy - (bh / 2).floor()).clamp_(0, h)
+    x0 = (cx - (bw / 2).floor()).clamp_(0, w)
+    y1 = (cy - (bh / 2).floor() + bh).clamp_(0, h)
+    x1 = (cx - (bw / 2).floor() + bw).clamp_(0, w)
+    return y0.long(), y1.long(), x0.long(), x1.long()
 
 
 def box_mask(y0, y1, x0, x1, h: int, w: int) -> torch.Tensor:
@@ -332,10 +362,11 @@ class Cutout(Op):
         dev = x.device
         mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=dev)
         for _ in range(self.count):
-            area = _u(n, self.scale[0], self.scale[1], dev)
-            ratio = torch.exp(_u(n, math.log(self.ratio[0]), math.log(self.ratio[1]), dev))
+            r = torch.rand(3, n, device=dev)
+            area = r[0] * (self.scale[1] - self.scale[0]) + self.scale[0]
+            ratio = torch.exp(r[1] * (math.log(self.ratio[1]) - math.log(self.ratio[0])) + math.log(self.ratio[0]))
             box = box_mask(*boxes(n, h, w, area, ratio, dev), h, w)
-            mask |= box & _chosen(n, self.p, dev).view(-1, 1, 1, 1)
+            mask |= box & (r[2] < self.p).view(-1, 1, 1, 1)
         if self.value == "mean":
             fill = self.mean.to(dev, x.dtype).view(1, c, 1, 1).expand_as(x)
         elif self.value == "noise":
@@ -594,6 +625,24 @@ class MixUpCutMix(Mixer):
 # ------------------------------------------------------------------------------------------ policy
 
 
+def _fuse(ops: list[Op]) -> list[Op]:
+    """An hflip next to a crop becomes part of the crop's gather (one pass instead of two). Exact in
+    distribution: the crop offset is symmetric, and every padding mode commutes with a mirror."""
+    out: list[Op] = []
+    for o in ops:
+        prev = out[-1] if out else None
+        if isinstance(o, HFlip) and isinstance(prev, Crop) and prev.flip_p == 0:
+            prev.flip_p = o.p
+            continue
+        if isinstance(o, Crop) and isinstance(prev, HFlip):
+            fused = Crop(o.padding, o.padding_mode, o.p)
+            fused.flip_p = prev.p
+            out[-1] = fused
+            continue
+        out.append(o)
+    return out
+
+
 def build_op(spec: dict, key: str, info) -> Op:
     spec = dict(spec)
     name = spec.pop("op", None)
@@ -615,7 +664,7 @@ class Policy:
     """The configured list of ops; ``__call__(x01, y) -> (x01, y_or_soft)``, batched on x's device."""
 
     def __init__(self, ops: list[Op], num_classes: int):
-        self.ops = [o for o in ops if not o.mixes]
+        self.ops = _fuse([o for o in ops if not o.mixes])
         self.mixers = [o for o in ops if o.mixes]
         self.num_classes = num_classes
 
@@ -627,19 +676,25 @@ class Policy:
     def flips(self) -> bool:
         return any(o.flips for o in self.ops)
 
+    @torch.no_grad()
     def images(self, x: Batch) -> Batch:
         for o in self.ops:
             x = o(x)
         return x
 
     @torch.no_grad()
-    def __call__(self, x: Batch, y: torch.Tensor) -> tuple[Batch, torch.Tensor]:
-        x = self.images(x)
+    def mix(self, x: Batch, y: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        """The mixing ops (MixUp / CutMix) on one batch: partners come from that batch; targets become soft.
+        Mixing is linear, so it may run on normalised images."""
         if self.mixers:
             y = F.one_hot(y, self.num_classes).to(x.dtype) if y.ndim == 1 else y
             for m in self.mixers:
                 x, y = m.mix(x, y)
         return x, y
+
+    @torch.no_grad()
+    def __call__(self, x: Batch, y: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        return self.mix(self.images(x), y)
 
 
 def build_policy(cfg, info, stats=None) -> Optional[Policy]:

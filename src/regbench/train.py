@@ -288,10 +288,10 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, t.max_epochs)
     order = torch.Generator(device=device).manual_seed(cfg.seed)  # data order, on the data's device
     train_source = data.train_raw if policy is not None else data.train_x
-
-    def augment(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xa, ya = policy(xb, yb)  # on [0, 1] images, batched, parameters per image
-        return data.normalize(xa), ya
+    # Per-image ops run on [0, 1] images in chunks of the shuffled data, then normalisation; mixing ops run per
+    # batch (their partners come from the batch).
+    transform = (lambda xb: data.normalize(policy.images(xb))) if policy is not None else None
+    mix = policy.mix if policy is not None and policy.soft_targets else None
     # A fixed subset of the training split, evaluated like validation (eval mode, plain CE): the training
     # loss under dropout / smoothing / penalties is not comparable with the validation loss, this one is.
     n_clean = min(t.clean_subset, len(data.train_y))
@@ -369,9 +369,9 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
             epoch_start = time.perf_counter()
             bar.set_description(f"epoch {epoch}/{t.max_epochs}")
             out = train_one_epoch(
-                model, optimizer, batches(train_source, data.train_y, bs, order, drop_last), loss_fn=loss_fn,
+                model, optimizer, batches(train_source, data.train_y, bs, order, drop_last, transform), loss_fn=loss_fn,
                 penalty_fn=penalty_fn, before_step=before_step, scheduler=scheduler, autocast=autocast,
-                scaler=scaler, on_step=bar.update, augment=augment if policy is not None else None)
+                scaler=scaler, on_step=bar.update, augment=mix)
             step += steps_per_epoch
             seen = out["seen"]
             train_loss, train_acc = out["loss"].item() / seen, out["correct"].item() / seen  # the epoch's sync
