@@ -560,38 +560,38 @@ def cutmix(x, y, lam, perm):
     return torch.where(mask, x[perm], x), l2 * y + (1 - l2) * y[perm], lam_adj
 
 
-@op("mixup")
 @dataclass
-class MixUp(Mixer):
-    alpha: float = 0.2  # λ ~ Beta(α, α), one λ per image
+class _BetaMixer(Mixer):
+    alpha: float = 1.0  # λ ~ Beta(α, α), one λ per image
     p: float = 1.0
 
     def check(self, key, info):
         if not self.alpha > 0:
             raise ConfigError(f"{key}.alpha", self.alpha, "a number > 0")
 
-    def mix(self, x, y):
+    def draw(self, x: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(λ per image — 1 where the op does not apply —, partner permutation of the batch)."""
         n = len(x)
         lam = _beta(self.alpha, n, x.device)
-        lam = torch.where(_chosen(n, self.p, x.device), lam, torch.ones_like(lam))
-        return mixup(x, y, lam, torch.randperm(n, device=x.device))
+        return torch.where(_chosen(n, self.p, x.device), lam, torch.ones_like(lam)), torch.randperm(n, device=x.device)
+
+
+@op("mixup")
+@dataclass
+class MixUp(_BetaMixer):
+    alpha: float = 0.2
+
+    def mix(self, x, y):
+        return mixup(x, y, *self.draw(x))
 
 
 @op("cutmix")
 @dataclass
-class CutMix(Mixer):
+class CutMix(_BetaMixer):
     alpha: float = 1.0  # CutMix's own α (not MixUp's)
-    p: float = 1.0
-
-    def check(self, key, info):
-        if not self.alpha > 0:
-            raise ConfigError(f"{key}.alpha", self.alpha, "a number > 0")
 
     def mix(self, x, y):
-        n = len(x)
-        lam = _beta(self.alpha, n, x.device)
-        lam = torch.where(_chosen(n, self.p, x.device), lam, torch.ones_like(lam))
-        xm, ym, _ = cutmix(x, y, lam, torch.randperm(n, device=x.device))
+        xm, ym, _ = cutmix(x, y, *self.draw(x))
         return xm, ym
 
 
