@@ -378,40 +378,33 @@ class Cutout(Op):
 
 # --------------------------------------------------------------------- RandAugment / TrivialAugment
 
-# torchvision's op lists and magnitude bins (transforms.v2.RandAugment / TrivialAugmentWide), for [0, 1] floats.
 def _augmentation_space(kind: str, bins: int, h: int, w: int) -> dict[str, tuple[torch.Tensor, bool]]:
+    """{op: (magnitude of each bin, signed)} — torchvision's RandAugment / TrivialAugmentWide tables, which
+    differ only in their ranges (the tests compare them with torchvision's own)."""
     if kind == "randaugment":
-        return {
-            "Identity": (torch.tensor(0.0), False),
-            "ShearX": (torch.linspace(0.0, 0.3, bins), True),
-            "ShearY": (torch.linspace(0.0, 0.3, bins), True),
-            "TranslateX": (torch.linspace(0.0, 150.0 / 331.0 * w, bins), True),
-            "TranslateY": (torch.linspace(0.0, 150.0 / 331.0 * h, bins), True),
-            "Rotate": (torch.linspace(0.0, 30.0, bins), True),
-            "Brightness": (torch.linspace(0.0, 0.9, bins), True),
-            "Color": (torch.linspace(0.0, 0.9, bins), True),
-            "Contrast": (torch.linspace(0.0, 0.9, bins), True),
-            "Sharpness": (torch.linspace(0.0, 0.9, bins), True),
-            "Posterize": (8 - (torch.arange(bins) / ((bins - 1) / 4)).round().int(), False),
-            "Solarize": (torch.linspace(1.0, 0.0, bins), False),
-            "AutoContrast": (torch.tensor(0.0), False),
-            "Equalize": (torch.tensor(0.0), False),
-        }
-    return {  # TrivialAugmentWide
-        "Identity": (torch.tensor(0.0), False),
-        "ShearX": (torch.linspace(0.0, 0.99, bins), True),
-        "ShearY": (torch.linspace(0.0, 0.99, bins), True),
-        "TranslateX": (torch.linspace(0.0, 32.0, bins), True),
-        "TranslateY": (torch.linspace(0.0, 32.0, bins), True),
-        "Rotate": (torch.linspace(0.0, 135.0, bins), True),
-        "Brightness": (torch.linspace(0.0, 0.99, bins), True),
-        "Color": (torch.linspace(0.0, 0.99, bins), True),
-        "Contrast": (torch.linspace(0.0, 0.99, bins), True),
-        "Sharpness": (torch.linspace(0.0, 0.99, bins), True),
-        "Posterize": (8 - (torch.arange(bins) / ((bins - 1) / 6)).round().int(), False),
+        shear, tx, ty, rotate, colour, posterize_steps = 0.3, 150.0 / 331.0 * w, 150.0 / 331.0 * h, 30.0, 0.9, 4
+    else:  # trivialaugment (wide)
+        shear, tx, ty, rotate, colour, posterize_steps = 0.99, 32.0, 32.0, 135.0, 0.99, 6
+
+    def up_to(top: float) -> torch.Tensor:
+        return torch.linspace(0.0, top, bins)
+
+    none = torch.tensor(0.0)
+    return {
+        "Identity": (none, False),
+        "ShearX": (up_to(shear), True),
+        "ShearY": (up_to(shear), True),
+        "TranslateX": (up_to(tx), True),
+        "TranslateY": (up_to(ty), True),
+        "Rotate": (up_to(rotate), True),
+        "Brightness": (up_to(colour), True),
+        "Color": (up_to(colour), True),
+        "Contrast": (up_to(colour), True),
+        "Sharpness": (up_to(colour), True),
+        "Posterize": (8 - (torch.arange(bins) / ((bins - 1) / posterize_steps)).round().int(), False),
         "Solarize": (torch.linspace(1.0, 0.0, bins), False),
-        "AutoContrast": (torch.tensor(0.0), False),
-        "Equalize": (torch.tensor(0.0), False),
+        "AutoContrast": (none, False),
+        "Equalize": (none, False),
     }
 
 

@@ -217,8 +217,10 @@ def saved_config_dir(run_dir: Path) -> Path:
         cfg = OmegaConf.load(saved)
         defaults = ["train_schema"]
         for group, schema in _SCHEMA_OF.items():
-            defaults.append(f"/schema/{group}/{schema(cfg[group].get('name', group))}@{group}")
-        defaults += [f"/schema/regularizer/{m}@regularizer.{m}" for m in cfg.get("regularizer", {}) or {}]
+            node = cfg[group]
+            defaults.append(f"/schema/{group}/{schema(node.name if 'name' in node else group)}@{group}")
+        members = cfg.regularizer if "regularizer" in cfg else {}  # runs saved before the stack existed
+        defaults += [f"/schema/regularizer/{m}@regularizer.{m}" for m in members]
     except Exception as e:
         raise RegbenchError(f"{saved}: cannot be read as a regbench config ({_first_line(e)})") from None
     folder = Path(tempfile.mkdtemp(prefix="regbench-rerun-"))
