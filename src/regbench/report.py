@@ -24,8 +24,11 @@ METRICS = {
     "final_gap": ("final gap (val − clean train loss)", False),
     "min_val_loss_epoch": ("epoch of min val loss", True),
     "test_acc": ("test acc", True),
+    "test_nll": ("test NLL", False),
     "test_ece": ("test ECE", False),
 }
+# Extra test evaluations (summary.json test_extra) get columns of their own when a sweep has them.
+EXTRA = {"acc": ("acc", True), "nll": ("NLL", False), "ece": ("ECE", False)}
 CURVES_SIZE = (1200, 600)  # pixels of each PNG (width, height) at 100 dpi
 GAP_SIZE = (1000, 600)
 BARS_SIZE = (1000, 600)
@@ -61,8 +64,12 @@ def load_runs(sweep_dir: Path) -> tuple[list[dict], list[dict]]:
             else max(r["val_acc"] for r in rows),
             final_gap=gap if gap is not None else final["gap_loss"],
             min_val_loss_epoch=min(rows, key=lambda r: r["val_loss"])["epoch"],
-            test_acc=summary["test"]["acc"], test_ece=summary["test"]["ece"],
+            test_acc=summary["test"]["acc"], test_nll=summary["test"]["loss"], test_ece=summary["test"]["ece"],
         )
+        for name, result in (summary.get("test_extra") or {}).items():
+            for k in EXTRA:
+                if k in result:
+                    entry[f"test_{name}_{k}"] = result[k]
         done.append(entry)
     return done, failed
 
@@ -99,10 +106,20 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def metric_columns(runs: list[dict]) -> dict[str, tuple[str, bool]]:
+    """METRICS plus a column per extra test evaluation (MC dropout, ensemble, TTA) found in the runs."""
+    cols = dict(METRICS)
+    for key in sorted({k for r in runs for k in r if k.startswith("test_") and k not in METRICS}):
+        name, _, metric = key[len("test_"):].rpartition("_")
+        cols[key] = (f"test {EXTRA[metric][0]} ({name})", EXTRA[metric][1])
+    return cols
+
+
 def aggregate(runs: list[dict], sort: str = "best_val_loss") -> list[dict]:
     """One row per configuration: n, mean and std of each metric, and the difference from the baseline."""
-    if sort not in METRICS:
-        raise RegbenchError(f"--sort {sort!r}: expected one of {', '.join(METRICS)}")
+    columns = metric_columns(runs)
+    if sort not in columns:
+        raise RegbenchError(f"--sort {sort!r}: expected one of {', '.join(columns)}")
     groups: dict[str, list[dict]] = {}
     for r in runs:
         groups.setdefault(r["config"], []).append(r)
@@ -111,21 +128,26 @@ def aggregate(runs: list[dict], sort: str = "best_val_loss") -> list[dict]:
         row: dict[str, Any] = {"config": config, "n": len(members),
                                "regularizers": "[" + ",".join(members[0]["regularizers"]) + "]",
                                "seeds": sorted(m["seed"] for m in members)}
-        for m in METRICS:
-            row[m], row[f"{m}_std"] = _mean_std([float(x[m]) for x in members])
+        for m in columns:
+            values = [x[m] for x in members if m in x]
+            row[m], row[f"{m}_std"] = _mean_std([float(v) for v in values]) if len(values) == len(members) \
+                else (None, None)
         table.append(row)
     # The baseline is the one configuration without regularizers, when there is exactly one.
     empty = [row for row in table if row["regularizers"] == "[]"]
     baseline = empty[0] if len(empty) == 1 and len(table) > 1 else None
     for row in table:
-        for m in METRICS:
-            row[f"{m}_delta"] = row[m] - baseline[m] if baseline else None
+        for m in columns:
+            both = baseline is not None and row[m] is not None and baseline[m] is not None
+            row[f"{m}_delta"] = row[m] - baseline[m] if both else None
         row["baseline"] = row is baseline
+        row["_columns"] = columns
     labels = short_labels([row["config"] for row in table])
     for row in table:
         row["label"] = labels[row["config"]]
-    higher = METRICS[sort][1]
-    table.sort(key=lambda row: -row[sort] if higher else row[sort])
+    higher = columns[sort][1]
+    table.sort(key=lambda row: (row[sort] is None, -row[sort] if higher and row[sort] is not None
+                                else (row[sort] if row[sort] is not None else 0)))
     return table
 
 
@@ -134,7 +156,8 @@ def _fmt(mean: float, std: float, n: int, digits: int = 4) -> str:
 
 
 def write_csv(table: list[dict], path: Path) -> None:
-    cols = ["label", "config", "regularizers", "n"] + [c for m in METRICS for c in (m, f"{m}_std", f"{m}_delta")]
+    columns = table[0]["_columns"]
+    cols = ["label", "config", "regularizers", "n"] + [c for m in columns for c in (m, f"{m}_std", f"{m}_delta")]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -143,17 +166,21 @@ def write_csv(table: list[dict], path: Path) -> None:
 
 
 def write_markdown(table: list[dict], failed: list[dict], sweep_dir: Path, sort: str, path: Path) -> None:
+    columns = table[0]["_columns"]
     lines = [f"# Sweep report: {sweep_dir.name}", "",
              f"{sum(r['n'] for r in table)} completed runs in {len(table)} configurations; mean ± sample std over "
-             f"seeds (n per row); sorted by {METRICS[sort][0]}. Shared by every configuration: "
+             f"seeds (n per row); sorted by {columns[sort][0]}. Shared by every configuration: "
              f"{_shared(table) or 'nothing'}. Δ = difference from the baseline "
              "(the configuration without regularizers)" + ("." if any(r["baseline"] for r in table)
                                                            else "; no single baseline in this sweep."), "",
-             "| configuration | n | " + " | ".join(label for label, _ in METRICS.values()) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
+             "| configuration | n | " + " | ".join(label for label, _ in columns.values()) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for row in table:
         cells = []
-        for m in METRICS:
+        for m in columns:
+            if row[m] is None:
+                cells.append("—")
+                continue
             digits = 1 if m == "min_val_loss_epoch" else 4
             cell = _fmt(row[m], row[f"{m}_std"], row["n"], digits)
             if row[f"{m}_delta"] is not None and not row["baseline"]:
@@ -269,7 +296,8 @@ def report(sweep_dir: Path, sort: str = "best_val_loss", out: Optional[Path] = N
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="regbench report", description=__doc__.splitlines()[0])
     p.add_argument("sweep_dir", type=Path)
-    p.add_argument("--sort", default="best_val_loss", choices=list(METRICS), help="metric to sort configurations by")
+    p.add_argument("--sort", default="best_val_loss",
+                   help="metric to sort configurations by: " + ", ".join(METRICS) + ", or an extra test column")
     p.add_argument("--out", type=Path, default=None, help="folder for the report (default: the sweep folder)")
     args = p.parse_args(argv)
     result = report(args.sweep_dir, args.sort, args.out)
