@@ -26,10 +26,11 @@ def test_every_yaml_names_its_schema():
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in config_options(g)])
-def test_every_option_composes_and_trains_a_step(group, option, tv_root, tmp_path):
+def test_every_option_composes_and_trains_a_step(group, option, tv_root, tmp_path, monkeypatch):
+    # data.root / data.download defaults from the environment: experiments pick torchvision datasets themselves
+    monkeypatch.setenv("REGBENCH_DATA", str(tv_root))
+    monkeypatch.setenv("REGBENCH_DOWNLOAD", "false")
     overrides = [*TINY, f"{group}={option}"]
-    if group == "data" and option != "mnist5k":
-        overrides += [f"data.root={tv_root}", "data.download=false"]
     if group == "data" and option == "cifar100":
         overrides.append("data.val_fraction=0.25")  # 100 classes: enough validation images for a stratified split
     if group == "scheduler":
