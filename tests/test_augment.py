@@ -83,18 +83,34 @@ def test_affine_zoom_draws_x_and_y_independently(monkeypatch):
     import regbench.augment as aug
 
     seen = {}
-    real = aug.inverse_affine
+    real = aug.warp
 
-    def spy(angle, tx, ty, zx, zy, *rest, **kw):
-        seen.update(zx=zx, zy=zy)
-        return real(angle, tx, ty, zx, zy, *rest, **kw)
+    def spy(x, theta, *args, **kw):
+        seen["theta"] = theta
+        return real(x, theta, *args, **kw)
 
-    monkeypatch.setattr(aug, "inverse_affine", spy)
-    torch.manual_seed(0)
-    build_op({"op": "affine", "zoom": 0.3}, "k", CIFAR)(images(2000, 1, 8))
-    zx, zy = seen["zx"], seen["zy"]
-    assert zx.min() >= 0.7 and zx.max() <= 1.3 and zy.min() >= 0.7 and zy.max() <= 1.3  # [1 − z, 1 + z]
-    assert abs(torch.corrcoef(torch.stack([zx, zy]))[0, 1]) < 0.1  # drawn independently (Keras' zoom_range)
+    monkeypatch.setattr(aug, "warp", spy)
+    for shear in (0.0, 5.0):  # the rotation-zoom fast path and the general one
+        torch.manual_seed(0)
+        build_op({"op": "affine", "zoom": 0.3, "shear": shear}, "k", CIFAR)(images(2000, 1, 8))
+        theta = seen["theta"]
+        if shear == 0:  # no rotation: the inverse matrix is diag(1/zx, 1/zy)
+            zx, zy = 1 / theta[:, 0, 0], 1 / theta[:, 1, 1]
+            assert zx.min() >= 0.7 and zx.max() <= 1.3 and zy.min() >= 0.7 and zy.max() <= 1.3  # [1 − z, 1 + z]
+            assert abs(torch.corrcoef(torch.stack([zx, zy]).float())[0, 1]) < 0.1  # independent (Keras' zoom)
+        else:
+            assert abs(torch.corrcoef(torch.stack([theta[:, 0, 0], theta[:, 1, 1]]).float())[0, 1]) < 0.2
+
+
+def test_affine_fast_path_equals_the_general_formula():
+    x = images(64)
+    a = build_op({"op": "affine", "rotation": 30, "translate": 0.1, "zoom": 0.2}, "k", CIFAR)
+    b = build_op({"op": "affine", "rotation": 30, "translate": 0.1, "zoom": 0.2, "shear": 1e-12}, "k", CIFAR)
+    torch.manual_seed(3)
+    fast = a(x)
+    torch.manual_seed(3)
+    general = b(x)
+    assert torch.allclose(fast, general, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels", [3, 1])

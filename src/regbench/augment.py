@@ -253,7 +253,14 @@ class Affine(Op):
         spread = torch.tensor([self.rotation, self.translate * w, self.translate * h, self.zoom, self.zoom,
                                self.shear], dtype=dt).to(x.device, non_blocking=True).view(6, 1)
         v = (r[:6] * 2 - 1).mul_(spread).mul_((r[6] < self.p).to(dt))
-        theta = inverse_affine(v[0], v[1], v[2], 1 + v[3], 1 + v[4], v[5], torch.zeros_like(v[5]), dtype=dt)
+        if self.shear == 0:  # the common case, in fewer ops: inverse of rotation·zoom about the centre
+            rot = torch.deg2rad(v[0])
+            cos, sin = torch.cos(rot), torch.sin(rot)
+            zx, zy = 1 + v[3], 1 + v[4]
+            m0, m1, m3, m4 = cos / zx, sin / zx, -sin / zy, cos / zy
+            theta = torch.stack([m0, m1, -(m0 * v[1] + m1 * v[2]), m3, m4, -(m3 * v[1] + m4 * v[2])], 1).view(-1, 2, 3)
+        else:
+            theta = inverse_affine(v[0], v[1], v[2], 1 + v[3], 1 + v[4], v[5], torch.zeros_like(v[5]), dtype=dt)
         return warp(x, theta, self.interpolation, self.fill)
 
 
