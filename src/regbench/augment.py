@@ -161,24 +161,26 @@ class Op:
         """Raise ConfigError for values out of range (``key`` names the op in the config)."""
 
 
-@op("hflip")
 @dataclass
-class HFlip(Op):
+class _Flip(Op):
     p: float = 0.5
     flips = True
+    dim = -1
 
     def __call__(self, x: Batch) -> Batch:
-        return _where(_chosen(len(x), self.p, x.device), x.flip(-1), x)
+        return _where(_chosen(len(x), self.p, x.device), x.flip(self.dim), x)
+
+
+@op("hflip")
+@dataclass
+class HFlip(_Flip):
+    dim = -1  # mirror left-right
 
 
 @op("vflip")
 @dataclass
-class VFlip(Op):
-    p: float = 0.5
-    flips = True
-
-    def __call__(self, x: Batch) -> Batch:
-        return _where(_chosen(len(x), self.p, x.device), x.flip(-2), x)
+class VFlip(_Flip):
+    dim = -2  # mirror up-down
 
 
 def shifted_crop(x: Batch, padding: int, mode: str, ox: torch.Tensor, oy: torch.Tensor,

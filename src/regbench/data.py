@@ -273,7 +273,7 @@ def load_data(cfg: DictConfig, device: torch.device, keep_raw: bool = False) -> 
     def prep(x: torch.Tensor) -> torch.Tensor:
         return norm(to01(x)).contiguous()
 
-    per_channel = norm.mean.ndim == 4 and norm.mean.shape[2:] == (1, 1) and norm.kind != "samplewise"
+    per_channel = norm.kind in ("per_channel", "none")  # the modes whose constants are one number per channel
     data = Data(
         info=info,
         train_x=prep(train_x), train_y=train_y.to(device),
