@@ -79,6 +79,33 @@ def test_affine_agrees_with_torchvision(angle, tx, ty, scale, shear, mode):
     assert torch.allclose(mine, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_warp_of_a_batch_applies_each_image_its_own_matrix(mode):
+    """The batched grid (one matrix product for all images) on non-square images: image i equals
+    torchvision's affine of image i alone with its own parameters."""
+    x = torch.rand(5, 3, 20, 28, generator=torch.Generator().manual_seed(1))
+    angle = torch.tensor([17.0, -30.0, 5.0, 0.0, 44.0])
+    tx, ty = torch.tensor([3.0, 0.0, -1.0, 4.0, 2.0]), torch.tensor([-2.0, 0.0, 1.0, 0.0, 5.0])
+    scale, shear = torch.tensor([1.1, 0.9, 1.0, 1.0, 1.25]), torch.tensor([8.0, 0.0, -12.0, 0.0, 3.0])
+    mine = warp(x, inverse_affine(angle, tx, ty, scale, scale, shear, torch.zeros(5)), mode, "zero")
+    for i in range(5):
+        ref = TF.affine(x[i], angle=float(angle[i]), translate=[float(tx[i]), float(ty[i])], scale=float(scale[i]),
+                        shear=[float(shear[i]), 0.0], interpolation=IM.BILINEAR if mode == "bilinear" else IM.NEAREST)
+        assert torch.allclose(mine[i], ref, atol=1e-5), i
+
+
+def test_affine_with_p_leaves_the_unchosen_images_exactly_alone():
+    x = images(64, 1, 28)
+    torch.manual_seed(0)
+    out = build_op({"op": "affine", "rotation": 20, "translate": 0.1, "zoom": 0.1, "fill": "zero", "p": 0.5},
+                   "k", CIFAR)(x)
+    # An unchosen image is sampled through the identity grid: equal up to float32 rounding of the grid
+    # (2/28 is not a binary fraction; ~3e-6, far below one 8-bit grey level); a chosen one moves a lot.
+    diff = (out - x).abs().flatten(1).amax(1)
+    same = diff < 1e-5
+    assert 16 < int(same.sum()) < 48 and bool((diff[~same] > 0.1).all())
+
+
 def test_affine_zoom_draws_x_and_y_independently(monkeypatch):
     import regbench.augment as aug
 
@@ -190,6 +217,26 @@ def test_mixup_targets_sum_to_one_and_loss_is_the_lambda_mixture():
     mixed = lam * F.cross_entropy(logits, y, label_smoothing=0.1, reduction="none") + (1 - lam) * F.cross_entropy(
         logits, y[perm], label_smoothing=0.1, reduction="none")
     assert torch.allclose(smoothed, mixed, atol=1e-6)
+
+
+def test_cutout_boxes_have_the_configured_area_and_aspect_ratio():
+    n, size = 3000, 64
+    x = torch.ones(n, 1, size, size)
+    torch.manual_seed(0)
+    out = build_op({"op": "cutout", "scale": [0.1, 0.2], "ratio": [0.5, 2.0], "value": 0.0, "p": 1.0}, "k", CIFAR)(x)
+    erased = out[:, 0] == 0
+    assert bool(((out == 0) | (out == 1)).all())  # filled exactly with the value, the rest exactly untouched
+    rows, cols = erased.any(2), erased.any(1)
+    bh, bw = rows.sum(1), cols.sum(1)
+    assert torch.equal(bh * bw, erased.sum((1, 2)))  # one rectangle per image
+    inner = ~(rows[:, 0] | rows[:, -1] | cols[:, 0] | cols[:, -1])  # boxes not clipped by the border
+    area, aspect = (bh * bw)[inner].float() / size ** 2, bh[inner].float() / bw[inner].float()
+    assert int(inner.sum()) > 1000 and (area > 0.085).all() and (area < 0.215).all()  # scale, up to rounding
+    assert (aspect > 0.45).all() and (aspect < 2.2).all()
+    assert abs(float(aspect.log().mean())) < 0.05  # log-uniform in [1/2, 2]: symmetric about 1
+    torch.manual_seed(0)
+    half = build_op({"op": "cutout", "value": 0.0, "p": 0.5}, "k", CIFAR)(x)
+    assert 0.4 < float((half == 0).flatten(1).any(1).float().mean()) < 0.6
 
 
 def test_cutmix_lambda_equals_the_pasted_area_exactly():

@@ -62,38 +62,57 @@ def inverse_affine(angle, tx, ty, zx, zy, shear_x, shear_y, cx=0.0, cy=0.0,
 
 
 @functools.lru_cache(maxsize=16)
-def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and y of the output pixel centres relative to the image centre (1 x H x W each), as torchvision's
-    ``_affine_grid`` builds them."""
+def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Rows x, y, 1 of the output pixel centres relative to the image centre (3 x H·W), as torchvision's
+    ``_affine_grid`` builds them (x varies fastest)."""
     xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=device, dtype=dtype)
     ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=device, dtype=dtype)
-    return xs.view(1, 1, w).expand(1, h, w).contiguous(), ys.view(1, h, 1).expand(1, h, w).contiguous()
+    return torch.stack([xs.repeat(h), ys.repeat_interleave(w), torch.ones(h * w, device=device, dtype=dtype)])
+
+
+@functools.lru_cache(maxsize=16)
+def _row_scale(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """1 / (W/2, H/2): rescales a pixel-space matrix's rows to grid_sample's normalised coordinates."""
+    return torch.tensor([2.0 / w, 2.0 / h], device=device, dtype=dtype).view(1, 2, 1)
 
 
 def warp(x: Batch, theta: torch.Tensor, mode: str = "bilinear", fill: str = "zero") -> Batch:
-    """Apply per-sample inverse affine matrices like torchvision's ``_affine_grid`` + ``grid_sample``.
+    """Apply per-sample inverse affine matrices (N x 2 x 3, pixel units about the centre) like torchvision's
+    ``_affine_grid`` + ``grid_sample``.
 
-    The grid is x·θ₀ + y·θ₁ + θ₂ per output pixel, written out elementwise: a batched 3 x 2 matrix product
-    (torchvision's bmm, which it runs once per call) costs more than the sampling itself on CPU."""
+    Bilinear: the grid of all N images is ONE matrix product, the (2N x 3) stacked matrix rows times the
+    (3 x H·W) pixel centres, viewed as N x H x W x 2. torchvision's form, a batched (H·W x 3)·(3 x 2) product
+    per image, is ten times slower on CPU (measured: 256 µs against 25 µs for 128 MNIST images; the
+    sampling itself takes ~100 µs)."""
     n, _, h, w = x.shape
-    gx_base, gy_base = _base_grid(h, w, x.device, x.dtype)
-    scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float64, device=theta.device).view(1, 2, 1)
-    t = (theta / scale).to(x.device, x.dtype)  # rows rescaled to normalised coordinates
     if mode == "nearest":
         # Nearest sampling jumps at rounding ties, so here the grid is computed exactly as torchvision does
-        # (one bmm), to pick the same pixels; bilinear sampling is continuous and takes the cheaper form.
-        base = torch.stack([gx_base, gy_base, torch.ones_like(gx_base)], dim=-1).view(1, h * w, 3)
+        # (one bmm, float64 matrices), to pick the same pixels; bilinear sampling is continuous.
+        scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float64, device=theta.device).view(1, 2, 1)
+        t = (theta / scale).to(x.device, x.dtype)
+        base = _base_grid(h, w, x.device, x.dtype).T.unsqueeze(0)  # 1 x HW x 3
         grid = base.expand(n, -1, -1).bmm(t.transpose(1, 2)).view(n, h, w, 2)
-    else:  # grid = x·θ₀ + y·θ₁ + θ₂ (and θ₃..θ₅), written as planes then viewed as N x H x W x 2
-        t = t.view(n, 6, 1, 1)
-        planes = torch.empty(n, 2, h, w, device=x.device, dtype=x.dtype)
-        torch.addcmul(t[:, 2], gx_base, t[:, 0], out=planes[:, 0])
-        planes[:, 0].addcmul_(gy_base, t[:, 1])
-        torch.addcmul(t[:, 5], gx_base, t[:, 3], out=planes[:, 1])
-        planes[:, 1].addcmul_(gy_base, t[:, 4])
-        grid = planes.permute(0, 2, 3, 1)
+    else:
+        t = theta.to(x.device, x.dtype) * _row_scale(h, w, x.device, x.dtype)
+        grid = t.view(2 * n, 3).mm(_base_grid(h, w, x.device, x.dtype)).view(n, 2, h, w).permute(0, 2, 3, 1)
     padding = "border" if fill == "nearest" else "zeros"  # Keras' fill_mode='nearest' repeats the edge pixels
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine_ranges(rotation: float, translate: float, zoom: float, shear: float, h: int, w: int,
+                   device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(low, span, identity) of Affine's parameters, 1 x 6 each: columns angle (degrees), tx, ty (pixels), zx,
+    zy, shear (degrees) are uniform in [low, low + span); identity is the parameters of an image left alone."""
+    identity = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    top = torch.tensor([[rotation, translate * w, translate * h, zoom, zoom, shear]], dtype=torch.float64)
+    return tuple(t.to(device, dtype) for t in (identity - top, 2 * top, identity))
+
+
+@functools.lru_cache(maxsize=8)
+def _phase(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Minus the phases [[0, π/2], [−π/2, 0]] (1 x 2 x 2), so that cos(angle − phase) = [[cos, sin], [−sin, cos]]."""
+    return -torch.tensor([[[0.0, math.pi / 2], [-math.pi / 2, 0.0]]], device=device, dtype=dtype)
 
 
 def _blend(x: Batch, degenerate: Batch, factor: torch.Tensor) -> Batch:
@@ -249,20 +268,23 @@ class Affine(Op):
 
     def __call__(self, x: Batch) -> Batch:
         n, _, h, w = x.shape
-        # One draw for all parameters: rows angle, tx, ty, zx, zy, shear in [−1, 1), then "apply?" in [0, 1).
         dt = torch.float64 if self.interpolation == "nearest" else torch.float32
-        r = torch.rand(7, n, device=x.device, dtype=dt)
-        spread = torch.tensor([self.rotation, self.translate * w, self.translate * h, self.zoom, self.zoom,
-                               self.shear], dtype=dt).to(x.device, non_blocking=True).view(6, 1)
-        v = (r[:6] * 2 - 1).mul_(spread).mul_((r[6] < self.p).to(dt))
-        if self.shear == 0:  # the common case, in fewer ops: inverse of rotation·zoom about the centre
-            rot = torch.deg2rad(v[0])
-            cos, sin = torch.cos(rot), torch.sin(rot)
-            zx, zy = 1 + v[3], 1 + v[4]
-            m0, m1, m3, m4 = cos / zx, sin / zx, -sin / zy, cos / zy
-            theta = torch.stack([m0, m1, -(m0 * v[1] + m1 * v[2]), m3, m4, -(m3 * v[1] + m4 * v[2])], 1).view(-1, 2, 3)
+        low, span, identity = _affine_ranges(self.rotation, self.translate, self.zoom, self.shear, h, w,
+                                             x.device, dt)
+        # One draw for all parameters of all images (columns as in _affine_ranges, then "apply?"); the fast path
+        # below is about ten tensor ops per batch, because on CPU every op costs microseconds of overhead.
+        r = torch.rand(n, 7, device=x.device, dtype=dt)
+        v = torch.addcmul(low, r[:, :6], span)
+        if self.p < 1:
+            v = torch.where(r[:, 6:] < self.p, v, identity)
+        if self.shear == 0:  # the common case: inverse of rotation·zoom about the centre, then of the shift
+            # cos(angle − phase) with phases [[0, π/2], [−π/2, 0]] is [[cos, sin], [−sin, cos]]: one op for both.
+            rot = torch.cos(torch.add(_phase(x.device, dt), v[:, :1, None], alpha=math.pi / 180))  # N x 2 x 2
+            m = rot / v[:, 3:5, None]  # row i divided by the zoom along its axis
+            theta = torch.cat([m, (m * v[:, None, 1:3]).sum(2, keepdim=True).neg_()], 2)  # N x 2 x 3
         else:
-            theta = inverse_affine(v[0], v[1], v[2], 1 + v[3], 1 + v[4], v[5], torch.zeros_like(v[5]), dtype=dt)
+            theta = inverse_affine(v[:, 0], v[:, 1], v[:, 2], v[:, 3], v[:, 4], v[:, 5],
+                                   torch.zeros_like(v[:, 5]), dtype=dt)
         return warp(x, theta, self.interpolation, self.fill)
 
 
@@ -322,25 +344,41 @@ class Noise(Op):
         return (x + on * self.std * torch.randn_like(x)).clamp_(0, 1)
 
 
-def boxes(n: int, h: int, w: int, area: torch.Tensor, ratio: torch.Tensor, device):
-    """Per-sample boxes of a given area fraction and aspect ratio (h / w), centre uniform over the image,
-    clipped to it. Returns (y0, y1, x0, x1) integer tensors."""
-    bh = torch.sqrt(area * (h * w) * ratio).round_().clamp_(1, h)
-    bw = torch.sqrt(area * (h * w) / ratio).round_().clamp_(1, w)
-    centre = torch.rand(2, n, device=device)
-    cy, cx = (centre[0] * h).floor_(), (centre[1] * w).floor_()
-    y0 = (cy - (bh / 2).floor()).clamp_(0, h)
-    x0 = (cx - (bw / 2).floor()).clamp_(0, w)
-    y1 = (cy - (bh / 2).floor() + bh).clamp_(0, h)
-    x1 = (cx - (bw / 2).floor() + bw).clamp_(0, w)
-    return y0.long(), y1.long(), x0.long(), x1.long()
+@functools.lru_cache(maxsize=16)
+def _sizes(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[[H, W]] as float (1 x 2), and 0..max(H, W)-1 (1 x 1 x L) for box masks."""
+    return (torch.tensor([[float(h), float(w)]], device=device),
+            torch.arange(max(h, w), device=device, dtype=torch.float32).view(1, 1, -1))
 
 
-def box_mask(y0, y1, x0, x1, h: int, w: int) -> torch.Tensor:
-    ys = torch.arange(h, device=y0.device).view(1, h, 1)
-    xs = torch.arange(w, device=y0.device).view(1, 1, w)
-    return ((ys >= y0.view(-1, 1, 1)) & (ys < y1.view(-1, 1, 1)) & (xs >= x0.view(-1, 1, 1))
-            & (xs < x1.view(-1, 1, 1))).unsqueeze(1)
+def box_mask(start: torch.Tensor, end: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """N x 1 x H x W, 1.0 inside the boxes [start, end) and 0.0 outside; start / end are N x 2 (row, column)
+    float tensors of whole numbers. Rows and columns are tested separately (N x 2 x L), then multiplied.
+
+    A float 0/1 mask used through ``torch.lerp`` (exact for weights 0 and 1) is about four times faster on CPU
+    than a broadcast boolean mask through ``torch.where`` (measured: 50 µs against 170 µs for 128 CIFAR images)."""
+    idx = _sizes(h, w, start.device)[1]
+    inside = ((idx >= start.unsqueeze(2)) & (idx < end.unsqueeze(2))).to(dtype)
+    return (inside[:, 0, :h, None] * inside[:, 1, None, :w]).unsqueeze(1)
+
+
+def random_boxes(r: torch.Tensor, h: int, w: int, scale: list[float], ratio: list[float]):
+    """Cutout's boxes from uniform draws ``r`` (N x 4: area, aspect, centre row, centre column): area a fraction
+    uniform in ``scale`` of H·W, aspect ratio (height / width) log-uniform in ``ratio``, side lengths rounded and
+    at least 1 pixel, centre uniform over the image, clipped to it. Returns (start, end), N x 2 (row, column)."""
+    hw, _ = _sizes(h, w, r.device)
+    area = r[:, :1] * ((scale[1] - scale[0]) * h * w) + scale[0] * h * w  # pixels, N x 1
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    half_log_ratio = r[:, 1:2] * (0.5 * (hi - lo)) + 0.5 * lo
+    # height = √(area·ratio), width = √(area / ratio): √area · exp(±½ log ratio)
+    side = torch.exp(half_log_ratio * _PLUS_MINUS.to(r.device)).mul_(area.sqrt_())
+    side = side.round_().clamp_(min=1).clamp_(max=hw)
+    start = (r[:, 2:4] * hw).floor_().sub_((side * 0.5).floor_())
+    end = (start + side).clamp_(max=hw)
+    return start.clamp_(min=0), end
+
+
+_PLUS_MINUS = torch.tensor([[1.0, -1.0]])
 
 
 @op("cutout")
@@ -368,21 +406,20 @@ class Cutout(Op):
 
     def __call__(self, x):
         n, c, h, w = x.shape
-        dev = x.device
-        mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=dev)
+        mask = None
         for _ in range(self.count):
-            r = torch.rand(3, n, device=dev)
-            area = r[0] * (self.scale[1] - self.scale[0]) + self.scale[0]
-            ratio = torch.exp(r[1] * (math.log(self.ratio[1]) - math.log(self.ratio[0])) + math.log(self.ratio[0]))
-            box = box_mask(*boxes(n, h, w, area, ratio, dev), h, w)
-            mask |= box & (r[2] < self.p).view(-1, 1, 1, 1)
+            r = torch.rand(n, 5, device=x.device)
+            start, end = random_boxes(r[:, :4], h, w, self.scale, self.ratio)
+            end = torch.where(r[:, 4:] < self.p, end, start)  # an image not chosen gets an empty box
+            box = box_mask(start, end, h, w, x.dtype)
+            mask = box if mask is None else torch.maximum(mask, box, out=mask)
         if self.value == "mean":
-            fill = self.mean.to(dev, x.dtype).view(1, c, 1, 1).expand_as(x)
+            fill = self.mean.to(x.device, x.dtype).view(1, c, 1, 1).expand_as(x)
         elif self.value == "noise":
             fill = torch.rand_like(x)
         else:
-            fill = torch.full_like(x, float(self.value))
-        return torch.where(mask, fill, x)
+            fill = torch.tensor(float(self.value), device=x.device, dtype=x.dtype).expand_as(x)
+        return torch.lerp(x, fill, mask)  # exactly x where the mask is 0 and exactly the fill where it is 1
 
 
 # --------------------------------------------------------------------- RandAugment / TrivialAugment
@@ -550,16 +587,15 @@ def cutmix(x, y, lam, perm):
     n, _, h, w = x.shape
     cut = torch.sqrt(1.0 - lam)
     bh, bw = (cut * h).floor(), (cut * w).floor()  # H first (rows), then W (columns)
-    cy = torch.randint(0, h, (n,), device=x.device)
-    cx = torch.randint(0, w, (n,), device=x.device)
-    y0 = (cy - torch.div(bh, 2, rounding_mode="floor")).clamp(0, h).long()
-    y1 = (cy + torch.div(bh, 2, rounding_mode="floor")).clamp(0, h).long()
-    x0 = (cx - torch.div(bw, 2, rounding_mode="floor")).clamp(0, w).long()
-    x1 = (cx + torch.div(bw, 2, rounding_mode="floor")).clamp(0, w).long()
-    mask = box_mask(y0, y1, x0, x1, h, w)
+    hw, _ = _sizes(h, w, x.device)
+    half = torch.stack([bh, bw], 1).div_(2).floor_()
+    centre = (torch.rand(n, 2, device=x.device) * hw).floor_()  # uniform over the rows and columns
+    start, end = (centre - half).clamp_(min=0), (centre + half).clamp_(max=hw)
+    mask = box_mask(start, end, h, w, x.dtype)
+    y0, x0, y1, x1 = start[:, 0], start[:, 1], end[:, 0], end[:, 1]
     lam_adj = 1.0 - ((y1 - y0) * (x1 - x0)).to(y.dtype) / (h * w)
     l2 = lam_adj.view(-1, 1)
-    return torch.where(mask, x[perm], x), l2 * y + (1 - l2) * y[perm], lam_adj
+    return torch.lerp(x, x[perm], mask), l2 * y + (1 - l2) * y[perm], lam_adj
 
 
 @dataclass
