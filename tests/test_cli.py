@@ -51,6 +51,18 @@ def test_python_dash_m_and_exit_status(tmp_path):
     assert lines[0].endswith("did you mean trainer.max_epochs?")
 
 
+def test_help_lists_subcommands_and_the_selectable_groups_only(tmp_path):
+    out = run([str(BIN / "regbench"), "--help", "model=lecture_cnn"], cwd=tmp_path).stdout
+    for verb in ("rerun <run dir>", "resume <run dir>", "report <sweep dir>", "-m sweep=<study>"):
+        assert verb in out
+    groups = [line.split(":")[0] for line in out.split("== Configuration groups ==")[1].split("== Config ==")[0]
+              .splitlines()[2:] if ": " in line]
+    expected = sorted(p.name for p in (REPO / "configs").iterdir() if p.is_dir() and p.name != "hydra")
+    assert groups == expected  # the schemas the YAMLs extend (schema/...) are not listed
+    assert "name: lecture_cnn" in out  # the composed config, with the overrides applied
+    assert not (tmp_path / "outputs").exists()  # --help runs nothing
+
+
 def test_multirun_names_runs_after_their_overrides(tmp_path):
     sweep = tmp_path / "sweep"
     run([str(BIN / "regbench"), "-m", "optimizer=sgd,adam", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"],

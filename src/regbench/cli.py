@@ -29,6 +29,26 @@ register_configs()
 OmegaConf.register_new_resolver("rb_run_name", lambda name: name or "default", replace=True)
 
 
+def _hide_schema_groups_in_help() -> None:
+    """``--help`` lists every config group, including the typed schemas (``schema/<group>/<name>``) that the
+    YAML options extend and users never pick. Hydra 1.3 has no setting to hide a group, so its group listing
+    is wrapped to drop them (and left alone if Hydra's internals change: the help then shows them again)."""
+    from hydra._internal.hydra import Hydra
+
+    original = getattr(Hydra, "format_config_groups", None)
+    if original is None or getattr(original, "_regbench", False):
+        return
+
+    def format_config_groups(self, predicate, *args, **kwargs):
+        return original(self, lambda g: predicate(g) and g.split("/")[0] != "schema", *args, **kwargs)
+
+    format_config_groups._regbench = True  # type: ignore[attr-defined]
+    Hydra.format_config_groups = format_config_groups  # type: ignore[method-assign]
+
+
+_hide_schema_groups_in_help()
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def app(cfg: DictConfig) -> float:
     from hydra.types import RunMode
