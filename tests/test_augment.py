@@ -141,6 +141,22 @@ def test_affine_fast_path_equals_the_general_formula():
 
 
 @pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("kind", ["randaugment", "trivialaugment"])
+def test_autoaugment_grouped_and_whole_batch_strategies_give_the_same_images(kind, channels):
+    """CPU gathers the images of each op; CUDA runs every op on the whole batch and selects (no host sync).
+    Same draws, same images — checked here on CPU, where both run."""
+    x = images(200, channels)
+    o = build_op({"op": kind}, "k", CIFAR)
+    bin_ = None if kind == "trivialaugment" else 9
+    torch.manual_seed(5)
+    grouped = o._round(x, bin_, grouped=True)
+    torch.manual_seed(5)
+    whole = o._round(x, bin_, grouped=False)
+    assert not torch.equal(grouped, x)
+    assert torch.equal(grouped, whole)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("kind,cls", [("randaugment", v2.RandAugment), ("trivialaugment", v2.TrivialAugmentWide)])
 def test_randaugment_ops_agree_with_torchvision(kind, cls, channels):
     """Every op of torchvision's list, at several magnitude bins and both signs, on single images."""

@@ -38,6 +38,13 @@ def _chosen(n: int, p: float, device) -> torch.Tensor:
     return torch.rand(n, device=device) < p
 
 
+@functools.lru_cache(maxsize=64)
+def _const(values: tuple, shape: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A constant tensor made once per device: building it from Python numbers at every call would copy it
+    host -> GPU at every step, and such a copy waits for the GPU (a host sync)."""
+    return torch.tensor(values, dtype=dtype).view(shape).to(device)
+
+
 def _where(mask: torch.Tensor, a: Batch, b: Batch) -> Batch:
     return torch.where(mask.view(-1, 1, 1, 1), a, b)
 
@@ -88,8 +95,7 @@ def warp(x: Batch, theta: torch.Tensor, mode: str = "bilinear", fill: str = "zer
     if mode == "nearest":
         # Nearest sampling jumps at rounding ties, so here the grid is computed exactly as torchvision does
         # (one bmm, float64 matrices), to pick the same pixels; bilinear sampling is continuous.
-        scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float64, device=theta.device).view(1, 2, 1)
-        t = (theta / scale).to(x.device, x.dtype)
+        t = (theta / _const((0.5 * w, 0.5 * h), (1, 2, 1), theta.device, torch.float64)).to(x.device, x.dtype)
         base = _base_grid(h, w, x.device, x.dtype).T.unsqueeze(0)  # 1 x HW x 3
         grid = base.expand(n, -1, -1).bmm(t.transpose(1, 2)).view(n, h, w, 2)
     else:
@@ -371,14 +377,12 @@ def random_boxes(r: torch.Tensor, h: int, w: int, scale: list[float], ratio: lis
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     half_log_ratio = r[:, 1:2] * (0.5 * (hi - lo)) + 0.5 * lo
     # height = √(area·ratio), width = √(area / ratio): √area · exp(±½ log ratio)
-    side = torch.exp(half_log_ratio * _PLUS_MINUS.to(r.device)).mul_(area.sqrt_())
+    side = torch.exp(half_log_ratio * _const((1.0, -1.0), (1, 2), r.device)).mul_(area.sqrt_())
     side = side.round_().clamp_(min=1).clamp_(max=hw)
     start = (r[:, 2:4] * hw).floor_().sub_((side * 0.5).floor_())
     end = (start + side).clamp_(max=hw)
     return start.clamp_(min=0), end
 
-
-_PLUS_MINUS = torch.tensor([[1.0, -1.0]])
 
 
 @op("cutout")
@@ -402,7 +406,7 @@ class Cutout(Op):
             raise ConfigError(key, {f.name: getattr(self, f.name) for f in fields(self)},
                               "count >= 1, 0 < scale[0] <= scale[1] <= 1, 0 < ratio[0] <= ratio[1], "
                               "value mean, noise or a number in [0, 1]")
-        self.mean = torch.tensor(info.mean if hasattr(info, "mean") else [0.5] * info.channels)
+        self.mean = tuple(float(v) for v in (info.mean if hasattr(info, "mean") else [0.5] * info.channels))
 
     def __call__(self, x):
         n, c, h, w = x.shape
@@ -414,19 +418,23 @@ class Cutout(Op):
             box = box_mask(start, end, h, w, x.dtype)
             mask = box if mask is None else torch.maximum(mask, box, out=mask)
         if self.value == "mean":
-            fill = self.mean.to(x.device, x.dtype).view(1, c, 1, 1).expand_as(x)
+            fill = _const(self.mean, (1, c, 1, 1), x.device, x.dtype).expand_as(x)
         elif self.value == "noise":
             fill = torch.rand_like(x)
         else:
-            fill = torch.tensor(float(self.value), device=x.device, dtype=x.dtype).expand_as(x)
+            fill = _const((float(self.value),), (1, 1, 1, 1), x.device, x.dtype).expand_as(x)
         return torch.lerp(x, fill, mask)  # exactly x where the mask is 0 and exactly the fill where it is 1
 
 
 # --------------------------------------------------------------------- RandAugment / TrivialAugment
 
-def _augmentation_space(kind: str, bins: int, h: int, w: int) -> dict[str, tuple[torch.Tensor, bool]]:
+@functools.lru_cache(maxsize=32)
+def _augmentation_space(kind: str, bins: int, h: int, w: int,
+                        device: Optional[torch.device] = None) -> dict[str, tuple[torch.Tensor, bool]]:
     """{op: (magnitude of each bin, signed)} — torchvision's RandAugment / TrivialAugmentWide tables, which
-    differ only in their ranges (the tests compare them with torchvision's own)."""
+    differ only in their ranges (the tests compare them with torchvision's own); made once per device."""
+    if device is not None:
+        return {k: (v.to(device), signed) for k, (v, signed) in _augmentation_space(kind, bins, h, w).items()}
     if kind == "randaugment":
         shear, tx, ty, rotate, colour, posterize_steps = 0.3, 150.0 / 331.0 * w, 150.0 / 331.0 * h, 30.0, 0.9, 4
     else:  # trivialaugment (wide)
@@ -503,10 +511,14 @@ class _AutoAugment(Op):
         if self.bins < 2:
             raise ConfigError(f"{key}.bins", self.bins, "an integer >= 2")
 
-    def _round(self, x: Batch, magnitude_bin: Optional[int]) -> Batch:
-        """One op per image (uniform over the op list); images are grouped by op and each group runs batched."""
+    def _round(self, x: Batch, magnitude_bin: Optional[int], grouped: Optional[bool] = None) -> Batch:
+        """One op per image (uniform over the op list), each image its own sign (and for TrivialAugment its
+        own magnitude bin). ``grouped`` (default on CPU): the images of each op are gathered and transformed
+        together. Otherwise (default on CUDA) every op runs on the whole batch and each image keeps its own
+        op's result: more arithmetic, but no data-dependent shapes, so no host sync per step. Both give the
+        same images (tested)."""
         n, _, h, w = x.shape
-        space = _augmentation_space(self.kind, self.bins, h, w)
+        space = _augmentation_space(self.kind, self.bins, h, w, x.device)
         names = list(space)
         which = torch.randint(0, len(names), (n,), device=x.device)
         which = torch.where(_chosen(n, self.p, x.device), which, torch.zeros_like(which))  # 0 = Identity
@@ -515,16 +527,21 @@ class _AutoAugment(Op):
         else:
             bins = torch.full((n,), magnitude_bin, device=x.device)
         sign = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0)
-        out = x.clone()
+        grouped = x.device.type == "cpu" if grouped is None else grouped
+        out = x.clone() if grouped else x
         for i, name in enumerate(names):
-            idx = torch.nonzero(which == i).squeeze(1)
-            if name == "Identity" or idx.numel() == 0:
+            if name == "Identity":
                 continue
             mags, signed = space[name]
-            m = mags.to(x.device)[bins[idx]].float() if mags.ndim else torch.zeros(len(idx), device=x.device)
-            if signed:
-                m = m * sign[idx]
-            out[idx] = apply_named_op(x[idx], name, m)
+            if grouped:
+                idx = torch.nonzero(which == i).squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                m = mags[bins[idx]].float() if mags.ndim else torch.zeros(len(idx), device=x.device)
+                out[idx] = apply_named_op(x[idx], name, m * sign[idx] if signed else m)
+            else:
+                m = mags[bins].float() if mags.ndim else torch.zeros(n, device=x.device)
+                out = _where(which == i, apply_named_op(x, name, m * sign if signed else m), out)
         return out
 
 
