@@ -171,3 +171,17 @@ def test_docs_errors_table_lists_every_row():
     rows = re.findall(r"^\| `([a-z0-9-]+)` \|", text, flags=re.M)
     assert rows == [c[0] for c in CASES]
     assert len(rows) >= 20
+
+
+@pytest.mark.parametrize("flag", [["--help"], ["--cfg", "job"]])
+def test_help_and_cfg_check_their_overrides_like_a_run(flag, tmp_path, capsys):
+    """They print the config the overrides compose: a typo gets the one-line error, not a traceback; an
+    existing run folder is no obstacle (nothing is run or written)."""
+    msg = run_cli(capsys, *flag, "trainer.max_epoch=1")
+    assert "did you mean trainer.max_epochs?" in msg
+    done = completed_run(tmp_path)
+    try:  # --help exits 0, --cfg returns
+        main([*flag, "model=lecture_cnn", f"hydra.run.dir={done}"])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    assert "name: lecture_cnn" in capsys.readouterr().out

@@ -116,8 +116,9 @@ def _jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
 
 
 def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional[str] = None,
-          config_name: str = CONFIG_NAME) -> list[DictConfig]:
-    """Compose and validate every job the command line describes. Raises RegbenchError with one line."""
+          config_name: str = CONFIG_NAME, runs: bool = True) -> list[DictConfig]:
+    """Compose and validate every job the command line describes. Raises RegbenchError with one line.
+    ``runs``: the command will train (so the run folder must not hold an earlier run's results)."""
     from hydra import compose, initialize_config_dir
 
     from regbench.config import validate
@@ -147,7 +148,7 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
                 raise RegbenchError(describe(e)) from None
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what the task sees
             cfgs.append(cfg)
-    if not multirun and cfgs:  # before Hydra writes .hydra/ into the folder of an earlier run
+    if runs and not multirun and cfgs:  # before Hydra writes .hydra/ into the folder of an earlier run
         from regbench.train import prepare_run_dir
 
         prepare_run_dir(Path(cfgs[0].hydra.run.dir), cfgs[0].trainer.resume)
@@ -283,11 +284,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if argv and argv[0] in ("rerun", "resume"):
             argv = _subcommand(argv)
         args = get_args_parser().parse_args(argv)
-        inspecting = args.help or args.hydra_help or args.info or args.shell_completion or args.cfg \
-            or args.experimental_rerun
-        if not inspecting:
+        # --help and --cfg show the config the overrides compose, so the overrides get the same one-line
+        # checks as a run; Hydra's own inspection (--hydra-help, --info, completion) takes none.
+        hydra_only = args.hydra_help or args.info or args.shell_completion or args.experimental_rerun
+        if not hydra_only:
             check(args.overrides, multirun=args.multirun, config_dir=args.config_dir,
-                  config_name=args.config_name or CONFIG_NAME)
+                  config_name=args.config_name or CONFIG_NAME, runs=not (args.help or args.cfg))
     except RegbenchError as e:
         fail(e)
     sys.argv = [sys.argv[0], *argv]
