@@ -410,3 +410,44 @@ def test_tta_views_and_identity_only_equals_plain_evaluation(tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert set(s["test_extra"]["tta"]) >= {"acc", "nll", "ece", "views"}
     assert math.isfinite(s["test_extra"]["tta"]["nll"])
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("preset", [p for p in config_options("augmentation") if p != "none"])
+def test_augmented_training_epoch_never_waits_for_the_device(preset, device):
+    """What fit runs per epoch (batches + per-image policy + normalisation, mixing, forward, backward, step).
+    On CUDA, under torch.cuda.set_sync_debug_mode("error"), any host sync in it (a .item(), a nonzero, a
+    host->GPU copy of a constant made at every step) raises. On CPU it runs the same code once for real."""
+    from regbench.data import batches
+    from regbench.models import build_model
+    from regbench.optim import build_optimizer
+    from regbench.train import train_one_epoch
+
+    dev = torch.device(device)
+    cfg = compose_cfg(f"augmentation={preset}", "data.train_size=512", "data.batch_size=64")
+    data = load_data(cfg.data, dev, keep_raw=True)
+    policy = build_policy(cfg.augmentation, data.info, data.pixel_mean)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, data.input_shape, 10).to(dev)
+    opt = build_optimizer(cfg.optimizer, model.parameters())
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def epoch():
+        return train_one_epoch(model, opt, batches(data.train_raw, data.train_y, 64, g, chunk=128,
+                                                   transform=lambda xb: data.normalize(policy.images(xb))),
+                               augment=policy.mix if policy.soft_targets else None)
+
+    epoch()  # first use: per-device constants are made here, once
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = epoch()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    else:
+        out = epoch()
+    assert out["seen"] == 512 and math.isfinite(float(out["loss"]))

@@ -149,8 +149,18 @@ def adjust_saturation(x: Batch, factor: torch.Tensor) -> Batch:
 
 
 def adjust_sharpness(x: Batch, factor: torch.Tensor) -> Batch:
-    degenerate = TF.adjust_sharpness(x, 0.0)  # torchvision's blurred image (borders kept)
-    return _blend(x, degenerate, factor)
+    """torchvision's sharpness: blend with the image blurred by its 3x3 kernel (1s around a 5, / 13), borders
+    kept. Written out rather than calling ``TF.adjust_sharpness``, which builds its kernel from Python numbers
+    at every call (a host -> GPU copy, so a host sync per step on CUDA); same kernel, same result up to float
+    rounding (tested against torchvision)."""
+    c, h, w = x.shape[-3:]
+    if h <= 2 or w <= 2:
+        return x
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    kernel = _const((a, a, a, a, b, a, a, a, a), (1, 1, 3, 3), x.device, x.dtype).expand(c, 1, 3, 3)
+    degenerate = x.clone()
+    degenerate[..., 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c)
+    return _blend(x, degenerate.clamp_(0, 1), factor)
 
 
 def posterize(x: Batch, bits: torch.Tensor) -> Batch:
@@ -501,6 +511,12 @@ def apply_named_op(x: Batch, name: str, magnitude: torch.Tensor) -> Batch:
     raise ValueError(name)
 
 
+def group_by_op(device: torch.device) -> bool:
+    """RandAugment / TrivialAugment strategy: gather each op's images (CPU) or run every op on the whole batch
+    and select (CUDA: no data-dependent shapes, no host sync)."""
+    return device.type == "cpu"
+
+
 @dataclass
 class _AutoAugment(Op):
     bins: int = 31
@@ -527,7 +543,7 @@ class _AutoAugment(Op):
         else:
             bins = torch.full((n,), magnitude_bin, device=x.device)
         sign = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0)
-        grouped = x.device.type == "cpu" if grouped is None else grouped
+        grouped = group_by_op(x.device) if grouped is None else grouped
         out = x.clone() if grouped else x
         for i, name in enumerate(names):
             if name == "Identity":
@@ -588,7 +604,9 @@ class Mixer(Op):
 
 def _beta(alpha: float, n: int, device) -> torch.Tensor:
     a = torch.full((n,), float(alpha), device=device)
-    return torch.distributions.Beta(a, a).sample()
+    # validate_args=False: the argument check (α > 0, already enforced by the config) would read a boolean
+    # back from the device — a host sync at every step on CUDA.
+    return torch.distributions.Beta(a, a, validate_args=False).sample()
 
 
 def mixup(x, y, lam, perm):
@@ -742,7 +760,8 @@ class Policy:
         """The mixing ops (MixUp / CutMix) on one batch: partners come from that batch; targets become soft.
         Mixing is linear, so it may run on normalised images."""
         if self.mixers:
-            y = F.one_hot(y, self.num_classes).to(x.dtype) if y.ndim == 1 else y
+            if y.ndim == 1:  # one-hot by scatter: F.one_hot reads the labels' minimum back on CPU
+                y = torch.zeros(len(y), self.num_classes, device=y.device, dtype=x.dtype).scatter_(1, y[:, None], 1.0)
             for m in self.mixers:
                 x, y = m.mix(x, y)
         return x, y

@@ -139,7 +139,12 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     if not losses:
         zero = torch.zeros((), device=device)
         return {"loss": zero, "penalty": None, "correct": zero.long(), "seen": 0}
-    weights = torch.tensor(sizes, dtype=torch.float32).to(device, non_blocking=True)
+    # Batch sizes as weights, made on the device by fills (at most the last batch is short): a tensor built
+    # from the Python list would be a host -> device copy.
+    weights = torch.full((len(sizes),), float(sizes[0]), device=device)
+    for i, size in enumerate(sizes):
+        if size != sizes[0]:
+            weights[i] = size
     return {
         "loss": (torch.stack(losses).float() * weights).sum(),
         "penalty": (torch.stack(penalties).float() * weights).sum() if penalties else None,
