@@ -140,6 +140,21 @@ def test_affine_fast_path_equals_the_general_formula():
     assert torch.allclose(fast, general, atol=1e-5)
 
 
+def test_geometric_ops_in_one_warp_equal_each_op_alone():
+    """RandAugment's five geometric ops share one warp per batch: image by image, exactly the op alone."""
+    from regbench.augment import GEOMETRIC, geometric_ops
+
+    g = torch.Generator().manual_seed(2)
+    x = images(40, 3)
+    kind = torch.arange(40) % 5
+    top = torch.tensor([0.3, 0.3, 14.0, 14.0, 30.0])[kind]  # shear, shear, translate px, translate px, degrees
+    m = (torch.rand(40, generator=g) * 2 - 1) * top
+    together = geometric_ops(x, kind, m)
+    for i in range(40):
+        alone = apply_named_op(x[i:i + 1], GEOMETRIC[int(kind[i])], m[i:i + 1])
+        assert torch.equal(together[i:i + 1], alone), (i, GEOMETRIC[int(kind[i])])
+
+
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("kind", ["randaugment", "trivialaugment"])
 def test_autoaugment_grouped_and_whole_batch_strategies_give_the_same_images(kind, channels):
