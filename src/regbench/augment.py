@@ -100,14 +100,14 @@ def warp(x: Batch, theta: torch.Tensor, mode: str = "bilinear", fill: str = "zer
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
-@functools.lru_cache(maxsize=16)
 def _affine_ranges(rotation: float, translate: float, zoom: float, shear: float, h: int, w: int,
                    device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(low, span, identity) of Affine's parameters, 1 x 6 each: columns angle (degrees), tx, ty (pixels), zx,
     zy, shear (degrees) are uniform in [low, low + span); identity is the parameters of an image left alone."""
-    identity = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
-    top = torch.tensor([[rotation, translate * w, translate * h, zoom, zoom, shear]], dtype=torch.float64)
-    return tuple(t.to(device, dtype) for t in (identity - top, 2 * top, identity))
+    identity = (0.0, 0.0, 0.0, 1.0, 1.0, 0.0)
+    top = (rotation, translate * w, translate * h, zoom, zoom, shear)
+    return (_const(tuple(i - t for i, t in zip(identity, top)), (1, 6), device, dtype),
+            _const(tuple(2 * t for t in top), (1, 6), device, dtype), _const(identity, (1, 6), device, dtype))
 
 
 def _blend(x: Batch, degenerate: Batch, factor: torch.Tensor) -> Batch:
