@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -180,37 +181,6 @@ def test_cuda_run_matches_shapes(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["device"].startswith("cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("extra", [
-    ["augmentation=heavy", "regularizer=[l1,dropout,batchnorm,label_smoothing,grad_clip]"],
-    ["augmentation=mixup", "regularizer=[l2,weight_decay]",
-     "optimizer=momentum", "scheduler=warmup_cosine"],
-    ["model=lecture_cnn", "augmentation=randaugment", "regularizer=[dropout,batchnorm]", "trainer.amp=bf16"],
-])
-def test_cuda_training_steps_never_wait_for_the_device(extra, tmp_path, monkeypatch):
-    """fit's training epochs — batches, augmentation, forward, loss, penalties, backward, clipping, decay, step,
-    schedule — under torch.cuda.set_sync_debug_mode("error"): any host sync in a step raises. The first epoch
-    runs unchecked (per-device constants are made once, there)."""
-    import regbench.train as train
-
-    real, calls = train.train_one_epoch, []
-
-    def checked(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            return real(*args, **kwargs)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return real(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-
-    monkeypatch.setattr(train, "train_one_epoch", checked)
-    fit(compose_cfg(*TINY, "trainer.max_epochs=2", "trainer.device=cuda", *extra), tmp_path)
-    assert len(calls) == 2
-
-
 SYNC_FREE_STACKS = [
     ["augmentation=heavy", "regularizer=[l1,dropout,batchnorm,label_smoothing,grad_clip]"],
     ["model=lecture_cnn", "augmentation=randaugment", "regularizer=[dropout,batchnorm]", "trainer.amp=bf16"],
@@ -223,30 +193,57 @@ SYNC_FREE_STACKS = [
 ]
 
 
+def second_epoch_under(mode, monkeypatch, tmp_path, *overrides) -> list:
+    """Run fit for two epochs with its second training epoch inside ``mode()`` (a context manager); the first
+    runs unchecked, as per-device constants are made there, once. Returns what the modes yielded."""
+    import regbench.train as train
+
+    real, seen = train.train_one_epoch, []
+
+    def checked(*args, **kwargs):
+        if not seen:
+            seen.append(None)
+            return real(*args, **kwargs)
+        with mode() as m:
+            out = real(*args, **kwargs)
+        seen.append(m)
+        return out
+
+    monkeypatch.setattr(train, "train_one_epoch", checked)
+    fit(compose_cfg(*TINY, "trainer.max_epochs=2", *overrides), tmp_path)
+    assert len(seen) == 2
+    return seen[1:]
+
+
+@contextmanager
+def cuda_sync_errors():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield None
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("extra", SYNC_FREE_STACKS, ids=lambda e: e[0].split("=")[-1])
+def test_cuda_training_steps_never_wait_for_the_device(extra, tmp_path, monkeypatch):
+    """fit's training epochs — batches, augmentation, forward, loss, penalties, backward, clipping, decay, step,
+    schedule — under torch.cuda.set_sync_debug_mode("error"): any host sync in a step raises."""
+    second_epoch_under(cuda_sync_errors, monkeypatch, tmp_path, "trainer.device=cuda", *extra)
+
+
 @pytest.mark.parametrize("extra", SYNC_FREE_STACKS, ids=lambda e: e[0].split("=")[-1])
 def test_training_steps_have_no_op_that_would_wait_for_a_gpu(extra, tmp_path, monkeypatch):
     """The CPU stand-in for the CUDA test above: fit's second training epoch under a dispatch mode that
     records every op which would make the host wait for a GPU (tests/sync_check.py) — none may occur.
     RandAugment is switched to its CUDA strategy (every op on the whole batch), so every op is exercised."""
     import regbench.augment as aug
-    import regbench.train as train
     from tests.sync_check import SyncCheck
 
     monkeypatch.setattr(aug, "group_by_op", lambda device: False)
-    real, found = train.train_one_epoch, []
-
-    def checked(*args, **kwargs):
-        if not found:  # first epoch: per-device constants are made here, once
-            found.append([])
-            return real(*args, **kwargs)
-        with SyncCheck() as mode:
-            out = real(*args, **kwargs)
-        found.append(mode.found)
-        return out
-
-    monkeypatch.setattr(train, "train_one_epoch", checked)
-    fit(compose_cfg(*TINY, "trainer.max_epochs=2", *extra), tmp_path)
-    assert len(found) == 2 and found[1] == [], found[1]
+    (mode,) = second_epoch_under(SyncCheck, monkeypatch, tmp_path, *extra)
+    assert mode.found == [], mode.found
 
 
 def test_sync_check_sees_what_would_wait_for_a_gpu():
