@@ -14,6 +14,7 @@ counters, which live on the CPU unless ``capturable=True``, so their ``.item()``
 from __future__ import annotations
 
 import traceback
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,3 +48,14 @@ class SyncCheck(TorchDispatchMode):
                 self.found.append(what + " at " + " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
                                                               for f in reversed(frames[-4:])))
         return func(*args, **kwargs)
+
+
+@contextmanager
+def cuda_sync_errors():
+    """On CUDA: any host sync inside raises (torch.cuda.set_sync_debug_mode("error"))."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield None
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

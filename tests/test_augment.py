@@ -457,12 +457,10 @@ def test_augmented_training_epoch_never_waits_for_the_device(preset, device):
 
     epoch()  # first use: per-device constants are made here, once
     if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        from tests.sync_check import cuda_sync_errors
+
+        with cuda_sync_errors():
             out = epoch()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
     else:
         out = epoch()
     assert out["seen"] == 512 and math.isfinite(float(out["loss"]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -215,21 +214,13 @@ def second_epoch_under(mode, monkeypatch, tmp_path, *overrides) -> list:
     return seen[1:]
 
 
-@contextmanager
-def cuda_sync_errors():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield None
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("extra", SYNC_FREE_STACKS, ids=lambda e: e[0].split("=")[-1])
 def test_cuda_training_steps_never_wait_for_the_device(extra, tmp_path, monkeypatch):
     """fit's training epochs — batches, augmentation, forward, loss, penalties, backward, clipping, decay, step,
     schedule — under torch.cuda.set_sync_debug_mode("error"): any host sync in a step raises."""
+    from tests.sync_check import cuda_sync_errors
+
     second_epoch_under(cuda_sync_errors, monkeypatch, tmp_path, "trainer.device=cuda", *extra)
 
 
