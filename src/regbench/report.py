@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import io
 import math
-import statistics
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from regbench.errors import RegbenchError
-from regbench.logs import read_metrics
+from regbench.logs import atomic_write, read_metrics
 
 # column -> (label, higher is better)
 METRICS = {
@@ -34,30 +36,94 @@ GAP_SIZE = (1000, 600)
 BARS_SIZE = (1000, 600)
 
 
+def find_jobs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(job folders, symlinked folders not followed) below ``sweep_dir``.
+
+    A job folder has a ``.hydra/`` folder (Hydra writes it before the job starts) or a summary.json. Symlinked
+    folders are not followed: a link planted in a shared sweep could point anywhere, and a configuration reached
+    twice would count its seeds twice; the report names each one instead of skipping it silently.
+    """
+    jobs, links = [], []
+    for dirpath, dirnames, filenames in os.walk(sweep_dir, followlinks=False):
+        here = Path(dirpath)
+        if ".hydra" in dirnames or "summary.json" in filenames:
+            jobs.append(here)
+        for d in list(dirnames):
+            if (here / d).is_symlink():
+                links.append(here / d)
+        # attempts/ holds archived failed attempts; the others are a run's own subfolders, no jobs below them
+        dirnames[:] = sorted(d for d in dirnames if d not in (".hydra", "tb", "checkpoints", "attempts")
+                             and not (here / d).is_symlink())
+    return sorted(jobs), sorted(links)
+
+
+def _config_of(rel: Path) -> str:
+    config = str(rel.parent) if rel.name.startswith("seed=") else str(rel)
+    return config if config not in ("", ".") else "default"
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of a run folder (data, never followed through a symlink)."""
+    if path.is_symlink():
+        raise ValueError(f"{path.name} is a symbolic link (not followed)")
+    return json.loads(path.read_text())
+
+
 def load_runs(sweep_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(completed runs, failed or unfinished runs) below ``sweep_dir``."""
+    """(completed runs, failed or unfinished jobs) below ``sweep_dir``.
+
+    A job that failed before training (no summary.json: bad data, a crash at start) or that never ran is
+    listed too, from its own ``sweep_job.json`` and the sweep's ``sweep_status.json``.
+    """
     done, failed = [], []
-    for summary_path in sorted(sweep_dir.rglob("summary.json")):
-        run_dir = summary_path.parent
+    jobs, _ = find_jobs(sweep_dir)
+    for run_dir in jobs:
         rel = run_dir.relative_to(sweep_dir)
-        if "attempts" in rel.parts:
+        entry = {"run": str(rel), "config": _config_of(rel)}
+        if not (run_dir / "summary.json").exists():
+            outcome = _job_outcome(run_dir)
+            failed.append({**entry, "status": outcome.get("outcome") or "not started",
+                           "error": outcome.get("reason") or "no summary.json: the job failed or stopped before "
+                                                               "training started (see its regbench.log)"})
             continue
         try:
-            summary = json.loads(summary_path.read_text())
+            summary = _read_json(run_dir / "summary.json")
+            if not isinstance(summary, dict):
+                raise ValueError("expected a JSON object")
         except (OSError, ValueError) as e:
-            failed.append({"run": str(rel), "config": str(rel), "status": "unreadable", "error": str(e)})
+            failed.append({**entry, "status": "unreadable", "error": f"summary.json: {e}"})
             continue
-        config = str(rel.parent) if rel.name.startswith("seed=") else str(rel)
-        config = config if config not in ("", ".") else "default"
-        entry = {"run": str(rel), "config": config, "status": summary.get("status"), "error": summary.get("error")}
+        entry.update(status=summary.get("status"), error=summary.get("error"))
         if summary.get("status") != "completed":
             failed.append(entry)
             continue
+        try:
+            entry.update(_results(run_dir, summary))
+        except _Unusable as e:
+            failed.append({**entry, "status": "unusable", "error": str(e)})
+            continue
+        done.append(entry)
+    failed += _missing_jobs(sweep_dir, {f["run"] for f in failed} | {d["run"] for d in done})
+    return done, failed
+
+
+class _Unusable(Exception):
+    """A completed run whose files the report cannot use (a bad metrics row, no epoch rows, a missing key)."""
+
+
+def _results(run_dir: Path, summary: dict) -> dict:
+    """The report's numbers of one completed run (summary.json + metrics.csv)."""
+    try:
         rows = read_metrics(run_dir / "metrics.csv")
+    except (ValueError, TypeError, IndexError) as e:
+        raise _Unusable(f"metrics.csv has a malformed row ({e})") from None
+    if not rows:
+        raise _Unusable("metrics.csv has no epoch rows")
+    try:
         final = summary["final"]
         gap = final.get("clean_gap_loss")
-        entry.update(
-            seed=summary.get("seed"), regularizers=summary.get("regularizers", []), rows=rows,
+        result = dict(
+            seed=summary.get("seed"), regularizers=list(summary.get("regularizers") or []), rows=rows,
             best_val_loss=summary["best"]["val_loss"] if summary["monitor"] == "val_loss"
             else min(r["val_loss"] for r in rows),
             best_val_acc=summary["best"]["val_acc"] if summary["monitor"] == "val_acc"
@@ -66,12 +132,47 @@ def load_runs(sweep_dir: Path) -> tuple[list[dict], list[dict]]:
             min_val_loss_epoch=min(rows, key=lambda r: r["val_loss"])["epoch"],
             test_acc=summary["test"]["acc"], test_nll=summary["test"]["loss"], test_ece=summary["test"]["ece"],
         )
-        for name, result in (summary.get("test_extra") or {}).items():
+        for name, extra in (summary.get("test_extra") or {}).items():
             for k in EXTRA:
-                if k in result:
-                    entry[f"test_{name}_{k}"] = result[k]
-        done.append(entry)
-    return done, failed
+                if k in extra:
+                    result[f"test_{name}_{k}"] = extra[k]
+        for k, v in result.items():
+            if k not in ("seed", "regularizers", "rows") and not isinstance(v, (int, float)):
+                raise TypeError(f"{k} is {v!r}, expected a number")
+        if not all(isinstance(m, str) for m in result["regularizers"]):
+            raise TypeError(f"regularizers is {result['regularizers']!r}, expected a list of names")
+    except (KeyError, TypeError, AttributeError) as e:
+        what = f"key {e}" if isinstance(e, KeyError) else str(e)
+        raise _Unusable(f"summary.json: missing or malformed {what}") from None
+    return result
+
+
+def _job_outcome(run_dir: Path) -> dict:
+    """The sweep's record of one job (sweep_job.json), if it left one."""
+    try:
+        outcome = _read_json(run_dir / "sweep_job.json")
+    except (OSError, ValueError):
+        return {}
+    return {k: outcome.get(k) for k in ("outcome", "reason")
+            if isinstance(outcome, dict) and isinstance(outcome.get(k), str)}
+
+
+def _missing_jobs(sweep_dir: Path, known: set[str]) -> list[dict]:
+    """Jobs sweep_status.json lists as failed or not run whose folder the walk did not find."""
+    try:
+        status = _read_json(sweep_dir / "sweep_status.json")
+    except (OSError, ValueError):
+        return []
+    missing = []
+    for job in status if isinstance(status, list) else []:
+        if not (isinstance(job, dict) and isinstance(job.get("run"), str)) or job["run"] in known:
+            continue
+        outcome = job.get("outcome") if isinstance(job.get("outcome"), str) else "unknown"
+        if outcome in ("ok", "resumed", "skipped"):
+            outcome = f"{outcome} in sweep_status.json, folder missing"
+        missing.append({"run": job["run"], "config": _config_of(Path(job["run"])), "status": outcome,
+                        "error": job.get("reason") if isinstance(job.get("reason"), str) else ""})
+    return missing
 
 
 def _split_overrides(name: str) -> list[str]:
@@ -102,8 +203,17 @@ def short_labels(configs: list[str]) -> dict[str, str]:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+    """Mean and sample std; a NaN or inf among the values makes them NaN/inf instead of an exception
+    (the statistics module raises on non-finite floats)."""
+    n = len(values)
+    if not all(math.isfinite(v) for v in values):
+        return sum(values) / n, (math.nan if n > 1 else 0.0)
+    mean = math.fsum(values) / n
+    return mean, (math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def _missing(v: Optional[float]) -> bool:
+    return v is None or math.isnan(v)
 
 
 def metric_columns(runs: list[dict]) -> dict[str, tuple[str, bool]]:
@@ -127,7 +237,7 @@ def aggregate(runs: list[dict], sort: str = "best_val_loss") -> list[dict]:
     for config, members in groups.items():
         row: dict[str, Any] = {"config": config, "n": len(members),
                                "regularizers": "[" + ",".join(members[0]["regularizers"]) + "]",
-                               "seeds": sorted(m["seed"] for m in members)}
+                               "seeds": sorted((m["seed"] for m in members), key=str)}
         for m in columns:
             values = [x[m] for x in members if m in x]
             row[m], row[f"{m}_std"] = _mean_std([float(v) for v in values]) if len(values) == len(members) \
@@ -146,8 +256,9 @@ def aggregate(runs: list[dict], sort: str = "best_val_loss") -> list[dict]:
     for row in table:
         row["label"] = labels[row["config"]]
     higher = columns[sort][1]
-    table.sort(key=lambda row: (row[sort] is None, -row[sort] if higher and row[sort] is not None
-                                else (row[sort] if row[sort] is not None else 0)))
+    # Missing and NaN values sort last (NaN compares false with everything and would scramble the order).
+    table.sort(key=lambda row: (_missing(row[sort]), 0 if _missing(row[sort]) else
+                                (-row[sort] if higher else row[sort])))
     return table
 
 
@@ -156,45 +267,74 @@ def _fmt(mean: float, std: float, n: int, digits: int = 4) -> str:
 
 
 def write_csv(table: list[dict], path: Path) -> None:
-    columns = table[0]["_columns"]
+    columns = table[0]["_columns"] if table else METRICS
     cols = ["label", "config", "regularizers", "n"] + [c for m in columns for c in (m, f"{m}_std", f"{m}_delta")]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for row in table:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
-
-
-def write_markdown(table: list[dict], failed: list[dict], sweep_dir: Path, sort: str, path: Path) -> None:
-    columns = table[0]["_columns"]
-    lines = [f"# Sweep report: {sweep_dir.name}", "",
-             f"{sum(r['n'] for r in table)} completed runs in {len(table)} configurations; mean ± sample std over "
-             f"seeds (n per row); sorted by {columns[sort][0]}. Shared by every configuration: "
-             f"{_shared(table) or 'nothing'}. Δ = difference from the baseline "
-             "(the configuration without regularizers)" + ("." if any(r["baseline"] for r in table)
-                                                           else "; no single baseline in this sweep."), "",
-             "| configuration | n | " + " | ".join(label for label, _ in columns.values()) + " |",
-             "|---|---|" + "---|" * len(columns)]
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
     for row in table:
-        cells = []
-        for m in columns:
-            if row[m] is None:
-                cells.append("—")
-                continue
-            digits = 1 if m == "min_val_loss_epoch" else 4
-            cell = _fmt(row[m], row[f"{m}_std"], row["n"], digits)
-            if row[f"{m}_delta"] is not None and not row["baseline"]:
-                cell += f" (Δ {row[f'{m}_delta']:+.{digits}f})"
-            cells.append(cell)
-        name = f"**{row['label']}** (baseline)" if row["baseline"] else row["label"]
-        lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Overfitting curves", "", "![train vs validation loss](curves.png)", "",
-              "![generalization gap over epochs](gap.png)", "", "![final gap per configuration](final_gap.png)", ""]
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
+    _write(path, text.getvalue().encode())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write one report file atomically (temp file + rename: never a half-written or 0-byte file). A symlink
+    planted at ``path`` is replaced by the new file, never written through (the rename replaces the link
+    itself, so a file outside the sweep is not touched)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _cell(value: Any) -> str:
+    """Text for one Markdown table cell: newlines would end the row and pipes would split it."""
+    text = " ".join(str(value if value is not None else "").split())  # all whitespace runs (\n, \r, \t) -> " "
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
+def write_markdown(table: list[dict], failed: list[dict], links: list[Path], sweep_dir: Path, sort: str,
+                   path: Path, pngs: list[str]) -> None:
+    lines = [f"# Sweep report: {_cell(sweep_dir.name)}", ""]
+    if table:
+        columns = table[0]["_columns"]
+        lines += [f"{sum(r['n'] for r in table)} completed runs in {len(table)} configurations; mean ± sample std "
+                  f"over seeds (n per row); sorted by {columns[sort][0]}. Shared by every configuration: "
+                  f"{_shared(table) or 'nothing'}. Δ = difference from the baseline "
+                  "(the configuration without regularizers)" + ("." if any(r["baseline"] for r in table)
+                                                                else "; no single baseline in this sweep."), "",
+                  "| configuration | n | " + " | ".join(label for label, _ in columns.values()) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for row in table:
+            cells = []
+            for m in columns:
+                if row[m] is None:
+                    cells.append("—")
+                    continue
+                digits = 1 if m == "min_val_loss_epoch" else 4
+                cell = _fmt(row[m], row[f"{m}_std"], row["n"], digits)
+                if row[f"{m}_delta"] is not None and not row["baseline"]:
+                    cell += f" (Δ {row[f'{m}_delta']:+.{digits}f})"
+                cells.append(cell)
+            name = f"**{_cell(row['label'])}** (baseline)" if row["baseline"] else _cell(row["label"])
+            lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
+        lines += ["", "## Overfitting curves", ""]
+        alt = {"curves.png": "train vs validation loss", "gap.png": "generalization gap over epochs",
+               "final_gap.png": "final gap per configuration"}
+        lines += [line for name in pngs for line in (f"![{alt[name]}]({name})", "")]
+    else:
+        lines += ["No completed run in this sweep: no table and no plots. The jobs below failed or did not "
+                  "finish; fix the cause (see each job's regbench.log) and re-run the sweep's command.", ""]
     if failed:
-        lines += ["## Failed or unfinished runs", "", "| run | status | error |", "|---|---|---|"]
-        lines += [f"| {f['run']} | {f['status']} | {f.get('error') or ''} |" for f in failed]
+        lines += [f"## Failed or unfinished jobs ({len(failed)})", "",
+                  "Not in the table above: no summary.json means the job stopped before training started.", "",
+                  "| job | status | reason |", "|---|---|---|"]
+        lines += [f"| {_cell(f['run'])} | {_cell(f['status'])} | {_cell(f.get('error'))} |" for f in failed]
         lines.append("")
-    path.write_text("\n".join(lines))
+    if links:
+        lines += [f"## Symlinked folders not followed ({len(links)})", "",
+                  "The report does not follow symbolic links (a link could point outside the sweep, or at a "
+                  "configuration counted already); copy the folder in if it belongs to the sweep.", ""]
+        lines += [f"- `{_cell(link.relative_to(sweep_dir))}`" for link in links]
+        lines.append("")
+    _write(path, "\n".join(lines).encode())
 
 
 def _shared(table: list[dict]) -> str:
@@ -220,6 +360,7 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     groups: dict[str, list[dict]] = {}
     for r in runs:
@@ -243,18 +384,28 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
     ax.set(xlabel="epoch", ylabel="cross-entropy loss",
            title="Train (dashed, clean: eval mode, plain CE) vs validation (solid); mean ± std over seeds")
     ax.legend(fontsize=7, loc="upper right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     paths.append(_save(fig, out / "curves.png"))
 
     fig, ax = plt.subplots(figsize=(GAP_SIZE[0] / 100, GAP_SIZE[1] / 100), dpi=100)
+    gap_keys = set()
     for i, config in enumerate(order):
         c = colors[i % len(colors)]
         key = "clean_gap_loss" if groups[config][0]["rows"][0]["clean_gap_loss"] is not None else "gap_loss"
+        gap_keys.add(key)
         ep, mean, std = _curve(groups[config], key)
+        if not mean:
+            continue
         ax.plot(ep, mean, color=c, label=label_of[config])
         ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c,
                         alpha=0.15, linewidth=0)
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set(xlabel="epoch", ylabel="val loss − train loss", title="Generalization gap over epochs")
+    # Say which train loss the gap subtracts: the clean one (eval mode, plain CE) unless a run has none.
+    ylabel = {frozenset({"clean_gap_loss"}): "val loss − clean train loss",
+              frozenset({"gap_loss"}): "val loss − train loss (as trained)"}.get(
+        frozenset(gap_keys), "val loss − clean train loss (as-trained train loss where no clean one)")
+    ax.set(xlabel="epoch", ylabel=ylabel, title="Generalization gap over epochs")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     paths.append(_save(fig, out / "gap.png"))
 
@@ -269,10 +420,12 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=100)  # no bbox_inches="tight": the size stays exactly figsize × dpi
     import matplotlib.pyplot as plt
 
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)  # no bbox_inches="tight": the size stays exactly figsize × dpi
     plt.close(fig)
+    _write(path, buf.getvalue())
     return path
 
 
@@ -281,16 +434,20 @@ def report(sweep_dir: Path, sort: str = "best_val_loss", out: Optional[Path] = N
     if not sweep_dir.is_dir():
         raise RegbenchError(f"{sweep_dir}: no such folder; fix: give the sweep folder printed at the end of a sweep")
     out = Path(out) if out else sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
     runs, failed = load_runs(sweep_dir)
-    if not runs:
-        raise RegbenchError(f"{sweep_dir}: no completed run below it (found {len(failed)} failed or unfinished); "
-                            "fix: run or resume the sweep first")
-    table = aggregate(runs, sort)
+    _, links = find_jobs(sweep_dir)
+    if not runs and not failed:
+        raise RegbenchError(f"{sweep_dir}: no completed run below it (and no failed or unfinished job either); "
+                            "fix: give the sweep folder printed at the end of a sweep, or run the sweep first")
+    table = aggregate(runs, sort) if runs else []
+    if not runs and sort not in METRICS:
+        raise RegbenchError(f"--sort {sort!r}: expected one of {', '.join(METRICS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = plot(runs, table, out) if runs else []
     write_csv(table, out / "report.csv")
-    write_markdown(table, failed, sweep_dir, sort, out / "report.md")
-    pngs = plot(runs, table, out)
-    return {"table": table, "failed": failed, "files": [out / "report.md", out / "report.csv", *pngs]}
+    write_markdown(table, failed, links, sweep_dir, sort, out / "report.md", [p.name for p in pngs])
+    return {"table": table, "failed": failed, "links": links,
+            "files": [out / "report.md", out / "report.csv", *pngs]}
 
 
 def main(argv: list[str]) -> None:
@@ -303,5 +460,11 @@ def main(argv: list[str]) -> None:
     result = report(args.sweep_dir, args.sort, args.out)
     for f in result["files"]:
         print(f)
-    if not math.isfinite(sum(r["best_val_loss"] for r in result["table"])):
+    for link in result["links"]:
+        print(f"regbench: warning: {link}: a symbolic link, not followed (listed in report.md)", file=sys.stderr)
+    if result["failed"]:
+        print(f"regbench: warning: {len(result['failed'])} failed or unfinished jobs (listed apart in report.md)"
+              + ("; no completed run, so no table or plots" if not result["table"] else ""), file=sys.stderr)
+    if not all(math.isfinite(r[m]) for r in result["table"] for m in ("best_val_loss", "test_acc")
+               if r[m] is not None):
         print("note: some runs have non-finite metrics")
