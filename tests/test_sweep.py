@@ -160,4 +160,4 @@ def test_tensorboard_hparams_have_the_stack_as_a_column(tmp_path):
     acc.Reload()
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     data = plugin_data_pb2.HParamsPluginData.FromString(content)
-    assert data.session_start_info.hparams["regularizers"].string_value == "[l2,dropout]"
+    assert data.session_start_info.hparams["regularizer"].string_value == "[l2,dropout]"

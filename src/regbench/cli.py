@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -287,10 +289,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         # --help and --cfg show the config the overrides compose, so the overrides get the same one-line
         # checks as a run; Hydra's own inspection (--hydra-help, --info, completion) takes none.
         hydra_only = args.hydra_help or args.info or args.shell_completion or args.experimental_rerun
+        cfgs = []
         if not hydra_only:
-            check(args.overrides, multirun=args.multirun, config_dir=args.config_dir,
+            cfgs = check(args.overrides, multirun=args.multirun, config_dir=args.config_dir,
                   config_name=args.config_name or CONFIG_NAME, runs=not (args.help or args.cfg))
     except RegbenchError as e:
         fail(e)
     sys.argv = [sys.argv[0], *argv]
-    app()
+    if not (args.multirun and cfgs):
+        app()
+        return
+    # Every job of the sweep learns which keys the sweep varies (its TensorBoard HParams columns); the launchers
+    # (in-process, joblib, submitit/SLURM) all pass the environment on to the jobs.
+    from regbench.logs import SWEEP_HPARAMS_ENV, sweep_hparams
+
+    before = os.environ.get(SWEEP_HPARAMS_ENV)
+    os.environ[SWEEP_HPARAMS_ENV] = json.dumps(sweep_hparams(cfgs))
+    try:
+        app()
+    finally:  # main() may run again in this process (tests): no stale plan for the next command
+        if before is None:
+            os.environ.pop(SWEEP_HPARAMS_ENV, None)
+        else:
+            os.environ[SWEEP_HPARAMS_ENV] = before

@@ -31,6 +31,9 @@ TB_TAGS = {
     "gap/loss_clean": "clean_gap_loss", "gap/acc_clean": "clean_gap_acc", "weights/l1": "weight_l1",
     "weights/l2": "weight_l2", "lr": "lr",
 }
+# Which keys a sweep varies and the values they take, written by the sweep's pre-check (``sweep_hparams``) for
+# every job: TensorBoard's HParams tab shows the keys that differ, and every key of the sweep, in every job.
+SWEEP_HPARAMS_ENV = "REGBENCH_SWEEP_HPARAMS"
 
 
 class LogWriteError(RegbenchError):
@@ -154,12 +157,18 @@ class RunLogger:
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_epoch + 1)
 
     def _layout(self) -> None:
-        # One chart per quantity with train and val drawn on the same axes (TensorBoard's Custom Scalars tab).
+        # TensorBoard's Custom Scalars tab: one chart per quantity, so a chart of n runs has n (or 2n) lines.
+        # The clean train loss (eval mode, plain CE) is the one comparable with the val loss; the loss as trained
+        # includes dropout noise, smoothing and mixing. Loss and accuracy gaps have different units: two charts.
+        # Tags are anchored regexes (the plugin matches by regex: "loss/val" would also match "loss/val_x").
+        clean = "_clean" if self.cfg.trainer.clean_subset > 0 else ""
+        which = "clean train (eval mode, plain CE)" if clean else "train (as trained)"
         self.tb.add_custom_scalars({
             "overfitting": {
-                "loss (train vs val)": ["Multiline", ["loss/train", "loss/train_clean", "loss/val"]],
-                "accuracy (train vs val)": ["Multiline", ["acc/train", "acc/train_clean", "acc/val"]],
-                "generalization gap": ["Multiline", ["gap/loss", "gap/loss_clean", "gap/acc", "gap/acc_clean"]],
+                f"loss: {which} vs val": ["Multiline", [f"^loss/train{clean}$", "^loss/val$"]],
+                f"generalization gap: val loss − {which.split(' (')[0]} loss": ["Multiline", [f"^gap/loss{clean}$"]],
+                f"accuracy: {which} vs val": ["Multiline", [f"^acc/train{clean}$", "^acc/val$"]],
+                f"accuracy gap: {which.split(' (')[0]} acc − val acc": ["Multiline", [f"^gap/acc{clean}$"]],
             }
         })
 
@@ -184,27 +193,195 @@ class RunLogger:
         self.tb.add_image("augmentation/after", make_grid(after.float().cpu().clamp(0, 1), nrow=nrow), 0)
         self.tb.flush()
 
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Write the HParams-plugin summaries into this run's own event file.
+    def log_hparams(self, test: dict[str, float], extra: dict[str, dict]) -> None:
+        """Write this run's HParams-plugin session (its config values, success) and its test metrics.
 
-        SummaryWriter.add_hparams would open a new writer in a timestamped sub-folder (a stray extra run in
-        TensorBoard); writing the three plugin summaries ourselves keeps one run per run folder.
+        Written into the run's own event file (SummaryWriter.add_hparams would open a timestamped sub-run).
+        The plugin reads metric values only from scalar time series, the very ones the Scalars tab lists; so
+        the metrics are the last points of per-epoch curves where one exists (final val loss, final gap), and
+        only the test results, which exist once, are single points (under test/).
         """
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        metrics = {f"hparam/{k}": v for k, v in metrics.items() if v is not None and math.isfinite(v)}
-        exp, ssi, sei = hparams_summary(clean, metrics)
+        hparams = flat_hparams(self.cfg)
+        plan = _sweep_plan(hparams)
         writer = self.tb._get_file_writer()
-        for s in (exp, ssi, sei):
-            writer.add_summary(s)
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, self.cfg.trainer.max_epochs)
+        if plan is not None:  # one identical experiment in every job of the sweep (the plugin reads any one)
+            writer.add_summary(_hparams_summary("experiment", experiment_pb(plan)))
+        # Values typed as the sweep's column (a key that is a number in one job and text in another is text).
+        types = {k: _hparam_type(vs) for k, vs in (plan or {}).items()}
+        start = _session_start(hparams, types)
+        writer.add_summary(_hparams_summary("session_start_info", start))
+        step = self.cfg.trainer.max_epochs
+        for tag, value in _test_scalars(test, extra).items():
+            self.tb.add_scalar(tag, value, step)
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
+        writer.add_summary(_hparams_summary("session_end_info", plugin_data_pb2.HParamsPluginData(
+            session_end_info=end)))
         self.tb.flush()
 
     def close(self) -> None:
         self._csv_file.close()
         self.tb.close()
+
+
+# ------------------------------------------------------------------------------------ TensorBoard HParams
+# HParams metrics, tag -> column title, in display order (the tab shows the first five by default): the last
+# value of each scalar tag. "{c}" is "_clean" (eval-mode plain CE on training images) unless a job turns it off.
+HPARAM_METRICS = {
+    "test/acc": "test acc", "gap/loss{c}": "final gap (val − {t} loss)", "loss/val": "final val loss",
+    "acc/val": "final val acc", "test/loss": "test NLL", "test/ece": "test ECE",
+    "gap/acc{c}": "final acc gap ({t} − val)", "loss/train{c}": "final {t} loss",
+}
+EXTRA_METRICS = ("acc", "nll", "ece")  # of each extra test evaluation (mc_dropout, ensemble, tta)
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """Every leaf of the task config as ``key.path -> bool | int | float | str`` (lists and null as text), plus
+    the regularizer stack as one column, ``regularizer`` = ``[l2,dropout]`` (as it is written on the command
+    line; it sorts before its members' ``regularizer.<member>.*`` keys)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # a pre-check's job has hydra: too
+    walk(OmegaConf.to_container(task, resolve=True), "")
+    flat["regularizer"] = "[" + ",".join(cfg.regularizer) + "]"
+    return flat
+
+
+def sweep_hparams(cfgs: list[DictConfig]) -> dict[str, list]:
+    """Every key of a sweep's jobs with the distinct values it takes (the sweep's HParams columns)."""
+    values: dict[str, list] = {}
+    for cfg in cfgs:
+        for k, v in flat_hparams(cfg).items():
+            _add_value(values.setdefault(k, []), v)
+    return values
+
+
+def _add_value(values: list, v: Any) -> None:
+    if not any(isinstance(x, bool) == isinstance(v, bool) and x == v for x in values):  # True == 1 in Python
+        values.append(v)
+
+
+def _sweep_plan(own: dict[str, Any]) -> dict[str, list] | None:
+    """The sweep's columns from the environment (None for a run outside a sweep), widened by this run's own
+    values (a key or value the pre-check's jobs did not show)."""
+    import logging
+
+    text = os.environ.get(SWEEP_HPARAMS_ENV)
+    if not text:
+        return None
+    try:
+        plan = json.loads(text)
+        if not (isinstance(plan, dict) and all(isinstance(v, list) and all(isinstance(x, (bool, int, float, str))
+                                                                            for x in v) for v in plan.values())):
+            raise ValueError("expected {key: [values]}")
+    except ValueError as e:
+        logging.getLogger(__name__).warning("%s ignored (%s): HParams without the sweep's columns",
+                                            SWEEP_HPARAMS_ENV, e)
+        return None
+    for k, v in own.items():
+        _add_value(plan.setdefault(k, []), v)
+    return plan
+
+
+def _hparam_type(values: list) -> str:
+    if all(isinstance(v, bool) for v in values):
+        return "bool"
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return "number"
+    return "text"
+
+
+def _as_text(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def sweep_columns(plan: dict[str, list]) -> dict[str, bool]:
+    """The HParams columns of a sweep, ``name -> differs``: every key the sweep varies, the regularizer stack,
+    and its members' strengths (their numeric keys: λ, p, α...), which differ when a member is in some of
+    the sweep's stacks only. The constant rest of the config is left out: TensorBoard ticks the first five
+    columns after sorting by (not differs, name), constants included, so listing them would fill the default
+    view whenever a sweep varies fewer than five keys (the Text tab shows the whole config)."""
+    stacks = [set(_as_text(v).strip("[]").split(",")) - {""} for v in plan.get("regularizer", [])]
+    columns = {}
+    for name, values in plan.items():
+        differs = len({_as_text(v) for v in values}) > 1
+        parts = name.split(".")
+        strength = parts[0] == "regularizer" and len(parts) == 3 and _hparam_type(values) == "number"
+        if strength:  # a member's strength differs between a stack with the member and one without it
+            differs |= not all(parts[1] in stack for stack in stacks)
+        if differs or strength or name == "regularizer":
+            columns[name] = differs
+    return columns
+
+
+def experiment_pb(plan: dict[str, list]):
+    """The HParams experiment of a sweep (``sweep_columns``) with its domains and metric columns."""
+    from google.protobuf import struct_pb2
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    infos = []
+    for name, differs in sorted(sweep_columns(plan).items()):
+        values, kind = plan[name], _hparam_type(plan[name])
+        info = api_pb2.HParamInfo(name=name, differs=differs)
+        if kind == "number":
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+            info.domain_interval.min_value, info.domain_interval.max_value = min(values), max(values)
+        else:
+            info.type = api_pb2.DATA_TYPE_BOOL if kind == "bool" else api_pb2.DATA_TYPE_STRING
+            info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=[
+                struct_pb2.Value(bool_value=v) if kind == "bool" else struct_pb2.Value(string_value=_as_text(v))
+                for v in values]))
+        infos.append(info)
+    clean = all(isinstance(v, int) and v > 0 for v in plan.get("trainer.clean_subset", [1]))
+    c, t = ("_clean", "clean train") if clean else ("", "train")
+    metrics = {tag.format(c=c): title.format(t=t) for tag, title in HPARAM_METRICS.items()}
+    stacks = " ".join(_as_text(v) for v in plan.get("regularizer", []))
+    extras = [m for m in ("mc_dropout", "ensemble") if m in stacks]
+    extras += ["tta"] if True in plan.get("augmentation.tta.enabled", []) else []
+    metrics.update({f"test/{name}_{k}": f"test {k.upper() if k != 'acc' else k} ({name})"
+                    for name in extras for k in EXTRA_METRICS})
+    return plugin_data_pb2.HParamsPluginData(experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=[
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=title) for tag, title in metrics.items()]))
+
+
+def _session_start(hparams: dict[str, Any], types: dict[str, str]):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = plugin_data_pb2.SessionStartInfo()
+    for k, v in hparams.items():
+        kind = types.get(k) or _hparam_type([v])
+        if kind == "bool":
+            start.hparams[k].bool_value = v
+        elif kind == "number":
+            start.hparams[k].number_value = v
+        else:
+            start.hparams[k].string_value = _as_text(v)
+    return plugin_data_pb2.HParamsPluginData(session_start_info=start)
+
+
+def _hparams_summary(which: str, data):
+    """A Summary with the HParams plugin's ``_hparams_/<which>`` tag carrying ``data`` (the plugin reads only the
+    metadata)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata
+
+    return Summary(value=[Summary.Value(tag=f"_hparams_/{which}", metadata=metadata.create_summary_metadata(data))])
+
+
+def _test_scalars(test: dict[str, float], extra: dict[str, dict]) -> dict[str, float]:
+    """The test results as scalar tags (written once, at the last epoch's step); NaN/inf are left out."""
+    values = {"test/acc": test["acc"], "test/loss": test["loss"], "test/ece": test["ece"]}
+    for name, result in extra.items():
+        values.update({f"test/{name}_{k}": result[k] for k in EXTRA_METRICS if k in result})
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
 def _as_markdown_code(text: str) -> str:

@@ -441,14 +441,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
         summary.update(status="completed", test=test, test_extra=extra, regularizer_info=ctx.info,
                        finished=_now(), time_s=round(time.perf_counter() - started, 2))
         write_json(run_dir / "summary.json", summary)
-        hp_metrics = {
-            "best_val_loss": summary["best"]["val_loss"], "best_val_acc": summary["best"]["val_acc"],
-            "final_gap_loss": summary["final"]["gap_loss"], "final_clean_gap_loss": summary["final"]["clean_gap_loss"],
-            "test_acc": test["acc"], "test_loss": test["loss"], "test_ece": test["ece"],
-        }
-        for name, result in extra.items():
-            hp_metrics.update({f"test_{name}_{k}": v for k, v in result.items() if k in ("acc", "nll", "ece")})
-        logger.log_hparams(_hparams(cfg), hp_metrics)
+        logger.log_hparams(test, extra)
         log.info("test loss %.4f acc %.4f ece %.4f; best epoch %d by %s", test["loss"], test["acc"], test["ece"],
                  summary["best"]["epoch"], t.monitor)
         for name, result in extra.items():
@@ -526,20 +519,3 @@ def _last_row(run_dir: Path) -> Optional[dict]:
 
     rows = read_metrics(run_dir / "metrics.csv")
     return rows[-1] if rows else None
-
-
-def _hparams(cfg: DictConfig) -> dict:
-    """The hyperparameters shown as columns in TensorBoard's HParams tab: every leaf of the config."""
-    flat = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
-                walk(v, key + ".")
-            else:
-                flat[key] = v
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    flat["regularizers"] = "[" + ",".join(cfg.regularizer) + "]"  # the stack as one column
-    return flat
