@@ -140,3 +140,18 @@ def test_a_single_run_leaves_the_columns_to_tensorboard(tmp_path):
     # runs under one --logdir get the keys that differ between them ticked).
     assert metadata.EXPERIMENT_TAG not in tags
     assert {metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG} <= set(tags)
+
+
+@pytest.mark.slow
+def test_regbench_m_hands_the_plan_to_jobs_in_other_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "s"
+    env = {k: v for k, v in os.environ.items() if k != SWEEP_HPARAMS_ENV}
+    subprocess.run([sys.executable, "-m", "regbench", "-m", "hydra/launcher=parallel", "regularizer=[],[l2]",
+                    *TINY, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, check=True, capture_output=True,
+                   timeout=600)
+    exp = shown_experiment(sweep)
+    assert [(h.name, h.differs) for h in exp.hparam_infos] == [("regularizer", True), ("regularizer.l2.lam", True)]

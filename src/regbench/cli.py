@@ -304,7 +304,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from regbench.logs import SWEEP_HPARAMS_ENV, sweep_hparams
 
     before = os.environ.get(SWEEP_HPARAMS_ENV)
-    os.environ[SWEEP_HPARAMS_ENV] = json.dumps(sweep_hparams(cfgs))
+    try:
+        os.environ[SWEEP_HPARAMS_ENV] = json.dumps(sweep_hparams(cfgs))
+    except Exception as e:  # noqa: BLE001 - a display detail must not stop a sweep; say what is lost
+        print(f"regbench: warning: TensorBoard's HParams tab will not know what this sweep varies ({e})",
+              file=sys.stderr)
     try:
         app()
     finally:  # main() may run again in this process (tests): no stale plan for the next command
