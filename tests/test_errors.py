@@ -112,6 +112,17 @@ def case_transfer_shapes(tmp_path, monkeypatch, capsys):
                    f"regularizer.transfer.init_from={src}", f"hydra.run.dir={tmp_path}/r")
 
 
+def case_report_unwritable(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from tests.test_report import completed
+
+    completed(tmp_path / "s" / "regularizer=[]" / "seed=0")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    return run_cli(capsys, "report", str(tmp_path / "s"))
+
+
 # (row id, how to provoke it, text the message contains). Rows given as a list are plain command lines.
 CASES = [
     ("typo-key", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
@@ -152,6 +163,9 @@ CASES = [
     ("transfer-missing", ["regularizer=[transfer]", "regularizer.transfer.init_from=/nonexistent/run"],
      "regularizer.transfer.init_from='/nonexistent/run': no checkpoint at /nonexistent/run"),
     ("rerun-not-a-run", lambda t, m, c: run_cli(c, "rerun", str(t)), "not a regbench run folder (no .hydra/config.yaml)"),
+    ("report-no-jobs", lambda t, m, c: run_cli(c, "report", str(t)),
+     "no completed run below it (and no failed or unfinished job either)"),
+    ("report-unwritable", lambda t, m, c: case_report_unwritable(t, m, c), "curves.png: No space left on device; fix: free disk space or make"),
 ]
 
 

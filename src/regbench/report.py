@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regbench.errors import RegbenchError
-from regbench.logs import atomic_write, read_metrics
+from regbench.logs import LogWriteError, atomic_write, read_metrics
 
 # column -> (label, higher is better)
 METRICS = {
@@ -281,7 +281,11 @@ def _write(path: Path, data: bytes) -> None:
     """Write one report file atomically (temp file + rename: never a half-written or 0-byte file). A symlink
     planted at ``path`` is replaced by the new file, never written through (the rename replaces the link
     itself, so a file outside the sweep is not touched)."""
-    atomic_write(path, lambda f: f.write(data))
+    try:
+        atomic_write(path, lambda f: f.write(data))
+    except LogWriteError as e:  # its fix names the run folder; here it is the report's folder
+        raise RegbenchError(f"{str(e).split('; fix:')[0]}; fix: free disk space or make {path.parent} writable, "
+                            "or write the report elsewhere with --out <folder>") from None
 
 
 def _cell(value: Any) -> str:
