@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from regbench.logs import SWEEP_HPARAMS_ENV, experiment_pb, sweep_columns, sweep_hparams
+from regbench.logs import SWEEP_HPARAMS_ENV, experiment_pb, sweep_columns, sweep_hparams, sweep_label
 from regbench.train import fit
 from tests.conftest import TINY, compose_cfg
 
@@ -79,6 +79,8 @@ def test_every_job_writes_the_same_experiment_and_its_own_values(sweep):
     values = {run.split("/")[0]: metadata.parse_session_start_info_plugin_data(tags[metadata.SESSION_START_INFO_TAG])
               for run, tags in per_run.items()}
     assert values["regularizer=[dropout]"].hparams["regularizer.dropout.rate"].number_value == 0.5
+    # the HParams table's rows: one per configuration, named after what the sweep varies (not the run path)
+    assert {run: v.group_name for run, v in values.items()} == {stack: stack for stack in STACKS}
     assert "regularizer.dropout.rate" not in values["regularizer=[]"].hparams
     assert values["regularizer=[]"].hparams["trainer.progress_bar"].bool_value is False  # a bool, not 0.0
     assert values["regularizer=[]"].hparams["model.hidden"].string_value == "[256, 128]"
@@ -122,9 +124,14 @@ def test_custom_scalars_one_quantity_per_chart(sweep):
 def test_sweep_columns_mark_what_varies():
     plan = {"regularizer": ["[l2]"], "regularizer.l2.lam": [1e-4, 1e-3], "regularizer.l2.half": [False],
             "optimizer.lr": [0.1], "seed": [0, 1], "model.hidden": ["[32]", "[64]"]}
-    # l2.lam varies; a constant strength of a member in every stack is listed, unticked; constants left out.
-    assert sweep_columns(plan) == {"regularizer": False, "regularizer.l2.lam": True, "seed": True,
-                                   "model.hidden": True}
+    # l2.lam varies; a constant strength of a member in every stack is listed, unticked; constants left out;
+    # seed is no column: a row is a configuration (a session group) with its seeds averaged.
+    assert sweep_columns(plan) == {"regularizer": False, "regularizer.l2.lam": True, "model.hidden": True}
+    hparams = {"regularizer": "[l2]", "regularizer.l2.lam": 1e-3, "seed": 1, "model.hidden": "[64]",
+               "optimizer.lr": 0.1}
+    assert sweep_label(plan, hparams) == "model.hidden=[64],regularizer.l2.lam=0.001"
+    assert sweep_label({"seed": [0, 1], "optimizer.lr": [0.1]}, hparams) == ""  # only seeds: no groups
+    assert "seed" in sweep_columns({"seed": [0, 1], "optimizer.lr": [0.1]})
     exp = experiment_pb(plan).experiment
     lam = next(h for h in exp.hparam_infos if h.name == "regularizer.l2.lam")
     assert (lam.domain_interval.min_value, lam.domain_interval.max_value) == (1e-4, 1e-3)

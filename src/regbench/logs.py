@@ -147,6 +147,7 @@ class RunLogger:
             raise LogWriteError(f"cannot write in run folder {run_dir}: {e.strerror or e}{where}; fix: make it "
                                 "writable or choose another with hydra.run.dir=...") from None
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_COLUMNS)
+        self._last_epoch: int | None = None  # the test results are drawn at the last epoch's step
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
         if resume_epoch is None:
@@ -178,7 +179,7 @@ class RunLogger:
             self._csv_file.flush()
         except OSError as e:
             raise LogWriteError(f"cannot write {self.metrics_path}: {e.strerror or e}") from None
-        step = row["epoch"]
+        step = self._last_epoch = row["epoch"]
         for tag, key in TB_TAGS.items():
             if row[key] is not None:
                 self.tb.add_scalar(tag, row[key], step)
@@ -208,9 +209,9 @@ class RunLogger:
             writer.add_summary(_hparams_summary("experiment", experiment_pb(plan)))
         # Values typed as the sweep's column (a key that is a number in one job and text in another is text).
         types = {k: _hparam_type(vs) for k, vs in (plan or {}).items()}
-        start = _session_start(hparams, types)
+        start = _session_start(hparams, types, sweep_label(plan, hparams) if plan else "")
         writer.add_summary(_hparams_summary("session_start_info", start))
-        step = self.cfg.trainer.max_epochs
+        step = self._last_epoch if self._last_epoch is not None else self.cfg.trainer.max_epochs
         for tag, value in _test_scalars(test, extra).items():
             self.tb.add_scalar(tag, value, step)
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
@@ -310,8 +311,11 @@ def sweep_columns(plan: dict[str, list]) -> dict[str, bool]:
     columns after sorting by (not differs, name), constants included, so listing them would fill the default
     view whenever a sweep varies fewer than five keys (the Text tab shows the whole config)."""
     stacks = [set(_as_text(v).strip("[]").split(",")) - {""} for v in plan.get("regularizer", [])]
+    grouped = bool(_varied(plan))
     columns = {}
     for name, values in plan.items():
+        if name == "seed" and grouped:  # a row is a configuration, its seeds averaged (see sweep_label)
+            continue
         differs = len({_as_text(v) for v in values}) > 1
         parts = name.split(".")
         strength = parts[0] == "regularizer" and len(parts) == 3 and _hparam_type(values) == "number"
@@ -320,6 +324,19 @@ def sweep_columns(plan: dict[str, list]) -> dict[str, bool]:
         if differs or strength or name == "regularizer":
             columns[name] = differs
     return columns
+
+
+def _varied(plan: dict[str, list]) -> list[str]:
+    """The keys a sweep gives more than one value, seed aside (its configurations differ in these)."""
+    return sorted(k for k, vs in plan.items() if k != "seed" and len({_as_text(v) for v in vs}) > 1)
+
+
+def sweep_label(plan: dict[str, list], hparams: dict[str, Any]) -> str:
+    """A job's configuration in the sweep's own terms, e.g. ``regularizer=[dropout]``: its values of the keys
+    the sweep varies (seed aside). It is the HParams session group: the table gets one row per configuration,
+    named so, with its metrics averaged over seeds (expand a row for the single runs). "" when the sweep varies
+    only the seed (then each run is a row and seed a column)."""
+    return ",".join(f"{k}={_as_text(hparams[k])}" for k in _varied(plan) if k in hparams)
 
 
 def experiment_pb(plan: dict[str, list]):
@@ -352,10 +369,10 @@ def experiment_pb(plan: dict[str, list]):
         api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=title) for tag, title in metrics.items()]))
 
 
-def _session_start(hparams: dict[str, Any], types: dict[str, str]):
+def _session_start(hparams: dict[str, Any], types: dict[str, str], group: str = ""):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    start = plugin_data_pb2.SessionStartInfo()
+    start = plugin_data_pb2.SessionStartInfo(group_name=group)
     for k, v in hparams.items():
         kind = types.get(k) or _hparam_type([v])
         if kind == "bool":
