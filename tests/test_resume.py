@@ -184,6 +184,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "regularizers [dropout]" in summary["error"]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert f"its last good checkpoint (epoch 1) is kept in {tmp_path / 'checkpoints'}" in summary["error"]
     assert len(read_metrics(tmp_path / "metrics.csv")) == 1
 
 

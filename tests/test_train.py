@@ -140,6 +140,18 @@ def test_divergence_stops_the_run_and_marks_it_failed(tmp_path):
         fit(cfg, tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["status"] == "failed" and "non-finite" in s["error"] and s["epochs_completed"] == 0
+    assert "no checkpoint was written before it" in s["error"] and "is kept" not in s["error"]
+
+
+def test_divergence_of_the_weights_with_a_finite_training_loss_fails_the_run(tmp_path):
+    """SGD lr=1e8: the training loss of epoch 1 is still finite, the weights are not (weight_l2=inf)."""
+    cfg = compose_cfg(*TINY, "optimizer=sgd", "optimizer.lr=1e8", "trainer.max_epochs=3")
+    with pytest.raises(RegbenchError, match=r"training diverged: non-finite weights \(weight_l2 inf, .*in epoch 1 "):
+        fit(cfg, tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "failed" and s["epochs_completed"] == 0 and s["final"] is None
+    assert not (tmp_path / "COMPLETED").exists()
+    assert (tmp_path / "metrics.csv").read_text().count("\n") <= 1  # no row of the diverged epoch
 
 
 def test_refuses_to_overwrite_an_earlier_run(tmp_path):

@@ -382,14 +382,17 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
             train_loss, train_acc = out["loss"].item() / seen, out["correct"].item() / seen  # the epoch's sync
             penalty = out["penalty"].item() / seen if out["penalty"] is not None else 0.0
             if not (math.isfinite(train_loss) and math.isfinite(penalty)):
-                raise RegbenchError(
-                    f"training diverged: non-finite training loss ({train_loss}, penalty {penalty}) in epoch "
-                    f"{epoch} (steps {step - steps_per_epoch + 1}-{step}) with optimizer {cfg.optimizer.name} "
-                    f"lr={cfg.optimizer.lr}, regularizers [{','.join(stack.names)}]; the last good checkpoint is "
-                    "kept; fix: lower optimizer.lr, add a warmup (scheduler=warmup) or regularizer=[grad_clip]")
+                raise _divergence(f"non-finite training loss ({train_loss}, penalty {penalty})", epoch, step,
+                                  steps_per_epoch, cfg, stack.names, ckpts)
             val = evaluate(model, data.val_x, data.val_y, cfg.data.eval_batch_size, autocast)
             clean = evaluate(model, clean_x, clean_y, cfg.data.eval_batch_size, autocast) if n_clean else None
             l1, l2 = weight_norms(model)
+            # The training loss can stay finite while the weights or the validation loss blow up (e.g. SGD
+            # lr=10): checked here, from values this epoch reads back anyway (no extra host sync).
+            if not (math.isfinite(val["loss"]) and math.isfinite(l2)):
+                raise _divergence(f"non-finite {'weights' if not math.isfinite(l2) else 'validation loss'} "
+                                  f"(weight_l2 {l2}, val loss {val['loss']})", epoch, step, steps_per_epoch, cfg,
+                                  stack.names, ckpts)
             row = {
                 "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
                 "train_loss": train_loss, "train_penalty": penalty, "train_acc": train_acc,
@@ -461,6 +464,18 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     # The completion marker, written last: sweeps skip a run folder that has it.
     write_json(run_dir / "COMPLETED", {"finished": summary["finished"], "best": summary["best"][t.monitor]})
     return summary["best"][t.monitor]
+
+
+def _divergence(what: str, epoch: int, step: int, steps_per_epoch: int, cfg: DictConfig, names: list[str],
+                ckpts: Checkpoints) -> RegbenchError:
+    """The one-line error of a diverged run; it says which checkpoint (if any) survives."""
+    saved = ckpts.epoch_files()
+    kept = (f"its last good checkpoint (epoch {saved[0][0]}) is kept in {ckpts.folder}" if saved
+            else "no checkpoint was written before it")
+    return RegbenchError(
+        f"training diverged: {what} in epoch {epoch} (steps {step - steps_per_epoch + 1}-{step}) with optimizer "
+        f"{cfg.optimizer.name} lr={cfg.optimizer.lr}, regularizers [{','.join(names)}]; {kept}; fix: lower "
+        "optimizer.lr, add a warmup (scheduler=warmup) or regularizer=[grad_clip]")
 
 
 def augmentation_warnings(cfg: DictConfig, policy, info) -> list[str]:
