@@ -123,6 +123,13 @@ def case_report_unwritable(tmp_path, monkeypatch, capsys):
     return run_cli(capsys, "report", str(tmp_path / "s"))
 
 
+def case_download_env_invalid(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REGBENCH_DOWNLOAD", "maybe")
+    msg = run_cli(capsys, *TINY, "data=mnist", f"data.root={tmp_path}/d", f"hydra.run.dir={tmp_path}/r")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
+    return msg
+
+
 # (row id, how to provoke it, text the message contains). Rows given as a list are plain command lines.
 CASES = [
     ("typo-key", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
@@ -166,6 +173,17 @@ CASES = [
     ("report-no-jobs", lambda t, m, c: run_cli(c, "report", str(t)),
      "no completed run below it (and no failed or unfinished job either)"),
     ("report-unwritable", lambda t, m, c: case_report_unwritable(t, m, c), "curves.png: No space left on device; fix: free disk space or make"),
+    # helper E: members that apply to nothing, validation cases, sweeps
+    ("member-applies-to-nothing", ["model.hidden=[]", "regularizer=[dropout]"],
+     "regularizer member 'dropout' applies to nothing: model.hidden=[] has no hidden layer to drop units in; fix:"),
+    ("seed-range", ["seed=9223372036854775808"], "seed=9223372036854775808: expected an integer in [-2**63, 2**63-1]"),
+    ("download-env-invalid", case_download_env_invalid,
+     "REGBENCH_DOWNLOAD='maybe': expected true or false (the environment variable sets data.download's default)"),
+    ("freeze-every-layer", ["regularizer=[transfer]", "regularizer.transfer.init_from=/nonexistent/run",
+                            "regularizer.transfer.freeze_layers=3"],
+     "regularizer.transfer.freeze_layers=3: expected fewer than the model's 3 dense/conv layers"),
+    ("batchnorm-batch-of-one", ["regularizer=[batchnorm]", "data.batch_size=1"],
+     "data.batch_size=1: expected at least 2 with batchnorm"),
 ]
 
 

@@ -612,3 +612,69 @@ def test_warnings_are_printed_once_and_saved(overrides, expected, tmp_path, capl
 def test_no_warnings_for_clean_combinations(tmp_path):
     fit(compose_cfg(*TINY, "regularizer=[l2,dropout]", "optimizer=adamw", "optimizer.weight_decay=0"), tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["warnings"] == []
+
+
+# --------------------------------------------------------------------------- members that apply to nothing
+
+# Per member: overrides under which it would apply to nothing (an error naming it), or — for members that
+# apply to every model — why they cannot. Every registered member must be listed: a new one has to decide.
+# "{source}" is a completed run of model.hidden=[16,8] (the transfer source).
+APPLIES_TO_NOTHING = {
+    "dropout": (["model.hidden=[]", "regularizer=[dropout]"], "model.hidden=[] has no hidden layer to drop"),
+    "batchnorm": (["model.hidden=[]", "regularizer=[batchnorm]"], "model.hidden=[] has no hidden layer to normalise"),
+    "layer_norm": (["model.hidden=[]", "regularizer=[layer_norm]"], "model.hidden=[] has no hidden layer"),
+    "group_norm": (["model.hidden=[]", "regularizer=[group_norm]"], "model.hidden=[] has no hidden layer"),
+    "l1": (["regularizer=[l1]", "regularizer.l1.layers=[head.bias]"],
+           "regularizer.l1.params=weights with layers=[head.bias] selects no trainable parameter"),
+    "l2": (["regularizer=[l2]", "regularizer.l2.layers=[hidden.0.linear.bias]"], "selects no trainable parameter"),
+    "elastic_net": (["regularizer=[elastic_net]", "regularizer.elastic_net.layers=[head.bias]"],
+                    "selects no trainable parameter"),
+    "weight_decay": (["model.hidden=[16,8]", "regularizer=[transfer,batchnorm,weight_decay]",
+                      "regularizer.transfer.init_from={source}", "regularizer.transfer.skip=[hidden.*.norm.*]",
+                      "regularizer.transfer.freeze_layers=3"], "no trainable parameter to decay"),
+    "grad_clip": (["regularizer=[grad_clip]", "regularizer.grad_clip.max=inf"], "max=inf never clips"),
+    "early_stopping": (["regularizer=[early_stopping]", "regularizer.early_stopping.start_from_epoch=1"],
+                       "starts monitoring after the last epoch"),
+    "mc_dropout": (["regularizer=[dropout,mc_dropout]", "regularizer.dropout.rate=0"], "mc_dropout"),
+    "transfer": (["model.hidden=[16,8]", "regularizer=[transfer]", "regularizer.transfer.init_from={source}",
+                  "regularizer.transfer.skip=[*]"], "skips every parameter and buffer: nothing is loaded"),
+    "label_smoothing": "changes the training targets of every model",
+    "ensemble": "evaluates snapshots of every model",
+}
+
+
+def test_every_member_says_when_it_applies_to_nothing():
+    assert set(APPLIES_TO_NOTHING) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_a_member_that_applies_to_nothing_is_an_error_naming_it(name, source_run, tmp_path):
+    case = APPLIES_TO_NOTHING[name]
+    if isinstance(case, str):  # applies to every model: even with no hidden layer the run differs from the plain one
+        extra = ["regularizer.ensemble.k=1"] if name == "ensemble" else []
+        fit(compose_cfg(*TINY, "model.hidden=[]", f"regularizer=[{name}]", *extra), tmp_path / "m")
+        fit(compose_cfg(*TINY, "model.hidden=[]"), tmp_path / "plain")
+        a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("m", "plain"))
+        assert (a["final"]["train_loss"], a["test_extra"]) != (b["final"]["train_loss"], b["test_extra"])
+        return
+    overrides, expected = case
+    cfg = compose_cfg(*TINY, *(o.format(source=source_run) for o in overrides))
+    with pytest.raises(RegbenchError) as e:
+        fit(cfg, tmp_path / "r")
+    msg = str(e.value)
+    assert expected in msg and name in msg and "\n" not in msg, msg
+    if name != "mc_dropout":
+        assert msg.startswith(f"regularizer member '{name}' applies to nothing: ")
+
+
+def test_transfer_freezing_every_parameter_is_an_error(source_run, tmp_path):
+    base = [*TINY, "model.hidden=[16,8]", f"regularizer.transfer.init_from={source_run}"]
+    with pytest.raises(ConfigError, match=r"freeze_layers=3: expected fewer than the model's 3 dense/conv layers"):
+        stack_for(*base, "regularizer=[transfer]", "regularizer.transfer.freeze_layers=3")
+    with pytest.raises(ConfigError, match=r"freeze=\['\*'\]: expected patterns that leave at least one parameter"):
+        fit(compose_cfg(*base, "regularizer=[transfer]", "regularizer.transfer.freeze=[*]"), tmp_path / "a")
+    # all dense layers frozen, the batch-norm parameters left to train: allowed (BN-only fine-tuning)
+    fit(compose_cfg(*base, "regularizer=[transfer,batchnorm]", "regularizer.transfer.skip=[hidden.*.norm.*]",
+                    "regularizer.transfer.freeze_layers=3"), tmp_path / "b")
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["params"]["trainable"] == 2 * (16 + 8)

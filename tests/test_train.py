@@ -263,3 +263,18 @@ def test_sync_check_sees_what_would_wait_for_a_gpu():
     assert [f.split(" at ")[0] for f in mode.found] == [
         "aten._local_scalar_dense.default", "aten.nonzero.default", "aten.index.Tensor with a boolean mask",
         "aten.lift_fresh.default"]
+
+
+def test_a_last_training_batch_of_one_is_dropped_under_batchnorm(tmp_path):
+    """65 = 2·32 + 1: batch norm cannot normalise the last batch of one image; it is dropped with a note,
+    exactly as data.drop_last=true drops it (same permutation, same batches)."""
+    common = [*TINY, "data.train_size=65", "regularizer=[batchnorm]", "trainer.max_epochs=2"]
+    fit(compose_cfg(*common), tmp_path / "a")
+    fit(compose_cfg(*common, "data.drop_last=true"), tmp_path / "b")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["steps_per_epoch"] == 2 and s["status"] == "completed"
+    assert sum("would hold 1 image (65 = 2·32 + 1)" in w for w in s["warnings"]) == 1
+    fit(compose_cfg(*TINY, "data.train_size=65", "trainer.max_epochs=1"), tmp_path / "c")  # no BN: kept
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["steps_per_epoch"] == 3

@@ -271,12 +271,36 @@ def _in_unit(value: Any, key: str, closed_low: bool = True) -> None:
     _check(ok, key, value, f"a number in {lo}, 1)")
 
 
+INT64 = (-2**63, 2**63 - 1)
+
+
+def _download_env(d: DictConfig) -> None:
+    """data.download's default comes from $REGBENCH_DOWNLOAD: a value that is no boolean is named here in one
+    line (reading the key would otherwise fail deep in the data loader)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        d.download
+    except OmegaConfBaseException:
+        import os
+
+        raise ConfigError("REGBENCH_DOWNLOAD", os.environ.get("REGBENCH_DOWNLOAD"), "true or false (the "
+                          "environment variable sets data.download's default)",
+                          "export REGBENCH_DOWNLOAD=false (offline) or unset it, or set data.download=false") from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges the schemas cannot express. Raises ConfigError naming the first bad key."""
     from regbench.data import DATASETS  # local import: data imports torch, config must stay light
 
+    _check(INT64[0] <= cfg.seed <= INT64[1], "seed", cfg.seed, "an integer in [-2**63, 2**63-1] (torch seeds "
+           "are 64-bit)")
     d = cfg.data
     _choice(d, "data.name", tuple(DATASETS))
+    _check(INT64[0] <= d.split_seed <= INT64[1] - 3, "data.split_seed", d.split_seed,
+           "an integer in [-2**63, 2**63-4] (torch seeds are 64-bit; the split uses split_seed..split_seed+3)")
+    if "download" in d:
+        _download_env(d)
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
     _in_unit(d.val_fraction, "data.val_fraction", closed_low=False)

@@ -289,6 +289,15 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     if drop_last and bs > len(data.train_y):
         raise ConfigError("data.batch_size", bs, f"at most the {len(data.train_y)} training images when "
                           "data.drop_last=true (else every batch is dropped)")
+    if not drop_last and len(data.train_y) % bs == 1 and _has_batchnorm(model):
+        # Batch norm cannot normalise a training batch of one sample (torch raises): drop that last sample of
+        # the epoch's permutation, as data.drop_last=true (Keras/torch users' drop_last) would.
+        drop_last = True
+        note = (f"the last training batch of each epoch would hold 1 image ({len(data.train_y)} = "
+                f"{len(data.train_y) // bs}·{bs} + 1), which batch norm cannot normalise in training: it is "
+                f"dropped (as data.drop_last=true would); change data.train_size or data.batch_size to keep it")
+        log.warning("note: %s", note)
+        warnings = warnings + [note]
     steps_per_epoch = num_batches(len(data.train_y), bs, drop_last)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, t.max_epochs)
     order = torch.Generator(device=device).manual_seed(cfg.seed)  # data order, on the data's device
@@ -464,6 +473,10 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     # The completion marker, written last: sweeps skip a run folder that has it.
     write_json(run_dir / "COMPLETED", {"finished": summary["finished"], "best": summary["best"][t.monitor]})
     return summary["best"][t.monitor]
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _divergence(what: str, epoch: int, step: int, steps_per_epoch: int, cfg: DictConfig, names: list[str],

@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Optional
 
 import torch
 from omegaconf import DictConfig
+
+from regbench.errors import RegbenchError
 from torch import nn
 
 REGISTRY: dict[str, type["Regularizer"]] = {}
@@ -45,6 +47,11 @@ class Regularizer:
     @property
     def key(self) -> str:
         return f"regularizer.{self.name}"
+
+    def nothing(self, why: str, fix: str) -> RegbenchError:
+        """The error for a member that would apply to nothing: a run recording it as applied would be
+        bitwise the run without it. (A zero strength — rate 0, λ = 0 — is allowed: a sweep's baseline point.)"""
+        return RegbenchError(f"regularizer member '{self.name}' applies to nothing: {why}; fix: {fix}")
 
     # --- construction ---------------------------------------------------------------------------
     def check(self, ctx: Context) -> None:

@@ -35,6 +35,9 @@ class Dropout(Regularizer):
         if not 0 <= self.cfg.spatial < 1:
             raise ConfigError(f"{self.key}.spatial", self.cfg.spatial, "a rate in [0, 1)")
         model = ctx.cfg.model.name
+        if model == "mlp" and not ctx.cfg.model.hidden:
+            raise self.nothing("model.hidden=[] has no hidden layer to drop units in",
+                               "give the MLP hidden layers (e.g. model.hidden=[256]) or drop dropout from the stack")
         if model == "mlp" and self.cfg.spatial > 0:
             raise ConfigError(f"{self.key}.spatial", self.cfg.spatial, "0 with model=mlp (spatial dropout drops "
                               "conv feature maps; the MLP has none)", "use model=lecture_cnn or drop the key")

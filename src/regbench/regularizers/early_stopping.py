@@ -43,6 +43,10 @@ class EarlyStopping(Regularizer):
         if c.patience < 0 or c.min_delta < 0 or c.start_from_epoch < 0:
             raise ConfigError(self.key, {"patience": c.patience, "min_delta": c.min_delta,
                                          "start_from_epoch": c.start_from_epoch}, "values >= 0")
+        if c.start_from_epoch >= ctx.cfg.trainer.max_epochs:
+            raise self.nothing(f"{self.key}.start_from_epoch={c.start_from_epoch} starts monitoring after the last "
+                               f"epoch (trainer.max_epochs={ctx.cfg.trainer.max_epochs})",
+                               f"lower {self.key}.start_from_epoch or raise trainer.max_epochs")
         self.reset()
 
     def reset(self) -> None:

@@ -31,6 +31,9 @@ class GradClip(Regularizer):
             raise ConfigError(f"{self.key}.mode", self.cfg.mode, "norm or value")
         if not self.cfg.max > 0:
             raise ConfigError(f"{self.key}.max", self.cfg.max, "a number > 0")
+        if self.cfg.max == float("inf"):
+            raise self.nothing(f"{self.key}.max=inf never clips a gradient", f"give a finite {self.key}.max or "
+                               "drop grad_clip from the stack")
         if self.cfg.mode == "value" and self.cfg.norm_type != 2.0:
             raise ConfigError(f"{self.key}.norm_type", self.cfg.norm_type, "to be left alone with mode=value "
                               "(it is only used by mode=norm)", "add regularizer.grad_clip.mode=norm")

@@ -43,6 +43,10 @@ class _Norm(Regularizer):
             raise ConfigError("regularizer", norms, "at most one normalisation (batchnorm, group_norm, layer_norm)")
         if not self.eps() > 0:
             raise ConfigError(f"{self.key}.eps", self.cfg.eps, "a number > 0")
+        if ctx.cfg.model.name == "mlp" and not ctx.cfg.model.hidden:
+            raise self.nothing("model.hidden=[] has no hidden layer to normalise (the head is never normalised)",
+                               f"give the MLP hidden layers (e.g. model.hidden=[256]) or drop {self.name} from "
+                               "the stack")
 
     def eps(self) -> float:
         return self.cfg.eps
@@ -60,6 +64,10 @@ class BatchNorm(_Norm):
         m = self.cfg.momentum
         if m is not None and not 0 <= m <= 1:
             raise ConfigError(f"{self.key}.momentum", m, "a number in [0, 1]")
+        if ctx.cfg.data.batch_size < 2:
+            raise ConfigError("data.batch_size", ctx.cfg.data.batch_size, "at least 2 with batchnorm (batch "
+                              "statistics of one sample are undefined)", "raise data.batch_size or use "
+                              "regularizer=[layer_norm]")
 
     def eps(self) -> float:
         return self.DEFAULTS[self.cfg.convention][1] if self.cfg.eps is None else self.cfg.eps

@@ -51,6 +51,10 @@ def select_params(model: nn.Module, params: str, layers: Optional[list[str]], ke
     return chosen
 
 
+def _list(value) -> str:
+    return "null" if value is None else "[" + ",".join(str(v) for v in value) + "]"
+
+
 def _match(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern.rstrip(".*") + ".*")
 
@@ -68,6 +72,10 @@ class _Penalty(Regularizer):
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
         self.params = [p for _, p in select_params(model, self.cfg.params, self.cfg.layers, self.key)]
+        if not self.params:
+            raise self.nothing(f"{self.key}.params={self.cfg.params} with layers={_list(self.cfg.layers)} selects no "
+                               "trainable parameter (weights = the kernels; frozen ones are left out)",
+                               f"widen {self.key}.layers, or set {self.key}.params=all to include biases")
         ctx.info[self.name] = {"tensors": len(self.params), "elements": sum(p.numel() for p in self.params)}
 
     def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:

@@ -30,6 +30,17 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p.rstrip(".*") + ".*") for p in patterns)
 
 
+def _list(values) -> str:
+    return "[" + ",".join(values) + "]"
+
+
+def weight_layer_count(model_cfg) -> int:
+    """Dense and conv layers of the configured model (what freeze_layers counts), from its config alone."""
+    if model_cfg.name == "mlp":
+        return len(model_cfg.hidden) + 1
+    return len(model_cfg.widths) * model_cfg.convs_per_block + 2  # convs, then the head's two dense layers
+
+
 @register
 class Transfer(Regularizer):
     name, schema, order = "transfer", TransferConfig, 5
@@ -42,6 +53,12 @@ class Transfer(Regularizer):
             raise ConfigError(f"{self.key}.checkpoint", self.cfg.checkpoint, "best or last")
         if self.cfg.freeze_layers < 0:
             raise ConfigError(f"{self.key}.freeze_layers", self.cfg.freeze_layers, "an integer >= 0")
+        layers = weight_layer_count(ctx.cfg.model)
+        norms = {"batchnorm", "group_norm", "layer_norm"} & set(ctx.cfg.regularizer)
+        if self.cfg.freeze_layers > layers or (self.cfg.freeze_layers == layers and not norms):
+            raise ConfigError(f"{self.key}.freeze_layers", self.cfg.freeze_layers,
+                              f"fewer than the model's {layers} dense/conv layers (freezing all of them leaves "
+                              "nothing to train)", "lower it, or leave the last layers (the head) trainable")
 
     def source(self) -> Path:
         path = Path(self.cfg.init_from).expanduser()
@@ -60,6 +77,9 @@ class Transfer(Regularizer):
         theirs = ckpt["model"]
         ours = model.state_dict()
         keys = [k for k in ours if not _matches(k, self.cfg.skip)]
+        if not keys:
+            raise self.nothing(f"{self.key}.skip={_list(self.cfg.skip)} skips every parameter and buffer: "
+                               "nothing is loaded", f"narrow {self.key}.skip (e.g. to the head: [head.*])")
         missing = [k for k in keys if k not in theirs]
         mismatched = [f"{k} {tuple(theirs[k].shape)} -> {tuple(ours[k].shape)}" for k in keys
                       if k in theirs and theirs[k].shape != ours[k].shape]
@@ -82,6 +102,10 @@ class Transfer(Regularizer):
                 raise ConfigError(f"{self.key}.freeze", pattern, "a pattern matching parameter names ("
                                   + ", ".join(n for n, _ in model.named_parameters()) + ")")
             frozen |= {id(p) for p in hits}
+        if all(id(p) in frozen for p in model.parameters()):
+            raise ConfigError(f"{self.key}.freeze", list(self.cfg.freeze), "patterns that leave at least one "
+                              f"parameter trainable (with freeze_layers={self.cfg.freeze_layers} they freeze all "
+                              "of them: nothing to train)", "narrow the patterns, e.g. leave head.* out")
         names = []
         for n, p in model.named_parameters():
             if id(p) in frozen:

@@ -47,6 +47,10 @@ class WeightDecay(Regularizer):
         for _, p in model.named_parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 or not self.cfg.exclude_bias_and_norm else keep).append(p)
+        if not decay:
+            raise self.nothing("no trainable parameter to decay (the trainable ones are all biases or "
+                               "normalisation parameters, which exclude_bias_and_norm=true leaves out)",
+                               f"set {self.key}.exclude_bias_and_norm=false, unfreeze weights, or drop weight_decay")
         native = (self.cfg.mode == "coupled") != (optimizer_cfg.name == "adamw")  # the optimizer does it itself
         self.manual = [] if native else decay
         ctx.info[self.name] = {
