@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,28 +37,55 @@ def outcomes(sweep: Path) -> dict[str, str]:
 
 
 def test_failed_jobs_do_not_stop_the_sweep_and_only_they_run_again(tmp_path):
-    sweep, data = tmp_path / "sweep", tmp_path / "tv"
-    # data.root / data.download defaults come from the environment: mnist5k has neither key, mnist reads both
-    env = {"REGBENCH_DATA": str(data), "REGBENCH_DOWNLOAD": "false"}
-    args = ["-m", "data=mnist5k,mnist", "regularizer=[],[dropout]", *SMALL, f"hydra.sweep.dir={sweep}"]
-    first = regbench(args, tmp_path, env, check=False)
+    sweep = tmp_path / "sweep"
+    # lr=1e30 diverges: a failure inside the job (a RegbenchError), reported as its one line, no traceback
+    args = ["-m", "optimizer=sgd", "optimizer.lr=0.01,1e30", "regularizer=[],[dropout]", *SMALL,
+            f"hydra.sweep.dir={sweep}"]
+    first = regbench(args, tmp_path, check=False)
     assert first.returncode == 1
     assert "2 of 4 sweep jobs failed" in first.stderr
-    assert "data=mnist: dataset files missing or corrupt" in first.stderr
+    assert "Traceback" not in first.stdout + first.stderr
+    assert "regbench: error: training diverged: non-finite training loss" in first.stderr
     status = outcomes(sweep)
     ok = sorted(k for k, v in status.items() if v == "ok")
     failed = sorted(k for k, v in status.items() if v == "failed")
-    assert len(ok) == 2 and all(",data=mnist5k," in k for k in ok)
-    assert len(failed) == 2 and all(",data=mnist," in k for k in failed)
+    # folders are named by what the jobs vary only (not the shared optimizer=sgd, data.*, trainer.*)
+    assert ok == ["optimizer.lr=0.01,regularizer=[]/seed=0", "optimizer.lr=0.01,regularizer=[dropout]/seed=0"]
+    assert failed == ["optimizer.lr=1e+30,regularizer=[]/seed=0", "optimizer.lr=1e+30,regularizer=[dropout]/seed=0"]
+    table = first.stdout[first.stdout.index("sweep "):]
+    assert re.search(r"^optimizer\.lr=1e\+30,regularizer=\[\]/seed=0 +failed +training diverged: non-finite", table,
+                     flags=re.M)
     stamps = {k: (sweep / k / "COMPLETED").stat().st_mtime_ns for k in ok}
+    # the hint is the exact command, with the folder (as given here; an ad-hoc sweep gets its timestamped one)
+    hint = first.stderr.strip().splitlines()[-1]
+    assert hint.endswith("run: regbench -m optimizer=sgd optimizer.lr=0.01,1e30 'regularizer=[],[dropout]' "
+                         + " ".join(SMALL) + f" hydra.sweep.dir={sweep}")
 
-    make_mnist_like(data, "MNIST")  # the missing dataset appears; the same command again
-    second = regbench(args, tmp_path, env)
+    second = regbench(args, tmp_path, check=False)  # the same command: only the failed jobs run again
     status = outcomes(sweep)
     assert sorted(k for k, v in status.items() if v == "skipped") == ok
-    assert sorted(k for k, v in status.items() if v == "ok") == failed
+    assert sorted(k for k, v in status.items() if v == "failed") == failed
     assert {k: (sweep / k / "COMPLETED").stat().st_mtime_ns for k in ok} == stamps  # not touched
-    assert "2 ok, 0 resumed, 2 skipped, 0 failed" in second.stdout
+    assert all((sweep / k / "attempts" / "1" / "summary.json").exists() for k in failed)
+    assert "0 ok, 0 resumed, 2 skipped, 2 failed" in second.stdout
+
+
+def test_status_and_exit_code_describe_this_commands_jobs_only(tmp_path):
+    """A different command into the same sweep folder (a study's quick form after its full form failed):
+    the earlier command's failed job folders are listed apart, not counted."""
+    sweep = tmp_path / "sweep"
+    earlier = regbench(["-m", "optimizer=sgd", "optimizer.lr=1e30", "model.hidden=[8],[16]", *SMALL,
+                        f"hydra.sweep.dir={sweep}"], tmp_path, check=False)
+    assert earlier.returncode == 1 and "2 of 2 sweep jobs failed" in earlier.stderr
+    proc = regbench(["-m", "regularizer=[],[l2]", "seed=0,1", *SMALL, "trainer.max_epochs=1",
+                     f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert "4 ok, 0 resumed, 0 skipped, 0 failed" in proc.stdout and "sweep jobs failed" not in proc.stderr
+    assert "not part of this command (2 job folders an earlier command left here; not counted)" in proc.stdout
+    entries = json.loads((sweep / "sweep_status.json").read_text())
+    assert sorted((e["run"], e["outcome"]) for e in entries if not e["current"]) == [
+        ("model.hidden=[16]/seed=0", "failed"), ("model.hidden=[8]/seed=0", "failed")]
+    current = sorted((e["run"], e["outcome"]) for e in entries if e["current"])
+    assert [o for _, o in current] == ["ok"] * 4
 
 
 def test_a_killed_sweep_resumes_its_interrupted_job_and_matches_an_uninterrupted_one(tmp_path):

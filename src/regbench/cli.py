@@ -26,9 +26,18 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_NAME = "train"
 
 register_configs()
-# Sweep sub-folders are named after the overrides (seed excluded, so the seeds of one configuration sit
-# side by side below it); a sweep with no other override gets "default" instead of an empty name.
-OmegaConf.register_new_resolver("rb_run_name", lambda name: name or "default", replace=True)
+# Sweep sub-folders are named after the overrides that differ between the sweep's jobs (seed excluded, so the
+# seeds of one configuration sit side by side below it; see regbench.sweep.naming), the stack in its fixed
+# order; a sweep that varies nothing else gets "default".
+
+
+def _run_name(name: str) -> str:
+    from regbench.sweep import canonical_name
+
+    return canonical_name(name)
+
+
+OmegaConf.register_new_resolver("rb_run_name", _run_name, replace=True)
 
 
 def _hide_schema_groups_in_help() -> None:
@@ -150,11 +159,49 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
                 raise RegbenchError(describe(e)) from None
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what the task sees
             cfgs.append(cfg)
+    if multirun and runs and cfgs:
+        _check_sweep(overrides, cfgs)
     if runs and not multirun and cfgs:  # before Hydra writes .hydra/ into the folder of an earlier run
         from regbench.train import prepare_run_dir
 
         prepare_run_dir(Path(cfgs[0].hydra.run.dir), cfgs[0].trainer.resume)
     return cfgs
+
+
+def _sweep_params(cfg: DictConfig) -> dict:
+    return dict(cfg.hydra.sweeper.get("params") or {})
+
+
+def _check_sweep(overrides: Sequence[str], cfgs: list[DictConfig]) -> None:
+    """Before any job of a sweep starts: one folder per job, no earlier command's job taken over."""
+    from regbench.sweep import check_folders
+
+    check_folders(list(overrides), _sweep_params(cfgs[0]), Path(cfgs[0].hydra.sweep.dir), cfgs[0].seed)
+    _check_data(cfgs)
+
+
+def _check_data(cfgs: list[DictConfig]) -> None:
+    """Each distinct dataset of a sweep is loaded once before any job starts: a missing dataset (offline) is one
+    line instead of one failed job (and download attempt) per job."""
+    from regbench.data import DATASETS
+
+    seen = set()
+    for cfg in cfgs:
+        d = cfg.data
+        if DATASETS[d.name].embedded:
+            continue
+        key = (d.name, d.root, d.download)
+        if key not in seen:
+            seen.add(key)
+            DATASETS[d.name].load(d)  # raises DataError with the one line
+
+
+def _naming(overrides: Sequence[str], cfgs: list[DictConfig]) -> list[str]:
+    """The override that names a sweep's job folders by what its jobs vary (regbench.sweep.naming)."""
+    from regbench.sweep import naming_override
+
+    extra = naming_override(list(overrides), _sweep_params(cfgs[0])) if cfgs else None
+    return [extra] if extra else []
 
 
 def describe(e: BaseException) -> str:
@@ -292,7 +339,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         cfgs = []
         if not hydra_only:
             cfgs = check(args.overrides, multirun=args.multirun, config_dir=args.config_dir,
-                  config_name=args.config_name or CONFIG_NAME, runs=not (args.help or args.cfg))
+                         config_name=args.config_name or CONFIG_NAME, runs=not (args.help or args.cfg))
+            if args.multirun and not (args.help or args.cfg):
+                argv = [*argv, *_naming(args.overrides, cfgs)]
     except RegbenchError as e:
         fail(e)
     sys.argv = [sys.argv[0], *argv]

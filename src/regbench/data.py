@@ -76,12 +76,14 @@ def _torchvision(cls_name: str, folder: str, split_kw: str) -> Callable[[DictCon
 
         cls = getattr(tvd, cls_name)
         root = os.path.abspath(os.path.expanduser(cfg.root))
+        created = _first_missing(root)
         splits = []
         for train in (True, False):
             kw = {"train": train} if split_kw == "train" else {"split": "train" if train else "test"}
             try:
                 ds = cls(root=root, download=cfg.download, **kw)
             except Exception as e:  # torchvision raises RuntimeError, URLError, OSError... for missing files
+                _remove_empty(created)  # a failed download leaves no empty data.root behind
                 where = os.path.join(root, folder)
                 reason = "data.download=false" if not cfg.download else f"download failed: {_short(e)}"
                 raise DataError(
@@ -92,6 +94,30 @@ def _torchvision(cls_name: str, folder: str, split_kw: str) -> Callable[[DictCon
         return splits[0], splits[1], splits[2], splits[3]
 
     return load
+
+
+def _first_missing(path: str) -> Optional[str]:
+    """The outermost folder of ``path`` that does not exist yet (what a download would create), or None."""
+    missing = None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_empty(top: Optional[str]) -> None:
+    """Remove ``top`` and the folders below it if they hold no file (only folders this call created)."""
+    if top is None or not os.path.isdir(top):
+        return
+    for folder, _, files in os.walk(top, topdown=False):
+        if files:
+            return
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def _decode(ds) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -21,12 +24,130 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from regbench.errors import RegbenchError
 from regbench.logs import write_json
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETED"
 OUTCOME = "sweep_job.json"
+
+
+# ------------------------------------------------------------------------------------ folder names
+# A job's folder is <sweep dir>/<what this job varies>/seed=<n>: the overrides that differ between the jobs of
+# the sweep (what the sweep compares), never the ones they share (150+ characters for a study's quick form).
+# The command computes which keys vary and hands Hydra the others as override_dirname.exclude_keys; the stack
+# is written in its fixed order ([dropout,l2] and [l2,dropout] are one run, one folder).
+NAMING_KEY = "hydra.job.config.override_dirname.exclude_keys"
+# Keys that do not change what a run computes: a job folder of an earlier command may differ in them.
+NOT_DEFINING = ("data.root", "data.download", "trainer.num_threads", "trainer.progress_bar", "trainer.device",
+                "trainer.resume")
+
+
+def canonical_name(override_dirname: str) -> str:
+    """``regularizer=[dropout,l2]`` -> ``regularizer=[l2,dropout]`` inside a folder name; "" -> "default"."""
+    import re
+
+    from regbench.regularizers import REGISTRY
+
+    def order(name: str):
+        return (REGISTRY[name].order, name) if name in REGISTRY else (10**6, name)
+
+    def sort(m) -> str:
+        members = sorted((x.strip() for x in m.group(2).split(",") if x.strip()), key=order)
+        return f"{m.group(1)}[{','.join(members)}]"
+
+    return re.sub(r"((?:^|,)regularizer=)\[([^\]]*)\]", sort, override_dirname) or "default"
+
+
+def sweep_jobs(overrides: list[str], params: dict) -> list[list[str]]:
+    """Every job of a multirun as its list of task overrides, enumerated as Hydra's basic sweeper does
+    (a study's hydra.sweeper.params first, the command line wins for a key)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    given = [o for o in parser.parse_overrides(list(overrides)) if not o.is_hydra_override()]
+    keys = {o.key_or_group for o in given}
+    lines = [f"{k}={v}" for k, v in params.items() if k not in keys] + [o.input_line for o in given]
+    return BasicSweeper.split_arguments(parser.parse_overrides(lines), None)[0]
+
+
+def _parsed(job: list[str]) -> dict[str, str]:
+    """key -> override line of one job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.key_or_group: o.input_line for o in OverridesParser.create().parse_overrides(job)}
+
+
+def naming(jobs: list[list[str]]) -> tuple[list[str], list[str]]:
+    """(keys left out of folder names, each job's folder name without its seed=<n> part)."""
+    parsed = [_parsed(job) for job in jobs]
+    keys = sorted({k for p in parsed for k in p})
+    varying = {k for k in keys if len({p.get(k) for p in parsed}) > 1} - {"seed"}
+    exclude = [k for k in keys if k not in varying] + (["seed"] if "seed" not in keys else [])
+    names = [canonical_name(",".join(sorted(p[k] for k in p if k in varying))) for p in parsed]
+    return exclude, names
+
+
+def naming_override(overrides: list[str], params: dict) -> Optional[str]:
+    """The override that makes Hydra name each job folder by what varies (None if the user set it)."""
+    if any(o.split("=", 1)[0].lstrip("+~") == NAMING_KEY for o in overrides):
+        return None
+    exclude, _ = naming(sweep_jobs(overrides, params))
+    return f"{NAMING_KEY}=[{','.join(repr(k) for k in exclude)}]"
+
+
+def check_folders(overrides: list[str], params: dict, sweep_dir: Path, default_seed: int) -> None:
+    """Refuse (one line, before launching) a sweep whose jobs would share a folder, or that would take over a
+    folder of an earlier command's job with other overrides (it would be skipped or resumed as this job)."""
+    from regbench.errors import RegbenchError
+
+    jobs = sweep_jobs(overrides, params)
+    _, names = naming(jobs)
+    seen: dict[str, list[str]] = {}
+    for job, name in zip(jobs, names):
+        seed = _parsed(job).get("seed", f"seed={default_seed}").split("=", 1)[1]
+        folder = f"{name}/seed={int(seed) if seed.lstrip('-').isdigit() else seed}"
+        if folder in seen:
+            a, b = _parsed(seen[folder]), _parsed(job)
+            differ = [k for k in a if a[k] != b.get(k)]
+            what = (f"{' '.join(a[k] for k in differ)} and {' '.join(b[k] for k in differ)} are the same run (a "
+                    "stack's order does not matter)" if differ else f"the job {' '.join(job)} is listed twice")
+            raise RegbenchError(f"two jobs of this sweep map to one folder, {folder}: {what}; fix: list each "
+                                "configuration once")
+        seen[folder] = job
+        _check_earlier(sweep_dir / folder, job)
+
+
+def _defining(job: list[str]) -> set[str]:
+    return {canonical_name(line) for k, line in _parsed(job).items() if k not in NOT_DEFINING}
+
+
+def _check_earlier(run_dir: Path, job: list[str]) -> None:
+    from regbench.errors import RegbenchError
+
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return
+    action, _ = job_plan(run_dir)
+    if action not in ("skip", "resume"):
+        return  # a failed or empty earlier attempt is retried (and kept under attempts/)
+    try:
+        import yaml
+
+        earlier = yaml.safe_load(saved.read_text())
+        valid = isinstance(earlier, list) and all(isinstance(x, str) for x in earlier)
+        earlier_set = _defining(earlier) if valid else None
+    except Exception:  # noqa: BLE001 - a run folder is data: anything unreadable counts as "other overrides"
+        earlier_set = None
+    if earlier_set != _defining(job):
+        theirs = " ".join(sorted(earlier_set - _defining(job))) if earlier_set is not None else "unreadable"
+        raise RegbenchError(
+            f"{run_dir}: holds a job of an earlier command with other overrides ({theirs or 'fewer overrides'}; "
+            f"now: {' '.join(sorted(_defining(job) - (earlier_set or set()))) or 'fewer overrides'}); this sweep "
+            f"would {'skip' if action == 'skip' else 'resume'} it as its own; fix: choose another "
+            "hydra.sweep.dir=..., or repeat the earlier command's overrides")
 
 
 def job_plan(run_dir: Path) -> tuple[str, str]:
@@ -79,7 +200,8 @@ def run_job(cfg: DictConfig, run_dir: Path, fit, default_threads: Optional[int])
         raise
     except BaseException as e:  # noqa: BLE001 - a failing job must not stop the sweep
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        log.error("job failed: %s\n%s", first, traceback.format_exc())
+        # A user-fixable failure (RegbenchError: bad data, a divergence) is its one line; a bug keeps its traceback.
+        log.error("job failed: %s%s", first, "" if isinstance(e, RegbenchError) else "\n" + traceback.format_exc())
         print(f"regbench: error: {first}", file=sys.stderr)
         _record(run_dir, "failed", first, None)
         return math.nan
@@ -94,14 +216,21 @@ def _monitored(run_dir: Path, monitor: str) -> float:
         return math.nan
 
 
+# Which command a job's outcome belongs to: set by SweepStatus when the sweep starts, inherited by the jobs
+# (also in the launchers' worker processes), recorded in sweep_job.json.
+SWEEP_ID = "REGBENCH_SWEEP_ID"
+
+
 def _record(run_dir: Path, outcome: str, reason: str, value: Optional[float]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / OUTCOME, {"outcome": outcome, "reason": reason,
-                                   "value": value if value is not None and math.isfinite(value) else None})
+                                   "value": value if value is not None and math.isfinite(value) else None,
+                                   "sweep_id": os.environ.get(SWEEP_ID)})
 
 
-def collect(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Outcome of every job folder below a sweep folder (those with a .hydra/ folder)."""
+def collect(sweep_dir: Path, sweep_id: Optional[str] = None, since: Optional[float] = None) -> list[dict[str, Any]]:
+    """Outcome of every job folder below a sweep folder (those with a .hydra/ folder). With ``sweep_id`` (and
+    ``since``, the command's start time), each job says whether it belongs to that command (``current``)."""
     jobs = []
     for hydra_dir in sorted(sweep_dir.rglob(".hydra")):
         run_dir = hydra_dir.parent
@@ -109,11 +238,25 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             continue
         info = {"run": str(run_dir.relative_to(sweep_dir)), "outcome": "not run", "reason": ""}
         try:
-            info.update(json.loads((run_dir / OUTCOME).read_text()))
+            record = json.loads((run_dir / OUTCOME).read_text())
+            if isinstance(record, dict):
+                info.update({k: record.get(k) for k in ("outcome", "reason", "value", "sweep_id") if k in record})
         except (OSError, ValueError):
             pass
+        info["current"] = sweep_id is None or _belongs(run_dir, info.get("sweep_id"), sweep_id, since)
         jobs.append(info)
     return jobs
+
+
+def _belongs(run_dir: Path, recorded: Optional[str], sweep_id: str, since: Optional[float]) -> bool:
+    """A job of this command: it recorded this command's id; or, where it recorded none (killed before its
+    record, or a launcher that does not pass the environment on), Hydra set its folder up after the start."""
+    if recorded is not None:
+        return recorded == sweep_id
+    if since is None:
+        return True
+    stamps = [p.stat().st_mtime for p in (run_dir / OUTCOME, run_dir / ".hydra" / "overrides.yaml") if p.exists()]
+    return max(stamps, default=0.0) >= since - 2.0  # 2 s: coarse file-system clocks
 
 
 def status_table(jobs: list[dict[str, Any]]) -> str:
@@ -127,19 +270,39 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
 
 
 class SweepStatus(Callback):
-    """Hydra callback: after the last job of a multirun, print the status table, save it as sweep_status.json,
-    and exit with status 1 if any job failed."""
+    """Hydra callback: after the last job of a multirun, print the status table of THIS command's jobs, save it
+    as sweep_status.json, and exit with status 1 if any of them failed. Job folders that earlier commands left in
+    the same sweep folder (other overrides) are listed apart and do not count."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+        self.sweep_id = f"{socket.gethostname()}:{os.getpid()}:{self.started:.6f}"
+        os.environ[SWEEP_ID] = self.sweep_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = collect(sweep_dir)
-        if not jobs:
+        everything = collect(sweep_dir, getattr(self, "sweep_id", None), getattr(self, "started", None))
+        jobs = [j for j in everything if j["current"]]
+        stale = [j for j in everything if not j["current"]]
+        if not everything:
             return
-        write_json(sweep_dir / "sweep_status.json", jobs)
+        write_json(sweep_dir / "sweep_status.json", everything)
         print(f"\nsweep {sweep_dir.resolve()}\n{status_table(jobs)}")
+        if stale:
+            print(f"\nnot part of this command ({len(stale)} job folders an earlier command left here; not counted):"
+                  f"\n{status_table(stale)}")
         print(f"report: regbench report {sweep_dir.resolve()}")
         failed = [j for j in jobs if j["outcome"] in ("failed", "not run")]
         if failed:
-            print(f"regbench: error: {len(failed)} of {len(jobs)} sweep jobs failed; re-run the same command to "
-                  "retry them (finished jobs are skipped, interrupted ones resume)", file=sys.stderr)
+            print(f"regbench: error: {len(failed)} of {len(jobs)} sweep jobs failed; to retry them (finished jobs are "
+                  f"skipped, interrupted ones resume), run: {retry_command(sweep_dir)}", file=sys.stderr)
             sys.exit(1)
+
+
+def retry_command(sweep_dir: Path) -> str:
+    """The exact command that re-runs this sweep into the same folder (an ad-hoc sweep's folder is named by the
+    time it started, so "the same command" would start a new one)."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", NAMING_KEY + "="))]
+    return shlex.join(["regbench", *args, f"hydra.sweep.dir={sweep_dir.resolve()}"])
