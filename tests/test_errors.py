@@ -130,6 +130,22 @@ def case_download_env_invalid(tmp_path, monkeypatch, capsys):
     return msg
 
 
+def case_sweep_earlier_folder(tmp_path, monkeypatch, capsys):
+    job = tmp_path / "s" / "regularizer=[]" / "seed=0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- regularizer=[]\n- optimizer.lr=0.1\n")
+    (job / "COMPLETED").write_text("{}")
+    return run_cli(capsys, "-m", "regularizer=[],[l2]", "optimizer.lr=0.01", f"hydra.sweep.dir={tmp_path}/s")
+
+
+def case_sweep_dataset_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REGBENCH_DATA", str(tmp_path / "d"))  # mnist5k has no data.root: the environment serves both
+    monkeypatch.setenv("REGBENCH_DOWNLOAD", "false")
+    msg = run_cli(capsys, "-m", "data=mnist5k,mnist", "seed=0,1", f"hydra.sweep.dir={tmp_path}/s")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
+    return msg
+
+
 # (row id, how to provoke it, text the message contains). Rows given as a list are plain command lines.
 CASES = [
     ("typo-key", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
@@ -184,6 +200,15 @@ CASES = [
      "regularizer.transfer.freeze_layers=3: expected fewer than the model's 3 dense/conv layers"),
     ("batchnorm-batch-of-one", ["regularizer=[batchnorm]", "data.batch_size=1"],
      "data.batch_size=1: expected at least 2 with batchnorm"),
+    ("sweep-same-folder", lambda t, m, c: run_cli(c, "-m", "regularizer=[l2,dropout],[dropout,l2]",
+                                                   f"hydra.sweep.dir={t}/s"),
+     "two jobs of this sweep map to one folder, regularizer=[l2,dropout]/seed=0: regularizer=[l2,dropout] and "
+     "regularizer=[dropout,l2] are the same run"),
+    ("sweep-earlier-folder", case_sweep_earlier_folder,
+     "regularizer=[]/seed=0: holds a job of an earlier command with other overrides (optimizer.lr=0.1; now: "
+     "optimizer.lr=0.01); this sweep would skip it as its own; fix: choose another hydra.sweep.dir=..."),
+    ("sweep-dataset-missing", case_sweep_dataset_missing,
+     "data=mnist: dataset files missing or corrupt in"),
 ]
 
 

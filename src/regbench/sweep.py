@@ -9,6 +9,7 @@ A failing job never stops the others: the failure is recorded, and after the las
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -51,13 +52,27 @@ def canonical_name(override_dirname: str) -> str:
     from regbench.regularizers import REGISTRY
 
     def order(name: str):
-        return (REGISTRY[name].order, name) if name in REGISTRY else (10**6, name)
+        member = name if name in REGISTRY else _preset_member(name)
+        return (REGISTRY[member].order, name) if member in REGISTRY else (10**6, name)
 
     def sort(m) -> str:
         members = sorted((x.strip() for x in m.group(2).split(",") if x.strip()), key=order)
         return f"{m.group(1)}[{','.join(members)}]"
 
     return re.sub(r"((?:^|,)regularizer=)\[([^\]]*)\]", sort, override_dirname) or "default"
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_member(option: str) -> Optional[str]:
+    """The member a preset of the regularizer group configures (lecture_dropout -> dropout), from its YAML."""
+    import yaml
+
+    path = Path(__file__).resolve().parent / "configs" / "regularizer" / f"{option}.yaml"
+    try:
+        keys = [k for k in (yaml.safe_load(path.read_text()) or {}) if k != "defaults"]
+    except (OSError, yaml.YAMLError, TypeError):
+        return None
+    return keys[0] if len(keys) == 1 else None
 
 
 def sweep_jobs(overrides: list[str], params: dict) -> list[list[str]]:
