@@ -119,3 +119,19 @@ def test_the_retry_hint_is_the_exact_command_with_the_sweep_folder(tmp_path, mon
     assert retry_command(sweep) == f"regbench -m 'regularizer=[],[l2]' optimizer.lr=0.1 hydra.sweep.dir={sweep}"
     monkeypatch.setattr("sys.argv", ["regbench", "-m", "seed=0,1", "hydra.sweep.dir=elsewhere/../x"])
     assert retry_command(tmp_path / "x") == f"regbench -m seed=0,1 hydra.sweep.dir={tmp_path / 'x'}"
+
+
+def test_a_diverging_sweep_job_fails_with_its_one_line_reason_and_no_traceback(tmp_path, caplog):
+    import math
+
+    from regbench.sweep import OUTCOME, run_job
+    from regbench.train import fit
+    from tests.conftest import TINY, compose_cfg
+
+    cfg = compose_cfg(*TINY, "optimizer=sgd", "optimizer.lr=1e30")
+    with caplog.at_level("ERROR"):
+        assert math.isnan(run_job(cfg, tmp_path / "job", fit, None))
+    record = json.loads((tmp_path / "job" / OUTCOME).read_text())
+    assert record["outcome"] == "failed" and record["reason"].startswith("training diverged: non-finite training loss")
+    logged = [r.getMessage() for r in caplog.records if r.name == "regbench.sweep"]
+    assert logged == [f"job failed: {record['reason']}"]  # the one line, no traceback

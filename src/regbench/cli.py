@@ -172,11 +172,22 @@ def _sweep_params(cfg: DictConfig) -> dict:
     return dict(cfg.hydra.sweeper.get("params") or {})
 
 
+SUBDIR = "${rb_run_name:${hydra.job.override_dirname}}/seed=${seed}"  # configs/hydra/default.yaml
+
+
+def _regbench_names(cfg: DictConfig) -> bool:
+    """The sweep's folders are named by regbench (basic sweeper, the default subdir), so it can plan them."""
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper._target_", default="")
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+    return sweeper.endswith("BasicSweeper") and subdir == SUBDIR
+
+
 def _check_sweep(overrides: Sequence[str], cfgs: list[DictConfig]) -> None:
     """Before any job of a sweep starts: one folder per job, no earlier command's job taken over."""
     from regbench.sweep import check_folders
 
-    check_folders(list(overrides), _sweep_params(cfgs[0]), Path(cfgs[0].hydra.sweep.dir), cfgs[0].seed)
+    if _regbench_names(cfgs[0]):
+        check_folders(list(overrides), _sweep_params(cfgs[0]), Path(cfgs[0].hydra.sweep.dir), cfgs[0].seed)
     _check_data(cfgs)
 
 
@@ -200,7 +211,7 @@ def _naming(overrides: Sequence[str], cfgs: list[DictConfig]) -> list[str]:
     """The override that names a sweep's job folders by what its jobs vary (regbench.sweep.naming)."""
     from regbench.sweep import naming_override
 
-    extra = naming_override(list(overrides), _sweep_params(cfgs[0])) if cfgs else None
+    extra = naming_override(list(overrides), _sweep_params(cfgs[0])) if cfgs and _regbench_names(cfgs[0]) else None
     return [extra] if extra else []
 
 
