@@ -127,12 +127,12 @@ def test_slurm_launcher_config_composes_and_rejects_a_typo(tmp_path, capsys):
 
 
 def test_named_study_expands_its_params_and_is_validated():
-    cfgs = check(["sweep=regularizer_ladder"], multirun=True)
+    cfgs = check(["sweep=regularizer_ladder"], multirun=True, runs=False)
     stacks = {tuple(c.regularizer) for c in cfgs}
     assert stacks == {(), ("dropout",), ("l2",), ("batchnorm",), ("l2", "dropout")}
     assert {c.seed for c in cfgs} == {0, 1, 2}
     assert cfgs[0].hydra.sweep.dir == "outputs/sweeps/regularizer_ladder"
-    cfgs = check(["sweep=regularizer_ladder", "seed=7"], multirun=True)  # the command line wins for a key
+    cfgs = check(["sweep=regularizer_ladder", "seed=7"], multirun=True, runs=False)  # the command line wins for a key
     assert {c.seed for c in cfgs} == {7}
 
 
