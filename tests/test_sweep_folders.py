@@ -135,3 +135,27 @@ def test_a_diverging_sweep_job_fails_with_its_one_line_reason_and_no_traceback(t
     assert record["outcome"] == "failed" and record["reason"].startswith("training diverged: non-finite training loss")
     logged = [r.getMessage() for r in caplog.records if r.name == "regbench.sweep"]
     assert logged == [f"job failed: {record['reason']}"]  # the one line, no traceback
+
+
+def test_status_counts_only_the_jobs_this_command_ran(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from regbench.sweep import OUTCOME, SWEEP_ID, collect
+
+    def job(name, outcome, sweep_id, age):
+        d = tmp_path / name / "seed=0"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text("[]\n")
+        (d / OUTCOME).write_text(json.dumps({"outcome": outcome, "reason": "", "value": None, "sweep_id": sweep_id}))
+        stamp = time.time() - age
+        os.utime(d / ".hydra" / "overrides.yaml", (stamp, stamp))
+
+    job("mine_ok", "ok", "now", 0)
+    job("old_failed", "failed", "before", 3600)
+    job("old_no_id", "failed", None, 3600)
+    job("killed_now", "ok", "before", 0)  # set up now, killed before its record: the "ok" is an earlier one's
+    jobs = {j["run"].split("/")[0]: j for j in collect(tmp_path, "now", time.time() - 60)}
+    assert {k for k, j in jobs.items() if j["current"]} == {"mine_ok", "killed_now"}
+    assert jobs["killed_now"]["outcome"] == "not run"
+    assert all(j["current"] for j in collect(tmp_path))  # no command given: every folder

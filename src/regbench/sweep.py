@@ -116,8 +116,6 @@ def naming_override(overrides: list[str], params: dict) -> Optional[str]:
 def check_folders(overrides: list[str], params: dict, sweep_dir: Path, default_seed: int) -> None:
     """Refuse (one line, before launching) a sweep whose jobs would share a folder, or that would take over a
     folder of an earlier command's job with other overrides (it would be skipped or resumed as this job)."""
-    from regbench.errors import RegbenchError
-
     jobs = sweep_jobs(overrides, params)
     _, names = naming(jobs)
     seen: dict[str, list[str]] = {}
@@ -140,8 +138,6 @@ def _defining(job: list[str]) -> set[str]:
 
 
 def _check_earlier(run_dir: Path, job: list[str]) -> None:
-    from regbench.errors import RegbenchError
-
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         return
@@ -259,19 +255,22 @@ def collect(sweep_dir: Path, sweep_id: Optional[str] = None, since: Optional[flo
         except (OSError, ValueError):
             pass
         info["current"] = sweep_id is None or _belongs(run_dir, info.get("sweep_id"), sweep_id, since)
+        if info["current"] and sweep_id is not None and info.get("sweep_id") not in (None, sweep_id):
+            # set up by this command but killed before it recorded an outcome: the record is an earlier one's
+            info.update(outcome="not run", reason="no outcome recorded (the job was killed?)", value=None)
         jobs.append(info)
     return jobs
 
 
 def _belongs(run_dir: Path, recorded: Optional[str], sweep_id: str, since: Optional[float]) -> bool:
-    """A job of this command: it recorded this command's id; or, where it recorded none (killed before its
-    record, or a launcher that does not pass the environment on), Hydra set its folder up after the start."""
-    if recorded is not None:
-        return recorded == sweep_id
-    if since is None:
+    """A job of this command: it recorded this command's id; or Hydra set its folder up (.hydra/) after the
+    command started (a job killed before its record, or a launcher that does not pass the environment on)."""
+    if recorded == sweep_id:
         return True
-    stamps = [p.stat().st_mtime for p in (run_dir / OUTCOME, run_dir / ".hydra" / "overrides.yaml") if p.exists()]
-    return max(stamps, default=0.0) >= since - 2.0  # 2 s: coarse file-system clocks
+    if since is None:
+        return recorded is None
+    hydra = run_dir / ".hydra" / "overrides.yaml"
+    return hydra.exists() and hydra.stat().st_mtime >= since - 2.0  # 2 s: coarse file-system clocks
 
 
 def status_table(jobs: list[dict[str, Any]]) -> str:
