@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from urllib.error import URLError
@@ -146,6 +147,41 @@ def case_sweep_dataset_missing(tmp_path, monkeypatch, capsys):
     return msg
 
 
+def fake_slurm(tmp_path, monkeypatch, sbatch_error: str | None) -> None:
+    """SLURM commands on PATH that answer like a cluster whose default partition has 4-CPU, 8 GB nodes; sbatch
+    refuses with ``sbatch_error`` (None: no sbatch and no srun at all)."""
+    bin_dir = tmp_path / "slurm-bin"
+    bin_dir.mkdir()
+    (bin_dir / "sinfo").write_text("#!/bin/sh\necho 'debug*|4|8192|(null)'\n")
+    if sbatch_error is not None:
+        (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho 'sbatch: error: {sbatch_error}' >&2\nexit 1\n")
+        (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir) if sbatch_error is None else f"{bin_dir}:{os.environ['PATH']}")
+
+
+def case_slurm_resources(tmp_path, monkeypatch, capsys):
+    fake_slurm(tmp_path, monkeypatch, "never called")
+    msg = run_cli(capsys, "-m", *TINY, "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=8",
+                  f"hydra.sweep.dir={tmp_path}/s")
+    assert not (tmp_path / "s").exists()
+    return msg
+
+
+def case_slurm_sbatch_refused(tmp_path, monkeypatch, capsys):
+    fake_slurm(tmp_path, monkeypatch, "Batch job submission failed: Requested time limit is invalid (missing or "
+                                      "exceeds some limit)")
+    return run_cli(capsys, "-m", *TINY, "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/s")
+
+
+def case_slurm_no_sbatch(tmp_path, monkeypatch, capsys):
+    fake_slurm(tmp_path, monkeypatch, None)
+    msg = run_cli(capsys, "-m", *TINY, "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/s")
+    assert not (tmp_path / "s").exists()
+    return msg
+
+
 # (row id, how to provoke it, text the message contains). Rows given as a list are plain command lines.
 CASES = [
     ("typo-key", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
@@ -209,6 +245,13 @@ CASES = [
      "optimizer.lr=0.01); this sweep would skip it as its own; fix: choose another hydra.sweep.dir=..."),
     ("sweep-dataset-missing", case_sweep_dataset_missing,
      "data=mnist: dataset files missing or corrupt in"),
+    ("slurm-resources", case_slurm_resources, "hydra.launcher.cpus_per_task=8: no node of partition (default) has "
+     "that many (at most 4 per node); fix: hydra.launcher.cpus_per_task=4 or less, or another hydra.launcher.partition"),
+    ("slurm-sbatch-refused", case_slurm_sbatch_refused, "hydra.launcher: sbatch refused the job array: Batch job "
+     "submission failed: Requested time limit is invalid (missing or exceeds some limit); fix: lower "
+     "hydra.launcher.timeout_min"),
+    ("slurm-no-sbatch", case_slurm_no_sbatch, "hydra/launcher=slurm: sbatch and srun not found; fix: run the sweep "
+     "on a SLURM login node"),
 ]
 
 

@@ -115,10 +115,11 @@ def test_real_launchers_run_a_two_job_sweep(launcher, threads, tmp_path):
 
 
 def test_slurm_launcher_config_composes_and_rejects_a_typo(tmp_path, capsys):
-    cfgs = check(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "seed=0,1"], multirun=True)
+    cfgs = check(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "seed=0,1"], multirun=True, runs=False)
     launcher = cfgs[0].hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
-    assert launcher.max_num_timeout == 3 and launcher.cpus_per_task == 4
+    assert launcher._target_ == "hydra_plugins.regbench_launcher.slurm_launcher.SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.max_num_timeout == 3
+    assert launcher.cpus_per_task == 2 and launcher.mem_gb == 4  # fits a small node
     with pytest.raises(SystemExit) as e:
         main(["-m", "hydra/launcher=slurm", "hydra.launcher.partiton=gpu", f"hydra.sweep.dir={tmp_path}/s"])
     assert e.value.code == 2

@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,9 +32,15 @@ EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
 def fault_point(name: str, epoch: int) -> None:
-    """Testing hook: ``REGBENCH_FAULT=<name>:<epoch>`` SIGKILLs this process here (crash-safety tests)."""
+    """Testing hooks: ``REGBENCH_FAULT=<name>:<epoch>`` SIGKILLs this process here (crash-safety tests);
+    ``REGBENCH_PAUSE=<epoch>:<seconds>`` sleeps after that epoch's summary, so the SLURM tests can interrupt a
+    run at a known epoch (a resumed run does not repeat the epoch, so it does not pause again; a sleep changes
+    nothing a run computes)."""
     if os.environ.get("REGBENCH_FAULT") == f"{name}:{epoch}":
         os.kill(os.getpid(), signal.SIGKILL)
+    pause = os.environ.get("REGBENCH_PAUSE", "").split(":")
+    if name == "after_summary" and len(pause) == 2 and pause[0] == str(epoch):
+        time.sleep(float(pause[1]))
 
 
 # ---------------------------------------------------------------------------------------------- RNG

@@ -165,6 +165,10 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
         from regbench.train import prepare_run_dir
 
         prepare_run_dir(Path(cfgs[0].hydra.run.dir), cfgs[0].trainer.resume)
+    if runs and multirun and cfgs:  # before a job array no node can run is submitted (it would pend forever)
+        from regbench.slurm import check_launcher
+
+        check_launcher(cfgs[0].hydra.launcher)
     return cfgs
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import socket
+import signal
 import sys
 import time
 import traceback
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETED"
 OUTCOME = "sweep_job.json"
+# Outcomes of a job that stopped before the end (a SLURM preemption or time limit, another deliberate exit):
+# not failed, the next run of the sweep resumes it.
+STOPPED = ("preempted", "timed-out", "interrupted")
 
 
 # ------------------------------------------------------------------------------------ folder names
@@ -194,8 +198,12 @@ def archive_failed(run_dir: Path) -> Path:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, fit, default_threads: Optional[int]) -> float:
-    """One job of a multirun: skip, resume, retry or start it, and record the outcome; never raises
-    (except KeyboardInterrupt), so one failure does not stop the sweep. Returns the monitored value or NaN."""
+    """One job of a multirun: skip, resume, retry or start it, and record the outcome; never raises (except
+    KeyboardInterrupt and SystemExit), so one failure does not stop the sweep. Returns the monitored value or NaN.
+
+    Under submitit (hydra/launcher=slurm|processes) a preemption or time limit ends the job through submitit's
+    signal handler: it checkpoints the launcher call, requeues the job and raises SystemExit, which must reach
+    submitit (the requeued job resumes this run folder); the outcome says why it stopped."""
     action, reason = job_plan(run_dir)
     if action == "skip":
         value = _monitored(run_dir, cfg.trainer.monitor)
@@ -205,11 +213,19 @@ def run_job(cfg: DictConfig, run_dir: Path, fit, default_threads: Optional[int])
     if action == "retry":
         dest = archive_failed(run_dir)
         log.info("retrying %s (the failed attempt is kept in %s)", run_dir, dest)
+    _tag_requeue_signal()
     try:
         value = fit(cfg, run_dir, resume=action == "resume", default_threads=default_threads)
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # noqa: BLE001 - a failing job must not stop the sweep
+        stopped = getattr(e, "regbench_status", None)
+        if stopped is not None or isinstance(e, SystemExit):
+            _record(run_dir, stopped or "interrupted", getattr(e, "regbench_reason", "the process was ended"), None)
+            if isinstance(e, SystemExit):
+                raise  # submitit's requeue (or another deliberate exit): the process ends here
+            log.error("job stopped: %s", e)
+            return math.nan  # submitit did not requeue it (max_num_timeout reached): re-running the sweep resumes it
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         # A user-fixable failure (RegbenchError: bad data, a divergence) is its one line; a bug keeps its traceback.
         log.error("job failed: %s%s", first, "" if isinstance(e, RegbenchError) else "\n" + traceback.format_exc())
@@ -218,6 +234,72 @@ def run_job(cfg: DictConfig, run_dir: Path, fit, default_threads: Optional[int])
         return math.nan
     _record(run_dir, "resumed" if action == "resume" else "ok", reason if action == "resume" else "", value)
     return value
+
+
+def _tag_requeue_signal() -> None:
+    """Under submitit, wrap its checkpoint-and-requeue signal handler (USR2) so that the exception it raises says
+    why the job stopped: ``regbench_status`` is "timed-out" or "preempted", by submitit's own test. fit writes
+    it to summary.json, run_job to the sweep's outcome."""
+    if "submitit" not in sys.modules:
+        return
+    from submitit.core.job_environment import JobEnvironment, SignalHandler
+    from submitit.core.utils import UncompletedJobError
+
+    try:
+        sig = JobEnvironment._usr_sig()
+        handler = signal.getsignal(sig)
+        owner = getattr(handler, "__self__", None)
+        if not isinstance(owner, SignalHandler) or handler.__name__ != "checkpoint_and_try_requeue":
+            return
+
+        def tagged(signum, frame):
+            status = "timed-out" if owner.has_timed_out() else "preempted"
+            name = signal.Signals(signum).name
+            try:
+                handler(signum, frame)
+            except UncompletedJobError as e:  # submitit does not requeue it (max_num_timeout reached)
+                _tag(e, status, f"{status} and not requeued ({e}); re-run the sweep to resume it")
+                raise
+            except SystemExit as e:  # checkpointed and requeued: the process ends, the requeued job resumes
+                _tag(e, status, f"{status} (SLURM sent {name}); requeued, it resumes from its last checkpoint")
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. `scontrol requeue` refused while SLURM requeues it itself
+                # The process must end without a result all the same: a result would tell the sweep the job is
+                # done while SLURM's own requeue (preemption) runs it again; without one, SLURM's requeue or a
+                # re-run of the sweep resumes it.
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                log.warning("warning: submitit could not requeue the job (%s); ending it without a result", first)
+                stop = SystemExit(-1)
+                _tag(stop, status, f"{status} (SLURM sent {name}); submitit's requeue failed ({first}); a requeue "
+                                   "by SLURM or a re-run of the sweep resumes it")
+                raise stop from e
+
+        signal.signal(sig, tagged)
+    except (AttributeError, ValueError, RuntimeError) as e:  # another submitit, or not the main thread
+        log.warning("warning: cannot watch submitit's requeue signal (%s); an interrupted job is reported as "
+                    "'interrupted'", e)
+
+
+def skip_if_completed(run_dir: Path, monitor: str) -> tuple[bool, float]:
+    """(skipped, value): what run_job does first, for a launcher that decides before submitting a job (a re-run
+    of a cluster sweep queues only the jobs that still have work)."""
+    action, reason = job_plan(run_dir)
+    if action != "skip":
+        return False, math.nan
+    value = _monitored(run_dir, monitor)
+    _record(run_dir, "skipped", reason, value)
+    return True, value
+
+
+def _tag(e: BaseException, status: str, reason: str) -> None:
+    e.regbench_status = status  # type: ignore[attr-defined]
+    e.regbench_reason = reason  # type: ignore[attr-defined]
+
+
+def record_outcome(run_dir: Path, outcome: str, reason: str, value: Optional[float]) -> None:
+    """The outcome of a job as the sweep's status table shows it (also for the launcher: a job that ended
+    without a result)."""
+    _record(run_dir, outcome, reason, value)
 
 
 def _monitored(run_dir: Path, monitor: str) -> float:
@@ -275,10 +357,11 @@ def _belongs(run_dir: Path, recorded: Optional[str], sweep_id: str, since: Optio
 
 def status_table(jobs: list[dict[str, Any]]) -> str:
     width = max([len(j["run"]) for j in jobs] + [3])
-    lines = [f"{'run':<{width}}  {'status':<8}  reason"]
+    lines = [f"{'run':<{width}}  {'status':<9}  reason"]
     for j in jobs:
-        lines.append(f"{j['run']:<{width}}  {j['outcome']:<8}  {j['reason']}")
+        lines.append(f"{j['run']:<{width}}  {j['outcome']:<9}  {j['reason']}")
     counts = {k: sum(j["outcome"] == k for j in jobs) for k in ("ok", "resumed", "skipped", "failed")}
+    counts.update({k: n for k in STOPPED if (n := sum(j["outcome"] == k for j in jobs))})
     lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
     return "\n".join(lines)
 
@@ -306,7 +389,7 @@ class SweepStatus(Callback):
             print(f"\nnot part of this command ({len(stale)} job folders an earlier command left here; not counted):"
                   f"\n{status_table(stale)}")
         print(f"report: regbench report {sweep_dir.resolve()}")
-        failed = [j for j in jobs if j["outcome"] in ("failed", "not run")]
+        failed = [j for j in jobs if j["outcome"] in ("failed", "not run", *STOPPED)]
         if failed:
             print(f"regbench: error: {len(failed)} of {len(jobs)} sweep jobs failed; to retry them (finished jobs are "
                   f"skipped, interrupted ones resume), run: {retry_command(sweep_dir)}", file=sys.stderr)

@@ -460,8 +460,8 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
             log.info("test (%s): acc %.4f nll %.4f ece %.4f", name, result["acc"], result["nll"], result["ece"])
     except BaseException as e:
         bar.close()
-        summary.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                       error=str(e).splitlines()[0] if str(e) else type(e).__name__, finished=_now(),
+        summary.update(status=_stopped_status(e), error=getattr(e, "regbench_reason", None)
+                       or (str(e).splitlines()[0] if str(e) else type(e).__name__), finished=_now(),
                        time_s=round(time.perf_counter() - started, 2))
         try:
             write_json(run_dir / "summary.json", summary)
@@ -540,6 +540,16 @@ def tta_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig
         total = p if total is None else total + p
     probs = total / len(views)
     return {**summarize_probs(probs, y, cfg.bins), "views": [name for name, _ in views]}
+
+
+def _stopped_status(e: BaseException) -> str:
+    """summary.json's status when fit ends by ``e``: "preempted" / "timed-out" when SLURM's signal stopped it
+    (set by regbench.sweep's watch on submitit's requeue handler; the requeued job resumes), "interrupted" for
+    Ctrl-C or another deliberate exit, else "failed" (a sweep runs a failed job again from scratch)."""
+    status = getattr(e, "regbench_status", None)
+    if status is not None:
+        return status
+    return "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
 
 
 def _last_row(run_dir: Path) -> Optional[dict]:
