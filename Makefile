@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench clean slurm-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/regbench $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) slurm-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -26,6 +26,21 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_loop.py
+
+# tests/test_slurm.py starts a throwaway single-node SLURM cluster from Debian's packages: installed here with
+# apt-get when they are missing and apt-get can run (as root); otherwise those tests skip and say why.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+SLURM_BINARIES := munged slurmctld slurmd sbatch srun squeue scontrol scancel sinfo
+slurm-packages:
+	@missing=; for b in $(SLURM_BINARIES); do PATH="$$PATH:/usr/sbin:/sbin" command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing SLURM for the SLURM tests (missing:$$missing): apt-get install $(SLURM_PACKAGES)"; \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SLURM_PACKAGES)) >/dev/null \
+	    || echo "make: could not install $(SLURM_PACKAGES); the SLURM tests will be skipped"; \
+	else \
+	  echo "make: SLURM is not installed (missing:$$missing) and apt-get cannot run here (needs root); the SLURM tests will be skipped"; \
+	fi
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

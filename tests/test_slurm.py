@@ -12,6 +12,7 @@ installed (``make test`` installs them with apt-get where it can).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,8 +23,6 @@ import pytest
 import yaml
 
 from tests.slurm_cluster import PACKAGES, SlurmCluster, missing_binaries
-
-pytestmark = pytest.mark.slow
 
 JOBS = ["data.train_size=64", "data.batch_size=32", "data.val_fraction=0.025", "data.test_size=100",
         "trainer.max_epochs=3", "trainer.progress_bar=false"]
@@ -39,7 +38,13 @@ def slurm():
                     f"{PACKAGES} with apt-get where it can (as root)")
     cluster = SlurmCluster()
     try:
-        cluster.start()
+        try:
+            cluster.start()
+        except RuntimeError as e:
+            if os.geteuid() == 0:
+                raise  # installed, as root: a cluster that does not start is a failure, not a skip
+            pytest.skip(f"the test cluster did not start as a non-root user ({str(e).splitlines()[0]}); the "
+                        "SLURM tests run as root (as in CI)")
         TIMES["cluster start"] = cluster.start_time_s
         yield cluster
     finally:
@@ -164,6 +169,7 @@ def resumed_from(run: Path) -> list[int]:
 # -------------------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_a_two_job_sweep_completes_with_the_basic_launchers_folders_and_numbers(slurm, reference, tmp_path):
     sweep = tmp_path / "sweep"
     t0 = time.perf_counter()
@@ -179,6 +185,7 @@ def test_a_two_job_sweep_completes_with_the_basic_launchers_folders_and_numbers(
     assert "2 ok, 0 resumed, 0 skipped, 0 failed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_preempted_jobs_are_requeued_and_resume_from_their_last_epoch_bitwise(slurm, reference, tmp_path):
     sweep = tmp_path / "sweep"
     proc = start(["-m", *SLURM, "regularizer=[],[l2]", *JOBS, f"hydra.sweep.dir={sweep}"], tmp_path, slurm,
@@ -205,6 +212,7 @@ def test_preempted_jobs_are_requeued_and_resume_from_their_last_epoch_bitwise(sl
     assert "0 ok, 2 resumed" in out and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_time_limit_usr2_and_cancel_outright_then_the_rerun_runs_only_the_cancelled_job(slurm, reference, tmp_path):
     # Three jobs with a one-minute time limit; after epoch 1 each pauses: job 0 is cancelled outright, job 1
     # gets USR2 from scancel (as SLURM sends it before the time limit), job 2 waits for SLURM's own time-limit
@@ -252,6 +260,7 @@ def test_time_limit_usr2_and_cancel_outright_then_the_rerun_runs_only_the_cancel
     assert_same_results(cancelled, reference / name(cancelled))
 
 
+@pytest.mark.slow
 def test_requests_no_node_can_satisfy_fail_at_once_with_one_line(slurm, tmp_path, monkeypatch, capsys):
     from regbench.cli import main
 
@@ -267,3 +276,74 @@ def test_requests_no_node_can_satisfy_fail_at_once_with_one_line(slurm, tmp_path
                               f"that many (at most {most}")
         assert not (tmp_path / "s").exists()
     assert slurm.run("squeue", "-h", "-t", "all", "-o", "%i").stdout == jobs  # nothing submitted
+
+
+# ------------------------------------------------------------- submitit's signal handler, without a cluster
+
+
+@pytest.fixture
+def submitit_handler(monkeypatch):
+    """submitit's real USR2 handler for a job with a 1-minute limit (so any signal counts as "timed-out"),
+    installed as in a job; ``requeue`` is what ``scontrol requeue`` does (returns, or raises)."""
+    import signal
+    import types
+
+    from submitit.core import job_environment
+
+    state = {"requeue": lambda countdown: None}
+    monkeypatch.setattr(job_environment, "_checkpoint", lambda delayed, path, countdown: "")
+    env = types.SimpleNamespace(global_rank=0, _requeue=lambda countdown: state["requeue"](countdown))
+    delayed = types.SimpleNamespace(_timeout_min=1, _timeout_countdown=1,
+                                    function=types.SimpleNamespace(checkpoint=None))
+    handler = job_environment.SignalHandler(env, types.SimpleNamespace(submitted_pickle=None), delayed)
+    sig = job_environment.JobEnvironment._usr_sig()
+    old = signal.signal(sig, handler.checkpoint_and_try_requeue)
+    yield state, delayed
+    signal.signal(sig, old)
+
+
+def signalled_fit(cfg, run_dir, resume, default_threads):
+    from submitit.core.job_environment import JobEnvironment
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.kill(os.getpid(), JobEnvironment._usr_sig())
+    time.sleep(5)  # the handler raises before this ends
+    raise AssertionError("the signal did not arrive")
+
+
+@pytest.mark.parametrize("case", ["requeued", "requeue-refused", "too-many-timeouts"])
+def test_run_job_lets_submitits_requeue_end_the_process_and_records_why(case, submitit_handler, tmp_path):
+    import subprocess as sp
+
+    from regbench.sweep import OUTCOME, run_job
+    from regbench.train import _stopped_status
+    from tests.conftest import compose_cfg
+
+    state, delayed = submitit_handler
+    delayed._timeout_countdown = {"requeued": 1, "requeue-refused": 1, "too-many-timeouts": 0}[case]
+    if case == "requeue-refused":
+        def refuse(countdown):
+            raise sp.CalledProcessError(1, ["scontrol", "requeue", "7_0"])
+        state["requeue"] = refuse
+    run = tmp_path / "run"
+    cfg = compose_cfg("trainer.progress_bar=false")
+    if case == "too-many-timeouts":  # submitit gives up: the job returns, the sweep reports it, a re-run resumes
+        assert math.isnan(run_job(cfg, run, signalled_fit, None))
+        outcome = json.loads((run / OUTCOME).read_text())
+        assert outcome["outcome"] == "timed-out" and "timed-out too many times" in outcome["reason"]
+        return
+    with pytest.raises(SystemExit) as e:  # what submitit needs: the process ends without a result
+        run_job(cfg, run, signalled_fit, None)
+    assert e.value.regbench_status == "timed-out" and _stopped_status(e.value) == "timed-out"
+    outcome = json.loads((run / OUTCOME).read_text())
+    assert outcome["outcome"] == "timed-out"
+    expected = "requeued, it resumes" if case == "requeued" else "submitit's requeue failed (Command"
+    assert expected in outcome["reason"], outcome["reason"]
+
+
+def test_stopped_status_of_other_exceptions():
+    from regbench.train import _stopped_status
+
+    assert _stopped_status(KeyboardInterrupt()) == "interrupted"
+    assert _stopped_status(SystemExit(1)) == "interrupted"
+    assert _stopped_status(ValueError("x")) == "failed"
