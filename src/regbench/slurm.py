@@ -83,7 +83,8 @@ class SlurmLauncher(PluginSlurmLauncher):
             runs.append(Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir))
             params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
             skipped, value = skip_if_completed(runs[-1], sweep_config.trainer.monitor)
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}{' (completed earlier: skipped)' if skipped else ''}")
+            note = " (completed earlier: not submitted)" if skipped else ""
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}{note}")
             if skipped:
                 done[i] = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=value)
         return runs, params, done
