@@ -83,12 +83,20 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Load a checkpoint with the safe unpickler only (tensors and primitives); never runs code from the file."""
     import pickle
     import re
+    import warnings
+    import zipfile
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a raw pickle before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise RegbenchError(f"checkpoint {path}: no such file") from None
     except pickle.UnpicklingError as e:  # the safe unpickler refused something: code, or a foreign object
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this is a bare pickle stream
+            raise RegbenchError(f"checkpoint {path}: not a torch.save checkpoint (a raw pickle file, which regbench "
+                                "never unpickles: it could run code); fix: use a checkpoint written by regbench"
+                                ) from None
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[-1][:160]
         raise RegbenchError(f"checkpoint {path}: cannot be loaded safely ({what}, which the weights-only loader "
