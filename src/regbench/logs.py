@@ -93,10 +93,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except FileNotFoundError:
         raise RegbenchError(f"checkpoint {path}: no such file") from None
     except pickle.UnpicklingError as e:  # the safe unpickler refused something: code, or a foreign object
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this is a bare pickle stream
-            raise RegbenchError(f"checkpoint {path}: not a torch.save checkpoint (a raw pickle file, which regbench "
-                                "never unpickles: it could run code); fix: use a checkpoint written by regbench"
-                                ) from None
+        path = Path(path)
+        if not zipfile.is_zipfile(path) and path.read_bytes()[:1] == b"\x80":  # a bare pickle stream (PROTO)
+            raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (it is a raw pickle file, not a "
+                                "torch.save checkpoint; regbench never unpickles files, which could run code); fix: "
+                                "use a checkpoint written by regbench") from None
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[-1][:160]
         raise RegbenchError(f"checkpoint {path}: cannot be loaded safely ({what}, which the weights-only loader "
