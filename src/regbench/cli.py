@@ -386,7 +386,7 @@ def saved_config_dir(run_dir: Path) -> Path:
     except Exception as e:
         raise RegbenchError(_yaml_error(e) or f"{saved}: cannot be read as a regbench config ({_first_line(e)})"
                             ) from None
-    defaults = ["train_schema", *_saved_schemas(cfg, saved), "hydra: default", "_self_"]
+    defaults = ["train_schema", *_saved_schemas(cfg, saved), {"hydra": "default"}, "_self_"]
     folder = Path(tempfile.mkdtemp(prefix="regbench-rerun-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     # json.dumps: a folder name with a newline or a quote stays inside the comment.
