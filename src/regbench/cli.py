@@ -428,8 +428,6 @@ def _saved_schemas(cfg, saved: Path) -> list[str]:
 def _hydra_quoted(value: str) -> str:
     """``value`` as a single-quoted Hydra override value that means exactly ``value`` (no sweep, no
     interpolation): quotes and the backslashes before them escaped, ``${`` escaped."""
-    import re
-
     value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
     value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
     return "'" + value.replace("${", "\\${") + "'"
