@@ -216,6 +216,8 @@ def _naming(overrides: Sequence[str], cfgs: list[DictConfig]) -> list[str]:
 
     extra = naming_override(list(overrides), _sweep_params(cfgs[0])) if cfgs and _regbench_names(cfgs[0]) else None
     return [extra] if extra else []
+
+
 @contextlib.contextmanager
 def _config_search(config_dir: Optional[str]):
     """Hydra's search path as the real command builds it: regbench's configs are the primary folder and
