@@ -19,7 +19,7 @@ from regbench.augment import (OPS, Policy, _augmentation_space, adjust_brightnes
 from regbench.data import DATASETS, Normalizer, load_data
 from regbench.errors import ConfigError
 from regbench.train import fit
-from tests.conftest import TINY, compose_cfg, config_options
+from tests.conftest import F32_REL, TINY, compose_cfg, config_options
 
 MNIST, CIFAR = DATASETS["mnist5k"], DATASETS["cifar10"]
 SIMPLE = {"hflip": {}, "vflip": {}, "crop": {}, "affine": {"rotation": 20, "translate": 0.1, "zoom": 0.1, "shear": 5},
@@ -416,7 +416,7 @@ def test_tta_views_and_identity_only_equals_plain_evaluation(tmp_path):
     cfg = compose_cfg("augmentation.tta.enabled=true", "augmentation.tta.hflip=false", "augmentation.tta.shift=0")
     only = tta_eval(model, x, y, cfg.augmentation.tta, True)
     assert only["views"] == ["identity"]
-    assert only["nll"] == pytest.approx(evaluate(model, x, y, 100)["loss"], rel=1e-6)
+    assert only["nll"] == pytest.approx(evaluate(model, x, y, 100)["loss"], rel=F32_REL)
     cfg = compose_cfg("augmentation.tta.enabled=true")
     assert tta_eval(model, x, y, cfg.augmentation.tta, True)["views"] == [
         "identity", "hflip", "shift_left", "shift_right", "shift_up", "shift_down"]

@@ -180,6 +180,40 @@ def case_slurm_no_sbatch(tmp_path, monkeypatch, capsys):
     msg = run_cli(capsys, "-m", *TINY, "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/s")
     assert not (tmp_path / "s").exists()
     return msg
+def saved_config_with(tmp_path: Path, **nodes) -> Path:
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    cfg = OmegaConf.to_container(compose_cfg(*TINY))
+    cfg.update(nodes)
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return run
+
+
+def case_rerun_foreign_key(tmp_path, monkeypatch, capsys):
+    run = saved_config_with(tmp_path, hydra={"callbacks": {"x": {"_target_": "os.makedirs", "name": f"{tmp_path}/pwned"}}})
+    msg = run_cli(capsys, "rerun", str(run))
+    assert not (tmp_path / "pwned").exists()
+    return msg
+
+
+def case_rerun_foreign_model(tmp_path, monkeypatch, capsys):
+    return run_cli(capsys, "rerun", str(saved_config_with(tmp_path, model={"name": "resnet"})))
+
+
+def case_yaml_syntax(tmp_path, monkeypatch, capsys):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "broken.yaml").write_text("# @package _global_\ntrainer:\n  max_epochs: [1, 2\n")
+    return run_cli(capsys, "--config-dir", str(tmp_path), "experiment=broken", f"hydra.run.dir={tmp_path}/r")
+
+
+def case_raw_pickle_checkpoint(tmp_path, monkeypatch, capsys):
+    import pickle
+
+    (tmp_path / "epoch_0001.pt").write_bytes(pickle.dumps({"model": {}}, protocol=4))
+    return run_cli(capsys, *TINY, "regularizer=[transfer]", f"regularizer.transfer.init_from={tmp_path}/epoch_0001.pt",
+                   f"hydra.run.dir={tmp_path}/r")
 
 
 # (row id, how to provoke it, text the message contains). Rows given as a list are plain command lines.
@@ -252,6 +286,25 @@ CASES = [
      "hydra.launcher.timeout_min"),
     ("slurm-no-sbatch", case_slurm_no_sbatch, "hydra/launcher=slurm: sbatch and srun not found; fix: run the sweep "
      "on a SLURM login node"),
+    ("rerun-foreign-key", case_rerun_foreign_key,
+     "key 'hydra' is not part of a regbench config (a run saves only seed, data, model, optimizer, scheduler, trainer, "
+     "regularizer, augmentation); refusing it"),
+    ("rerun-not-regbench-config", case_rerun_foreign_model, "model is not a regbench model config (name 'resnet'"),
+    ("experimental-rerun", lambda t, m, c: run_cli(c, "--experimental-rerun", f"{t}/config.pickle"),
+     "config.pickle: refused (it unpickles the file, which can run code); fix: regbench rerun <run dir>"),
+    ("yaml-syntax", case_yaml_syntax, "experiment/broken.yaml, line 4, column 1: YAML syntax error: while parsing a "
+     "flow sequence (opened on line 3, column 15): expected ',' or ']', but got '<stream end>'"),
+    ("config-dir-missing", lambda t, m, c: run_cli(c, "--config-dir", f"{t}/nope", "experiment=mine"),
+     "nope: no such folder; fix: give a folder that holds config groups"),
+    ("added-key", ["+trainer.max_epoch=1"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
+    ("unquoted-non-ascii", ["data.root=/tmp/daten/müller"],
+     "data.root=/tmp/daten/müller: unquoted non-ASCII character 'ü' in the value; fix: quote the value, "
+     "e.g. \"data.root='/tmp/daten/müller'\""),
+    ("mc-dropout-zero-rate", ["regularizer=[dropout,mc_dropout]", "regularizer.dropout.rate=0"],
+     "regularizer=[dropout,mc_dropout]: expected a dropout layer with a non-zero rate in the model for mc_dropout "
+     "(regularizer.dropout.rate=0, spatial=0.0)"),
+    ("checkpoint-raw-pickle", case_raw_pickle_checkpoint,
+     "cannot be loaded safely (it is a raw pickle file, not a torch.save checkpoint; regbench never unpickles"),
 ]
 
 

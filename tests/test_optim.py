@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from regbench.optim import build_optimizer, build_scheduler
-from tests.conftest import compose_cfg, config_options
+from tests.conftest import F32_REL, compose_cfg, config_options
 
 EXPECTED = {
     "sgd": (torch.optim.SGD, {"lr": 0.01, "momentum": 0.0, "nesterov": False}),
@@ -50,7 +50,7 @@ def test_sgd_momentum_step_by_hand():
         opt.step()
     # step 1: v = 2w0 = (2, -4); w1 = w0 - 0.1 v = (0.8, -1.6)
     # step 2: v = 0.9 (2, -4) + 2 w1 = (3.4, -6.8); w2 = w1 - 0.1 v = (0.46, -0.92)
-    assert w.detach().tolist() == pytest.approx([0.46, -0.92])
+    assert w.detach().tolist() == pytest.approx([0.46, -0.92], rel=F32_REL)
 
 
 def _lrs(sched_overrides, steps_per_epoch=10, epochs=5, lr=0.1):

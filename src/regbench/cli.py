@@ -7,10 +7,12 @@ folder is written or any job of a sweep is launched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -130,7 +132,7 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
           config_name: str = CONFIG_NAME, runs: bool = True) -> list[DictConfig]:
     """Compose and validate every job the command line describes. Raises RegbenchError with one line.
     ``runs``: the command will train (so the run folder must not hold an earlier run's results)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
     from regbench.config import validate
 
@@ -141,7 +143,7 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
         raise
     except Exception as e:
         raise RegbenchError(describe(e)) from None
-    with initialize_config_dir(config_dir=str(Path(config_dir or CONFIG_DIR).resolve()), version_base="1.3"):
+    with _config_search(config_dir):
         if multirun:  # a named study's hydra.sweeper.params sweep too (the command line wins for a key)
             try:
                 base = compose(config_name=config_name, overrides=jobs[0], return_hydra_config=True)
@@ -157,6 +159,7 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
                 cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
             except Exception as e:
                 raise RegbenchError(describe(e)) from None
+            _refuse_added_keys(job, cfg)
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what the task sees
             cfgs.append(cfg)
     if multirun and runs and cfgs:
@@ -219,6 +222,53 @@ def _naming(overrides: Sequence[str], cfgs: list[DictConfig]) -> list[str]:
     return [extra] if extra else []
 
 
+@contextlib.contextmanager
+def _config_search(config_dir: Optional[str]):
+    """Hydra's search path as the real command builds it: regbench's configs are the primary folder and
+    ``--config-dir DIR`` (Hydra 1.3: "an additional config dir") is put in front of them, so DIR's files add
+    config options (an experiment of your own) or replace regbench's, while ``train`` stays the primary config."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    search_path = create_config_search_path(str(CONFIG_DIR))
+    if config_dir is not None:
+        extra = Path(config_dir).expanduser().resolve()
+        if not extra.is_dir():
+            raise RegbenchError(f"--config-dir {config_dir}: no such folder; fix: give a folder that holds config "
+                                "groups, e.g. <dir>/experiment/<name>.yaml")
+        search_path.prepend(provider="command-line", path=f"file://{extra}", anchor=SearchPathQuery(provider="schema"))
+    backup = get_gh_backup()
+    version.setbase("1.3")
+    Hydra.create_main_hydra2(task_name="regbench", config_search_path=search_path)
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def _refuse_added_keys(job: Sequence[str], cfg: DictConfig) -> None:
+    """``+key=value`` adds a key the schemas lack (``+trainer.max_epoch=1``, ``+foo=bar``): regbench never reads
+    it, so the run would silently ignore it. Config-group selections (``+experiment=x``) and ``hydra.*`` pass."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = set(cfg.hydra.runtime.choices)
+    for o in OverridesParser.create().parse_overrides(list(job)):
+        key = o.key_or_group
+        if not (o.is_add() or o.is_force_add()) or key in groups or key.split(".")[0] in ("hydra", "hydra/"):
+            continue
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        schema = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+        if dataclasses.is_dataclass(schema) and leaf in _schema_keys(schema):
+            continue  # ++key=value on a key that exists: a plain override
+        if o.is_force_add() and not dataclasses.is_dataclass(schema):
+            continue
+        raise RegbenchError(_no_such_key(key, schema))
+
+
 def describe(e: BaseException) -> str:
     """One line for a Hydra / OmegaConf composition error: the key, what is wrong, how to fix it."""
     from hydra.errors import MissingConfigException, OverrideParseException
@@ -230,36 +280,71 @@ def describe(e: BaseException) -> str:
         hint = difflib.get_close_matches(name, options, n=1)
         return (f"{group}={name}: no such option in config group '{group}'; available: {', '.join(options)}"
                 + (f"; did you mean {group}={hint[0]}?" if hint else ""))
+    if isinstance(e, OverrideParseException) and _unquoted_non_ascii(e.override):
+        key, _, value = e.override.partition("=")
+        return (f"{e.override}: unquoted non-ASCII character {_unquoted_non_ascii(e.override)!r} in the value; fix: "
+                f"quote the value, e.g. \"{key}='{value}'\" (the outer quotes are for the shell)")
     if isinstance(e, OverrideParseException):
         return f"cannot parse override: {_first_line(e)}; see https://hydra.cc/docs/1.3/advanced/override_grammar/basic"
+    if _yaml_error(e):
+        return _yaml_error(e)
     cause = e
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
-        key = cause.full_key
-        parts = key.split(".")
-        if parts[0] == "regularizer" and len(parts) >= 2 and _schema_keys(getattr(cause, "object_type", None)) == []:
-            members = sorted(p.stem for p in (CONFIG_DIR / "regularizer").glob("*.yaml"))
-            if parts[1] in members:
-                return (f"{key}: {parts[1]} is not in the regularizer stack; add it first: "
-                        f"regularizer=[{parts[1]}] (or append it to the list you already use)")
-            hint = difflib.get_close_matches(parts[1], members, n=1)
-            return (f"{key}: no regularizer named '{parts[1]}'; available: {', '.join(members)}"
-                    + (f"; did you mean {hint[0]}?" if hint else ""))
-        leaf = key.rsplit(".", 1)[-1]
-        known = _schema_keys(getattr(cause, "object_type", None))
-        hint = difflib.get_close_matches(leaf, known, n=1)
-        msg = f"{key}: no such key"
-        if known:
-            msg += f" (valid keys here: {', '.join(known)})"
-        if hint:
-            msg += f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{hint[0]}?"
-        return msg
+        return _no_such_key(cause.full_key, getattr(cause, "object_type", None))
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {_first_line(cause)}"
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {_first_line(cause)}"
     return _first_line(e)
+
+
+def _unquoted_non_ascii(override: str) -> str:
+    """The first non-ASCII character of an unquoted value (Hydra's lexer accepts them only in quotes), or ''."""
+    value = override.partition("=")[2]
+    if value[:1] in ("'", '"'):
+        return ""
+    return next((c for c in value if ord(c) > 127), "")
+
+
+def _yaml_error(e: BaseException) -> str:
+    """'<file>, line N: YAML syntax error ...' for a YAML error anywhere in ``e``'s chain, else ''."""
+    import yaml
+
+    cause: Optional[BaseException] = e
+    while cause is not None and not isinstance(cause, yaml.MarkedYAMLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or cause.problem_mark is None:
+        return ""
+    mark, context = cause.problem_mark, cause.context_mark
+    what = cause.problem or "invalid YAML"
+    if cause.context and context is not None:
+        what = f"{cause.context} (opened on line {context.line + 1}, column {context.column + 1}): {what}"
+    return (f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {what}; "
+            "fix: correct the YAML in that file")
+
+
+def _no_such_key(key: str, object_type) -> str:
+    """One line for a key no schema has (``object_type``: the dataclass of the node it was looked up in)."""
+    parts = key.split(".")
+    if parts[0] == "regularizer" and len(parts) >= 2 and _schema_keys(object_type) == []:
+        members = sorted(p.stem for p in (CONFIG_DIR / "regularizer").glob("*.yaml"))
+        if parts[1] in members:
+            return (f"{key}: {parts[1]} is not in the regularizer stack; add it first: "
+                    f"regularizer=[{parts[1]}] (or append it to the list you already use)")
+        hint = difflib.get_close_matches(parts[1], members, n=1)
+        return (f"{key}: no regularizer named '{parts[1]}'; available: {', '.join(members)}"
+                + (f"; did you mean {hint[0]}?" if hint else ""))
+    leaf = key.rsplit(".", 1)[-1]
+    known = _schema_keys(object_type)
+    hint = difflib.get_close_matches(leaf, known, n=1)
+    msg = f"{key}: no such key"
+    if known:
+        msg += f" (valid keys here: {', '.join(known)})"
+    if hint:
+        msg += f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{hint[0]}?"
+    return msg
 
 
 def _schema_keys(object_type) -> list[str]:
@@ -281,16 +366,20 @@ _SCHEMA_OF = {
     "optimizer": lambda name: "adam" if name == "adamw" else name,
     "scheduler": lambda name: name,
     "trainer": lambda name: "trainer",
+    "augmentation": lambda name: "policy",
 }
 
 
 def saved_config_dir(run_dir: Path) -> Path:
     """A config folder whose primary config ``rerun`` is the run's saved config, typed by regbench's schemas.
 
-    ``<run>/.hydra/config.yaml`` holds the composed config; it is wrapped with the schemas (so overrides are
-    still checked) and regbench's Hydra settings (run folders, log name) in a temporary folder.
+    ``<run>/.hydra/config.yaml`` holds the composed config. A run folder is data, not code: only the keys of
+    regbench's root schema are taken from it (no ``hydra:`` node, no ``defaults``), each group is typed by its
+    schema (so a key the schemas lack fails, and overrides are still checked), and nothing in it is pasted into
+    the generated file unescaped. Hydra's settings come from regbench's own configs, never from the folder.
     """
     import atexit
+    import json
     import shutil
     import tempfile
 
@@ -300,22 +389,54 @@ def saved_config_dir(run_dir: Path) -> Path:
                             "printed as 'run dir:' by the run")
     try:
         cfg = OmegaConf.load(saved)
-        defaults = ["train_schema"]
-        for group, schema in _SCHEMA_OF.items():
-            node = cfg[group]
-            defaults.append(f"/schema/{group}/{schema(node.name if 'name' in node else group)}@{group}")
-        members = cfg.regularizer if "regularizer" in cfg else {}  # runs saved before the stack existed
-        defaults += [f"/schema/regularizer/{m}@regularizer.{m}" for m in members]
     except Exception as e:
-        raise RegbenchError(f"{saved}: cannot be read as a regbench config ({_first_line(e)})") from None
+        raise RegbenchError(_yaml_error(e) or f"{saved}: cannot be read as a regbench config ({_first_line(e)})"
+                            ) from None
+    defaults = ["train_schema", *_saved_schemas(cfg, saved), {"hydra": "default"}, "_self_"]
     folder = Path(tempfile.mkdtemp(prefix="regbench-rerun-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    shutil.copytree(CONFIG_DIR / "hydra", folder / "hydra")
-    body = OmegaConf.to_yaml(cfg)
+    # json.dumps: a folder name with a newline or a quote stays inside the comment.
     (folder / "rerun.yaml").write_text(
-        "# The saved config of " + str(run_dir) + ", typed by regbench's schemas.\ndefaults:\n"
-        + "".join(f"  - {d}\n" for d in defaults) + "  - hydra: default\n  - _self_\n\n" + body)
+        f"# The saved config of {json.dumps(str(run_dir))}, typed by regbench's schemas.\n"
+        + OmegaConf.to_yaml({"defaults": defaults}) + "\n" + OmegaConf.to_yaml(cfg))
     return folder
+
+
+def _saved_schemas(cfg, saved: Path) -> list[str]:
+    """The schema defaults that type a saved config; refuses any key regbench does not write itself."""
+    from regbench.config import SCHEMAS, TrainConfig
+
+    allowed = [f.name for f in dataclasses.fields(TrainConfig)]
+    if not isinstance(cfg, DictConfig):
+        raise RegbenchError(f"{saved}: not a regbench config (expected a mapping with keys {', '.join(allowed)})")
+    for key in cfg:
+        if key not in allowed:
+            raise RegbenchError(
+                f"{saved}: key '{key}' is not part of a regbench config (a run saves only {', '.join(allowed)}); "
+                "refusing it: a run folder is data and may not configure Hydra or anything else; fix: delete the "
+                "key from the file, or rerun a folder regbench wrote")
+    schemas = []
+    for group, schema_of in _SCHEMA_OF.items():
+        node = cfg[group] if group in cfg else None
+        name = node["name"] if isinstance(node, DictConfig) and "name" in node else group
+        schema = schema_of(name) if isinstance(name, str) else None
+        if not isinstance(node, DictConfig) or schema not in SCHEMAS[group]:
+            raise RegbenchError(f"{saved}: {group} is not a regbench {group} config (name {name!r}; expected one of "
+                                f"{', '.join(SCHEMAS[group])}); fix: rerun a folder regbench wrote")
+        schemas.append(f"/schema/{group}/{schema}@{group}")
+    members = cfg.regularizer if "regularizer" in cfg else {}  # runs saved before the stack existed
+    if not isinstance(members, (dict, DictConfig)) or any(m not in SCHEMAS["regularizer"] for m in members):
+        raise RegbenchError(f"{saved}: regularizer must map regbench's members ({', '.join(SCHEMAS['regularizer'])})"
+                            " to their keys; fix: rerun a folder regbench wrote")
+    return schemas + [f"/schema/regularizer/{m}@regularizer.{m}" for m in members]
+
+
+def _hydra_quoted(value: str) -> str:
+    """``value`` as a single-quoted Hydra override value that means exactly ``value`` (no sweep, no
+    interpolation): quotes and the backslashes before them escaped, ``${`` escaped."""
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("${", "\\${") + "'"
 
 
 def _subcommand(argv: list[str]) -> list[str]:
@@ -326,8 +447,29 @@ def _subcommand(argv: list[str]) -> list[str]:
     run_dir = Path(rest[0]).expanduser().resolve()
     args = ["--config-dir", str(saved_config_dir(run_dir)), "--config-name", "rerun", *rest[1:]]
     if verb == "resume":
-        args += [f"hydra.run.dir={run_dir}", "trainer.resume=true"]
+        args += [f"hydra.run.dir={_hydra_quoted(str(run_dir))}", "trainer.resume=true"]
     return args
+
+
+# Keys that hold a path: an unquoted leading ~ there is expanded (Hydra's lexer refuses it, and shells leave
+# it alone after "key=" because a dotted key is no shell variable).
+_HOME_PATH = re.compile(r"^([+~]{0,2}(?:data\.root|regularizer\.transfer\.init_from|hydra\.(?:run|sweep)\.dir))"
+                        r"=(~[^,'\"\[\]{}()]*)$")
+
+
+def _expand_home(arg: str) -> str:
+    """``data.root=~/datasets`` -> ``data.root='/home/me/datasets'`` (other arguments unchanged)."""
+    m = _HOME_PATH.match(arg)
+    return f"{m.group(1)}={_hydra_quoted(os.path.expanduser(m.group(2)))}" if m else arg
+
+
+def _first_job_argv(argv: list[str], args, first: DictConfig) -> list[str]:
+    """``-m ... --cfg job``: Hydra shows one config at a time, so show the first job's (the note says so)."""
+    job = list(first.hydra.overrides.task)
+    print(f"regbench: note: -m with --cfg shows the config of the first job: {' '.join(job) or '(no overrides)'}",
+          file=sys.stderr)
+    flags = [a for a in argv if a not in ("-m", "--multirun") and a not in args.overrides]
+    return [*flags, *job]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -345,18 +487,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             fail(e)
         return
     try:
+        argv = [_expand_home(a) for a in argv]
         if argv and argv[0] in ("rerun", "resume"):
             argv = _subcommand(argv)
         args = get_args_parser().parse_args(argv)
+        if args.experimental_rerun is not None:  # Hydra's flag unpickles the file: code from a run folder
+            raise RegbenchError(f"--experimental-rerun {args.experimental_rerun}: refused (it unpickles the file, "
+                                "which can run code); fix: regbench rerun <run dir> (reads the run's saved config "
+                                "as data)")
         # --help and --cfg show the config the overrides compose, so the overrides get the same one-line
         # checks as a run; Hydra's own inspection (--hydra-help, --info, completion) takes none.
-        hydra_only = args.hydra_help or args.info or args.shell_completion or args.experimental_rerun
+        hydra_only = args.hydra_help or args.info or args.shell_completion
         cfgs = []
         if not hydra_only:
             cfgs = check(args.overrides, multirun=args.multirun, config_dir=args.config_dir,
                          config_name=args.config_name or CONFIG_NAME, runs=not (args.help or args.cfg))
             if args.multirun and not (args.help or args.cfg):
                 argv = [*argv, *_naming(args.overrides, cfgs)]
+            if args.multirun and args.cfg and cfgs:  # Hydra refuses -m with --cfg (a traceback): show one job
+                argv, cfgs = _first_job_argv(argv, args, cfgs[0]), []
     except RegbenchError as e:
         fail(e)
     sys.argv = [sys.argv[0], *argv]

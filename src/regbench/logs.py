@@ -83,12 +83,21 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Load a checkpoint with the safe unpickler only (tensors and primitives); never runs code from the file."""
     import pickle
     import re
+    import warnings
+    import zipfile
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a raw pickle before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise RegbenchError(f"checkpoint {path}: no such file") from None
     except pickle.UnpicklingError as e:  # the safe unpickler refused something: code, or a foreign object
+        path = Path(path)
+        if not zipfile.is_zipfile(path) and path.read_bytes()[:1] == b"\x80":  # a bare pickle stream (PROTO)
+            raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (it is a raw pickle file, not a "
+                                "torch.save checkpoint; regbench never unpickles files, which could run code); fix: "
+                                "use a checkpoint written by regbench") from None
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[-1][:160]
         raise RegbenchError(f"checkpoint {path}: cannot be loaded safely ({what}, which the weights-only loader "

@@ -194,15 +194,27 @@ def _versions() -> dict[str, str]:
 
 
 def _git() -> dict[str, Any]:
-    """Commit and dirty flag of the source tree regbench runs from (null when it is not a git checkout)."""
+    """Commit and dirty flag of the source tree regbench runs from (null when it is not a git checkout).
+
+    git runs with an environment and config nothing else chose: no GIT_* variables (a config's
+    hydra.job.env_set, or the shell, could point git at another repository or inject config such as
+    core.fsmonitor, which git runs as a command), no system or global config, and the commands git could
+    run from config switched off; from the source folder, not the run folder."""
     src = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, GIT_TERMINAL_PROMPT="0", LC_ALL="C")
+    git = ["git", "--no-optional-locks", "-c", "core.fsmonitor=false", "-c", f"core.hooksPath={os.devnull}",
+           "-c", "core.untrackedCache=false", "-c", "diff.external=", "-c", "core.pager=cat"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*git, *args], cwd=src, env=env, capture_output=True, text=True, timeout=10,
+                              stdin=subprocess.DEVNULL)
+
     try:
-        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
+        commit = run("rev-parse", "HEAD")
         if commit.returncode != 0:
             return {"commit": None, "dirty": None}
-        status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)
+        status = run("status", "--porcelain", "--untracked-files=no")
         return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from regbench.errors import ConfigError
+from regbench.errors import ConfigError, RegbenchError
 from regbench.metrics import summarize_probs
 from regbench.regularizers.base import Context, Regularizer, register
 
@@ -24,6 +24,18 @@ class MCDropoutConfig:
     bins: int = 15  # ECE bins
 
 
+def _stack(ctx: Context) -> str:
+    """The stack as it is written on the command line: ``regularizer=[dropout,mc_dropout]``."""
+    return f"regularizer=[{','.join(ctx.cfg.regularizer)}]"
+
+
+def _no_rate(ctx: Context) -> RegbenchError:
+    d = ctx.cfg.regularizer.dropout
+    return RegbenchError(f"{_stack(ctx)}: expected a dropout layer with a non-zero rate in the model for mc_dropout "
+                         f"(regularizer.dropout.rate={OmegaConf.to_container(d)['rate']}, spatial={d.spatial}); fix: "
+                         "set regularizer.dropout.rate, e.g. regularizer.dropout.rate=0.5")
+
+
 @register
 class MCDropout(Regularizer):
     name, schema, order = "mc_dropout", MCDropoutConfig, 95
@@ -32,13 +44,16 @@ class MCDropout(Regularizer):
         if self.cfg.passes < 1 or self.cfg.bins < 1:
             raise ConfigError(self.key, {"passes": self.cfg.passes, "bins": self.cfg.bins}, "integers >= 1")
         if "dropout" not in ctx.cfg.regularizer:  # neither model family has dropout of its own
-            raise ConfigError("regularizer", list(ctx.cfg.regularizer), "dropout in the model for mc_dropout",
-                              "add it to the stack, e.g. regularizer=[dropout,mc_dropout]")
+            raise RegbenchError(f"{_stack(ctx)}: expected dropout in the model for mc_dropout; add it to the stack, "
+                                "e.g. regularizer=[dropout,mc_dropout]")
+        d = ctx.cfg.regularizer.dropout
+        rates = list(d.rate) if OmegaConf.is_list(d.rate) else [d.rate]
+        if not any(rates) and not d.spatial:  # caught before the run starts; setup() checks the built model
+            raise _no_rate(ctx)
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
         if not any(isinstance(m, DROPOUT_TYPES) and m.p > 0 for m in model.modules()):
-            raise ConfigError("regularizer.dropout", OmegaConf.to_container(ctx.cfg.regularizer.dropout),
-                              "a non-zero rate where the model has dropout layers, for mc_dropout")
+            raise _no_rate(ctx)
         self.seed = int(ctx.cfg.seed)
 
     @torch.no_grad()
