@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from regbench.cli import check, claim_folder, main
+from regbench.errors import RegbenchError
 from regbench.logs import RunLogHandler, read_metrics
+from regbench.rundir import LOCK, lock
 from regbench.sweep import MARKER, job_plan
 from regbench.train import fit
 from tests.conftest import TINY, compose_cfg
@@ -137,3 +139,32 @@ def test_the_run_log_is_never_written_through_a_link(tmp_path, capsys):
     assert outside.read_text() == "not regbench's\n"
     assert not log.is_symlink() and log.read_text() == "epoch 1/1\n"
     assert "was a symbolic link; replaced it with a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("job_here,taken", [(None, False), ("17", False), ("42", True)])
+def test_a_lock_from_another_host_is_taken_over_only_by_the_same_slurm_job(job_here, taken, tmp_path,
+                                                                            monkeypatch):
+    """flock may not reach across hosts on a shared file system: another host's lock file is refused unless it
+    names this SLURM job (a job requeued onto another node continues its own run)."""
+    stale = {"kind": "run", "pid": 4242, "host": "node-a", "slurm_job": "42", "since": "2026-11-28T10:00:00+00:00"}
+    (tmp_path / LOCK).write_text(json.dumps(stale))
+    if job_here is None:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_JOB_ID", job_here)
+    if taken:
+        held = lock(tmp_path)
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+        held.release()
+        assert not (tmp_path / LOCK).exists()
+    else:
+        with pytest.raises(RegbenchError, match=r"in use by a live run \(pid 4242 on host node-a, since "):
+            lock(tmp_path)
+        assert json.loads((tmp_path / LOCK).read_text()) == stale  # left as it was
+
+
+def test_a_lock_is_reentrant_within_one_process(tmp_path):
+    held = lock(tmp_path)
+    assert lock(tmp_path) is None  # the command line claimed it; fit, in the same process, finds it held
+    held.release()
+    assert lock(tmp_path) is not None

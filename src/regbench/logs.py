@@ -38,6 +38,8 @@ TB_TAGS = {
 # Which keys a sweep varies and the values they take, written by the sweep's pre-check (``sweep_hparams``) for
 # every job: TensorBoard's HParams tab shows the keys that differ, and every key of the sweep, in every job.
 SWEEP_HPARAMS_ENV = "REGBENCH_SWEEP_HPARAMS"
+# Files in a run folder are opened without following a symbolic link (where the platform can: not Windows).
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 class LogWriteError(RegbenchError):
@@ -49,7 +51,7 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.unlink(missing_ok=True)  # a killed earlier process's (same PID), or a planted link: never written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -425,7 +427,7 @@ def _csv_line(row: dict) -> str:
 
 def open_append(path: Path, **kwargs):
     """``open(path, "a")`` that never follows a symbolic link (a link planted in a run folder is refused)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW
     return os.fdopen(os.open(path, flags, 0o644), "a", **kwargs)
 
 

@@ -8,7 +8,6 @@ command that is refused, or a run that fails before it starts training, leaves t
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -19,6 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 from regbench.errors import RegbenchError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the lock file's PID and host decide
+    fcntl = None
 
 LOCK = ".regbench.lock"
 # Everything regbench writes into a run folder: none of them may be a symbolic link (we would write through it).
@@ -91,7 +95,7 @@ def lock(folder: Path, kind: str = "run") -> Optional[Lock]:
     if str(folder.resolve()) in _held:
         return None
     path = folder / LOCK
-    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
+    nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(5):  # the holder may unlink the file between our open and our flock: try again
         try:
             try:
@@ -101,9 +105,10 @@ def lock(folder: Path, kind: str = "run") -> Optional[Lock]:
                 previous = b""
         except OSError as e:
             raise _unwritable(folder, e) from None
-        flocked = True
+        flocked = fcntl is not None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if flocked:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             info = _parse(os.pread(fd, 4096, 0))
             os.close(fd)
@@ -159,7 +164,7 @@ def live_ancestor(folder: Path) -> Optional[FolderInUse]:
     """The refusal for a folder inside a live sweep (or run) that another process holds, if any."""
     for parent in folder.resolve().parents:
         path = parent / LOCK
-        if str(parent) in _held or path.is_symlink() or not path.is_file():
+        if fcntl is None or str(parent) in _held or path.is_symlink() or not path.is_file():
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -302,6 +307,11 @@ def claim(folder: Path, fresh: bool, kind: str = "run") -> Claim:
         except OSError as e:
             _rmdirs(made)
             raise _unwritable(folder, e) from None
+    try:
+        refuse_links(folder)  # e.g. a planted .regbench.lock link: the lock itself is never written through one
+    except RegbenchError:
+        _rmdirs(made)
+        raise
     names = set(os.listdir(folder))
     try:
         summary = (folder / "summary.json").read_bytes() if not (folder / "summary.json").is_symlink() else None
