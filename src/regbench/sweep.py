@@ -177,8 +177,11 @@ def job_plan(run_dir: Path) -> tuple[str, str]:
         except (OSError, ValueError, AttributeError):
             status = "unreadable"
     if status == "completed":
-        # the same marker train.fit writes last
-        write_json(run_dir / MARKER, {"finished": record["finished"], "best": record["best"][record["monitor"]]})
+        try:  # the same marker train.fit writes last
+            marker = {"finished": record["finished"], "best": record["best"][record["monitor"]]}
+        except (KeyError, TypeError):
+            return "retry", "its summary.json says completed but lacks the results"
+        write_json(run_dir / MARKER, marker)
         return "skip", "completed earlier (its COMPLETED marker was missing and is now written)"
     if status == "failed":
         return "retry", "failed earlier"
