@@ -214,6 +214,121 @@ def case_raw_pickle_checkpoint(tmp_path, monkeypatch, capsys):
     (tmp_path / "epoch_0001.pt").write_bytes(pickle.dumps({"model": {}}, protocol=4))
     return run_cli(capsys, *TINY, "regularizer=[transfer]", f"regularizer.transfer.init_from={tmp_path}/epoch_0001.pt",
                    f"hydra.run.dir={tmp_path}/r")
+# --- one folder per run, I/O faults (issue 11 items 4, 5, 10, 11, 12) ---------------------------------------
+
+def hold_lock(folder: Path, kind: str = "run"):
+    """Another live process holding ``folder``'s lock (as a run or sweep would); returns it (kill it to end)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pathlib import Path; from regbench.rundir import claim; "
+            "claim(Path(sys.argv[1]), False, sys.argv[2]); print('held', flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), kind], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def case_run_dir_in_use(tmp_path, monkeypatch, capsys):
+    import signal
+    import socket
+
+    run = tmp_path / "r"
+    holder = hold_lock(run)
+    try:
+        msg = run_cli(capsys, *TINY, "trainer.resume=true", f"hydra.run.dir={run}")
+        assert f"(pid {holder.pid} on host {socket.gethostname()}, since " in msg
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    main([*TINY, f"hydra.run.dir={run}"])  # the dead process's lock is taken over
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert not (run / ".regbench.lock").exists()
+    return msg
+
+
+def case_sweep_dir_in_use(tmp_path, monkeypatch, capsys):
+    holder = hold_lock(tmp_path / "s", "sweep")
+    try:
+        msg = run_cli(capsys, "-m", *TINY, "seed=0,1", f"hydra.sweep.dir={tmp_path}/s")
+        inside = run_cli(capsys, *TINY, f"hydra.run.dir={tmp_path}/s/job")  # nor a run inside a live sweep
+        assert inside == msg
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".regbench.lock"]
+    return msg
+
+
+def case_outputs_is_a_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").write_text("a file where the outputs folder should be")
+    return run_cli(capsys, *TINY)
+
+
+def case_read_only_file_system(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    real = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    return run_cli(capsys, *TINY, f"hydra.run.dir={tmp_path}/ro/r")
+
+
+def case_run_log_symlink(tmp_path, monkeypatch, capsys):
+    run = unfinished_run(tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not regbench's\n")
+    (run / "regbench.log").symlink_to(outside)
+    msg = run_cli(capsys, *TINY, "trainer.max_epochs=2", "trainer.resume=true", f"hydra.run.dir={run}")
+    assert outside.read_text() == "not regbench's\n"
+    return msg
+
+
+def case_disk_full_during_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+    import io
+
+    real_save = torch.save
+
+    class FullDisk(io.RawIOBase):  # the checkpoint file, on a disk that fills up after 1000 bytes
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, FullDisk(f)))
+    msg = run_cli(capsys, *TINY, f"hydra.run.dir={tmp_path}/r")
+    assert not [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()]  # no temp file left behind
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    return msg
+
+
+def case_resume_metrics_gap(tmp_path, monkeypatch, capsys):
+    run = unfinished_run(tmp_path)
+    ckpt = run / "checkpoints" / "epoch_0002.pt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["history"]  # a checkpoint of a regbench that kept no copy of the rows
+    torch.save(state, ckpt)
+    metrics = run / "metrics.csv"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\r\n")  # the rows are lost
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    msg = run_cli(capsys, *TINY, "trainer.max_epochs=2", "trainer.resume=true", f"hydra.run.dir={run}")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # refused: nothing written
+    return msg
 
 
 # (row id, how to provoke it, text the message contains). Rows given as a list are plain command lines.
@@ -305,6 +420,18 @@ CASES = [
      "(regularizer.dropout.rate=0, spatial=0.0)"),
     ("checkpoint-raw-pickle", case_raw_pickle_checkpoint,
      "cannot be loaded safely (it is a raw pickle file, not a torch.save checkpoint; regbench never unpickles"),
+    # helper B: one folder per run, I/O faults
+    ("run-dir-in-use", case_run_dir_in_use, "r is in use by a live run (pid "),
+    ("sweep-dir-in-use", case_sweep_dir_in_use, "s is in use by a live sweep (pid "),
+    ("outputs-is-a-file", case_outputs_is_a_file,
+     "cannot create run folder outputs/runs/"),
+    ("read-only-file-system", case_read_only_file_system, "ro/r: Read-only file system; fix: choose a writable place"),
+    ("run-dir-name-too-long", lambda t, m, c: run_cli(c, *TINY, f"hydra.run.dir={t}/{'x' * 300}"),
+     ": File name too long; fix: choose a writable place with hydra.run.dir=..."),
+    ("run-dir-symlink", case_run_log_symlink,
+     "regbench.log is a symbolic link; regbench never writes through links in a run folder"),
+    ("disk-full", case_disk_full_during_checkpoint, "checkpoints/epoch_0001.pt: No space left on device; fix:"),
+    ("resume-metrics-gap", case_resume_metrics_gap, "metrics.csv lacks the rows of epochs 1, 2 and its checkpoint"),
 ]
 
 
@@ -312,7 +439,7 @@ CASES = [
 def test_error_row(row, provoke, expected, tmp_path, monkeypatch, capsys):
     if isinstance(provoke, list):
         msg = run_cli(capsys, *provoke, f"hydra.run.dir={tmp_path}/r")
-        assert not (tmp_path / "r" / "summary.json").exists()
+        assert not (tmp_path / "r").exists()  # refused, or failed before training: no folder left behind
     else:
         msg = provoke(tmp_path, monkeypatch, capsys)
     assert expected in msg, msg

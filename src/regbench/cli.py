@@ -131,7 +131,8 @@ def _jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
 def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional[str] = None,
           config_name: str = CONFIG_NAME, runs: bool = True) -> list[DictConfig]:
     """Compose and validate every job the command line describes. Raises RegbenchError with one line.
-    ``runs``: the command will train (so the run folder must not hold an earlier run's results)."""
+    ``runs``: the command will train (a sweep's folders and data are checked too). The run or sweep folder
+    itself is claimed apart, by :func:`claim_folder`, just before Hydra starts."""
     from hydra import compose
 
     from regbench.config import validate
@@ -164,10 +165,6 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
             cfgs.append(cfg)
     if multirun and runs and cfgs:
         _check_sweep(overrides, cfgs)
-    if runs and not multirun and cfgs:  # before Hydra writes .hydra/ into the folder of an earlier run
-        from regbench.train import prepare_run_dir
-
-        prepare_run_dir(Path(cfgs[0].hydra.run.dir), cfgs[0].trainer.resume)
     if runs and multirun and cfgs:  # before a job array no node can run is submitted (it would pend forever)
         from regbench.slurm import check_launcher
 
@@ -267,6 +264,50 @@ def _refuse_added_keys(job: Sequence[str], cfg: DictConfig) -> None:
         if o.is_force_add() and not dataclasses.is_dataclass(schema):
             continue
         raise RegbenchError(_no_such_key(key, schema))
+
+
+def claim_folder(cfg: DictConfig, multirun: bool):
+    """Claim the run (or sweep) folder ``cfg`` names before Hydra writes anything into it; returns the claim and
+    the overrides that hand Hydra the claimed folder. The folder name is resolved once, here: a time-stamped one
+    (``${now:...}``, the default) is always a new folder; any other may exist (a resume, a sweep run again), is
+    locked, and is refused if it holds an earlier run's results (unless resumed)."""
+    from regbench import rundir
+    from regbench.train import prepare_run_dir
+
+    key, node = ("hydra.sweep.dir", cfg.hydra.sweep) if multirun else ("hydra.run.dir", cfg.hydra.run)
+    try:
+        folder = Path(str(node.dir))
+    except Exception as e:
+        raise RegbenchError(f"{key}: {describe(e)}") from None
+    fresh = "${now:" in str(node._get_node("dir")._value())
+    if not multirun and (inside := rundir.live_ancestor(folder)) is not None:
+        raise inside  # e.g. resuming one job of a sweep that is still running
+    claim = rundir.claim(folder, fresh, "sweep" if multirun else "run")
+    try:
+        extra = [f"{key}={_quoted(claim.folder, key)}"]
+        if not multirun and prepare_run_dir(claim.folder, cfg.trainer.resume) and (
+                claim.folder / ".hydra" / "config.yaml").is_file():
+            extra.append("hydra.output_subdir=null")  # a resumed run keeps the record it was started with
+    except BaseException:
+        claim.undo()
+        raise
+    return claim, extra
+
+
+def _quoted(folder: Path, key: str) -> str:
+    """``folder`` as a quoted override value that Hydra reads back as exactly that path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    text = str(folder)
+    value = "'" + text.replace("'", "\\'") + "'"
+    try:
+        ok = "${" not in text and OverridesParser.create().parse_override(f"{key}={value}").value() == text
+    except Exception:
+        ok = False
+    if not ok:
+        raise RegbenchError(f"{key}={text!r}: a folder name Hydra cannot be given back exactly (quotes, "
+                            "'${', control characters); fix: choose a plainer folder name")
+    return value
 
 
 def describe(e: BaseException) -> str:
@@ -486,6 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except RegbenchError as e:
             fail(e)
         return
+    claim = None
     try:
         argv = [_expand_home(a) for a in argv]
         if argv and argv[0] in ("rerun", "resume"):
@@ -502,18 +544,34 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if not hydra_only:
             cfgs = check(args.overrides, multirun=args.multirun, config_dir=args.config_dir,
                          config_name=args.config_name or CONFIG_NAME, runs=not (args.help or args.cfg))
-            if args.multirun and not (args.help or args.cfg):
-                argv = [*argv, *_naming(args.overrides, cfgs)]
             if args.multirun and args.cfg and cfgs:  # Hydra refuses -m with --cfg (a traceback): show one job
                 argv, cfgs = _first_job_argv(argv, args, cfgs[0]), []
+            if not (args.help or args.cfg):  # it will train: one folder for this command alone
+                if args.multirun:
+                    argv = [*argv, *_naming(args.overrides, cfgs)]
+                claim, handed = claim_folder(cfgs[0], args.multirun)
+                argv = [*argv, *handed]
     except RegbenchError as e:
         fail(e)
     sys.argv = [sys.argv[0], *argv]
-    if not (args.multirun and cfgs):
-        app()
-        return
-    # Every job of the sweep learns which keys the sweep varies (its TensorBoard HParams columns); the launchers
-    # (in-process, joblib, submitit/SLURM) all pass the environment on to the jobs.
+    ok = False
+    try:
+        if args.multirun and cfgs:
+            _sweep_app(cfgs)
+        else:
+            app()
+        ok = True
+    except SystemExit as e:
+        ok = e.code in (0, None)
+        raise
+    finally:
+        if claim is not None:
+            claim.finish(ok)  # unlock; a run that failed before it started leaves no folder behind
+
+
+def _sweep_app(cfgs: list[DictConfig]) -> None:
+    """Hydra's multirun, every job of which learns which keys the sweep varies (its TensorBoard HParams
+    columns); the launchers (in-process, joblib, submitit/SLURM) all pass the environment on to the jobs."""
     from regbench.logs import SWEEP_HPARAMS_ENV, sweep_hparams
 
     before = os.environ.get(SWEEP_HPARAMS_ENV)

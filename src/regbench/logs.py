@@ -6,12 +6,16 @@ folder, flushed and fsynced, then renamed over the old one, so a crash never lea
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
+import logging
 import math
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +38,8 @@ TB_TAGS = {
 # Which keys a sweep varies and the values they take, written by the sweep's pre-check (``sweep_hparams``) for
 # every job: TensorBoard's HParams tab shows the keys that differ, and every key of the sweep, in every job.
 SWEEP_HPARAMS_ENV = "REGBENCH_SWEEP_HPARAMS"
+# Files in a run folder are opened without following a symbolic link (where the platform can: not Windows).
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 class LogWriteError(RegbenchError):
@@ -44,7 +50,9 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     """Write ``path`` via a temp file in the same folder + fsync + rename (the old file survives any crash)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a killed earlier process's (same PID), or a planted link: never written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             if os.environ.get("REGBENCH_FAULT") == f"during_write:{path.name}":  # crash-safety tests only
@@ -57,9 +65,14 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LogWriteError(f"cannot write {path}: {e.strerror or e}; fix: make the run folder writable "
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # never leave a half-written file behind (a full disk stays full otherwise)
+        # torch.save reports a failed write (full disk...) as a RuntimeError around the OSError
+        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        if not isinstance(e, (OSError, RuntimeError)) or not isinstance(cause, OSError):
+            raise
+        raise LogWriteError(f"cannot write {path}: {cause.strerror or cause}; fix: make the run folder writable "
                             "(or choose another with hydra.run.dir=...) and free disk space") from None
 
 
@@ -133,10 +146,12 @@ class RunLogger:
 
     ``resume_epoch``: continue an interrupted run — rows after that epoch are dropped from metrics.csv and
     TensorBoard events from later steps are purged (``purge_step``), so curves have no duplicated or stale
-    points.
+    points. ``rows``: the rows up to that epoch as the checkpoint recorded them, written back instead of
+    metrics.csv's own (which may have lost some).
     """
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, resume_epoch: int | None = None):
+    def __init__(self, run_dir: Path, cfg: DictConfig, resume_epoch: int | None = None,
+                 rows: list[dict] | None = None):
         self.run_dir = run_dir
         self.cfg = cfg
         self.metrics_path = run_dir / "metrics.csv"
@@ -146,11 +161,13 @@ class RunLogger:
             (run_dir / "checkpoints").mkdir(exist_ok=True)
             if resume_epoch is None:
                 lines = [header]
+            elif rows is not None:
+                lines = [header] + [_csv_line(r) for r in rows if r["epoch"] <= resume_epoch]
             else:
                 lines = [header] + [ln for ln in _complete_lines(self.metrics_path)[1:]
                                     if int(ln.split(",", 1)[0]) <= resume_epoch]
             atomic_write(self.metrics_path, lambda f: f.write(("\r\n".join(lines) + "\r\n").encode()))
-            self._csv_file = open(self.metrics_path, "a", newline="")
+            self._csv_file = open_append(self.metrics_path, newline="")
         except OSError as e:
             where = f" ({e.filename})" if e.filename else ""
             raise LogWriteError(f"cannot write in run folder {run_dir}: {e.strerror or e}{where}; fix: make it "
@@ -408,6 +425,35 @@ def _test_scalars(test: dict[str, float], extra: dict[str, dict]) -> dict[str, f
     for name, result in extra.items():
         values.update({f"test/{name}_{k}": result[k] for k in EXTRA_METRICS if k in result})
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+
+
+def _csv_line(row: dict) -> str:
+    """One metrics.csv row, formatted exactly as :meth:`RunLogger.log_epoch` writes it (without the line end)."""
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=METRIC_COLUMNS).writerow({k: row[k] for k in METRIC_COLUMNS})
+    return buf.getvalue().removesuffix("\r\n")
+
+
+def open_append(path: Path, **kwargs):
+    """``open(path, "a")`` that never follows a symbolic link (a link planted in a run folder is refused)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW
+    return os.fdopen(os.open(path, flags, 0o644), "a", **kwargs)
+
+
+class RunLogHandler(logging.FileHandler):
+    """Hydra's file handler for ``<run>/regbench.log`` (configs/hydra/default.yaml), opened without following a
+    symbolic link: a link planted in a run folder is replaced by a regular file, never appended through."""
+
+    def _open(self):
+        try:
+            return open_append(Path(self.baseFilename), encoding=self.encoding, errors=self.errors)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+        os.unlink(self.baseFilename)
+        print(f"regbench: warning: {self.baseFilename} was a symbolic link; replaced it with a regular file (the "
+              "run log is never written through a link)", file=sys.stderr)
+        return open_append(Path(self.baseFilename), encoding=self.encoding, errors=self.errors)
 
 
 def _as_markdown_code(text: str) -> str:

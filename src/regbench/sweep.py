@@ -166,16 +166,27 @@ def _check_earlier(run_dir: Path, job: list[str]) -> None:
 
 
 def job_plan(run_dir: Path) -> tuple[str, str]:
-    """(action, reason) for a sweep job: skip | resume | retry | new."""
+    """(action, reason) for a sweep job: skip | resume | retry | new.
+
+    A run is complete once its summary.json says so (written atomically, last); a job killed between that and
+    its COMPLETED marker gets the marker now, made from the summary, and is skipped like any completed one."""
     if (run_dir / MARKER).exists():
         return "skip", "completed earlier"
     summary = run_dir / "summary.json"
     status = None
     if summary.exists():
         try:
-            status = json.loads(summary.read_text()).get("status")
-        except (OSError, ValueError):
+            record = json.loads(summary.read_text())
+            status = record.get("status")
+        except (OSError, ValueError, AttributeError):
             status = "unreadable"
+    if status == "completed":
+        try:  # the same marker train.fit writes last
+            marker = {"finished": record["finished"], "best": record["best"][record["monitor"]]}
+        except (KeyError, TypeError):
+            return "retry", "its summary.json says completed but lacks the results"
+        write_json(run_dir / MARKER, marker)
+        return "skip", "completed earlier (its COMPLETED marker was missing and is now written)"
     if status == "failed":
         return "retry", "failed earlier"
     if status is not None or (run_dir / "metrics.csv").exists():

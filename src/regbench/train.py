@@ -238,7 +238,11 @@ RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
-    """Refuse to overwrite an earlier run; return True if this call resumes one."""
+    """Refuse to overwrite an earlier run (or to write through a planted link); return True if this call resumes
+    one."""
+    from regbench.rundir import refuse_links
+
+    refuse_links(run_dir)
     summary_path = run_dir / "summary.json"
     has_results = summary_path.exists() or (run_dir / "metrics.csv").exists()
     if not has_results:
@@ -267,9 +271,22 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     continue it from its newest checkpoint; on CPU the result is bitwise identical to an uninterrupted run.
     ``default_threads`` replaces the all-cores default of ``trainer.num_threads=null`` (parallel sweep jobs).
     Returns the best value of ``trainer.monitor`` (what Hydra sweepers optimise).
+    The folder is locked while the run lives (the command line has claimed it already; a sweep job, or a call
+    from Python, locks it here), so no other run or resume writes into it meanwhile.
     """
-    validate(cfg)
+    from regbench.rundir import claim
+
     run_dir = Path(run_dir)
+    held = claim(run_dir, fresh=False).lock  # None when this process holds it already (the command line)
+    try:
+        return _fit(cfg, run_dir, resume, default_threads)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads: Optional[int]) -> float:
+    validate(cfg)
     t = cfg.trainer
     resuming = prepare_run_dir(run_dir, t.resume if resume is None else resume)
     set_determinism(t.deterministic)
@@ -329,8 +346,9 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last)
     sign = 1.0 if t.monitor == "val_loss" else -1.0  # minimise val_loss, maximise val_acc
     best_score, best_row, start_epoch, step = math.inf, None, 0, 0
+    history: list[dict] = []  # every epoch's metrics row, also kept in the checkpoints (restores metrics.csv)
+    restore: Optional[list[dict]] = None  # the rows metrics.csv gets back on a resume (None: keep its own)
     if resuming:
-        ckpts.clean_temporaries()
         state, load_warnings = ckpts.load_latest(device)
         for w in load_warnings:
             log.warning("warning: %s", w)
@@ -341,6 +359,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
                 raise RegbenchError(f"cannot resume {run_dir}: its checkpoint was written with another config; keys "
                                     f"that differ: {'; '.join(differ)}; fix: resume with the run's own config "
                                     f"(`regbench resume {run_dir}`) or start a new run folder")
+            history, restore = resumed_rows(run_dir, state)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None:
@@ -354,6 +373,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
             log.info("resuming %s from epoch %d", run_dir, start_epoch)
         else:
             log.warning("warning: %s has no usable checkpoint; starting it from epoch 1", run_dir)
+        ckpts.clean_temporaries()  # only now: a refused resume leaves the folder as it was
 
     log.info("model %s: %s trainable parameters, %s frozen, %s running-statistic values; optimizer %s; "
              "regularizers [%s]; device %s, %d threads", cfg.model.name, f"{params['trainable']:,}",
@@ -365,7 +385,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
                  wd["mode"], wd["applied_by"], f"{wd['decayed_elements']:,}", wd["decayed_tensors"],
                  f"{wd['not_decayed_elements']:,}", wd["not_decayed_tensors"])
 
-    logger = RunLogger(run_dir, cfg, resume_epoch=start_epoch if resuming else None)
+    logger = RunLogger(run_dir, cfg, resume_epoch=start_epoch if resuming else None, rows=restore)
     if policy is not None and cfg.augmentation.preview and not resuming:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             before = data.train_raw[:cfg.augmentation.preview]
@@ -427,6 +447,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
                 "epoch_time_s": round(time.perf_counter() - epoch_start, 4),
             }
             logger.log_epoch(row)
+            history.append(row)
             fault_point("after_metrics", epoch)
             bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val['loss']:.4f}", val_acc=f"{val['acc']:.4f}")
             log.info("epoch %d/%d  train loss %.4f acc %.4f%s | val loss %.4f acc %.4f | gap %.4f | lr %.3g | %.2fs",
@@ -445,7 +466,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "regularizers": stack.state_dict(), "rng": capture_rng(order),
                     "epoch": epoch, "step": step, "metrics": row, "best_score": best_score, "best_row": best_row,
-                    "config": resolved,
+                    "config": resolved, "history": list(history),
                 }, best=improved)
             summary.update(epochs_completed=epoch, final=row, best=best_row)
             write_json(run_dir / "summary.json", summary)
@@ -462,10 +483,13 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
         if cfg.augmentation.tta.enabled:
             extra["tta"] = tta_eval(model, data.test_x, data.test_y, cfg.augmentation.tta, data.info.flips_label_safe,
                                     cfg.data.eval_batch_size)
-        summary.update(status="completed", test=test, test_extra=extra, regularizer_info=ctx.info,
-                       finished=_now(), time_s=round(time.perf_counter() - started, 2))
-        write_json(run_dir / "summary.json", summary)
+        summary.update(test=test, test_extra=extra, regularizer_info=ctx.info)
         logger.log_hparams(test, extra)
+        # The completion, one atomic step: summary.json says "completed" only once everything else is written.
+        # The COMPLETED marker after it can be re-derived from it (sweeps do, if a kill fell in between).
+        summary.update(status="completed", finished=_now(), time_s=round(time.perf_counter() - started, 2))
+        write_json(run_dir / "summary.json", summary)
+        fault_point("before_marker", summary["epochs_completed"])
         log.info("test loss %.4f acc %.4f ece %.4f; best epoch %d by %s", test["loss"], test["acc"], test["ece"],
                  summary["best"]["epoch"], t.monitor)
         for name, result in extra.items():
@@ -501,6 +525,24 @@ def _divergence(what: str, epoch: int, step: int, steps_per_epoch: int, cfg: Dic
         f"training diverged: {what} in epoch {epoch} (steps {step - steps_per_epoch + 1}-{step}) with optimizer "
         f"{cfg.optimizer.name} lr={cfg.optimizer.lr}, regularizers [{','.join(names)}]; {kept}; fix: lower "
         "optimizer.lr, add a warmup (scheduler=warmup) or regularizer=[grad_clip]")
+
+
+def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[dict]]]:
+    """(metrics rows of epochs 1..the checkpoint's, the rows to write back into metrics.csv or None to keep its
+    own). A checkpoint holds every row so far (metrics.csv may have lost some); one written by an older regbench
+    holds none, and then metrics.csv must hold them all, or the resumed run would have a gap."""
+    from regbench.logs import read_metrics
+
+    if "history" in state:
+        return list(state["history"]), list(state["history"])
+    epoch = state["epoch"]
+    rows = [{**r, "step": int(r["step"])} for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= epoch]
+    missing = sorted(set(range(1, epoch + 1)) - {r["epoch"] for r in rows})
+    if missing:
+        raise RegbenchError(f"cannot resume {run_dir}: metrics.csv lacks the rows of epochs "
+                            f"{', '.join(map(str, missing))} and its checkpoint (written by an older regbench) holds "
+                            "no copy of them; fix: put the rows back into metrics.csv, or start a new run folder")
+    return rows, None
 
 
 def augmentation_warnings(cfg: DictConfig, policy, info) -> list[str]:
