@@ -19,6 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from regbench import provenance
 from regbench.config import register_configs
 from regbench.errors import RegbenchError
 
@@ -314,12 +315,27 @@ def saved_config_dir(run_dir: Path) -> Path:
     return folder
 
 
-def _subcommand(argv: list[str]) -> list[str]:
-    """``rerun <run> [overrides]`` / ``resume <run> [overrides]`` -> plain Hydra arguments."""
+def _finished(run_dir: Path) -> bool:
+    """``regbench resume`` of a finished run prints one line and exits 0: there is nothing left to do."""
+    try:
+        done = ((run_dir / "COMPLETED").is_file()
+                or json.loads((run_dir / "summary.json").read_text())["status"] == "completed")
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    if done:
+        print(f"regbench: {run_dir} is already finished (completed); nothing to resume")
+    return done
+
+
+def _subcommand(argv: list[str]) -> Optional[list[str]]:
+    """``rerun <run> [overrides]`` / ``resume <run> [overrides]`` -> plain Hydra arguments (None: nothing to do)."""
     verb, rest = argv[0], argv[1:]
     if not rest or "=" in rest[0]:
         raise RegbenchError(f"usage: regbench {verb} <run dir> [overrides...]")
     run_dir = Path(rest[0]).expanduser().resolve()
+    if verb == "resume" and _finished(run_dir):
+        return None
+    provenance.set_origin(verb, run_dir, ["regbench", *argv])
     args = ["--config-dir", str(saved_config_dir(run_dir)), "--config-name", "rerun", *rest[1:]]
     if verb == "resume":
         args += [f"hydra.run.dir={run_dir}", "trainer.resume=true"]
@@ -340,9 +356,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except RegbenchError as e:
             fail(e)
         return
+    provenance.clear()
     try:
         if argv and argv[0] in ("rerun", "resume"):
             argv = _subcommand(argv)
+            if argv is None:
+                return
         args = get_args_parser().parse_args(argv)
         # --help and --cfg show the config the overrides compose, so the overrides get the same one-line
         # checks as a run; Hydra's own inspection (--hydra-help, --info, completion) takes none.
@@ -357,7 +376,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         fail(e)
     sys.argv = [sys.argv[0], *argv]
     if not (args.multirun and cfgs):
-        app()
+        try:
+            app()
+        finally:
+            provenance.clear()  # an in-process caller's next run is not a rerun
         return
     # Every job of the sweep learns which keys the sweep varies (its TensorBoard HParams columns); the launchers
     # (in-process, joblib, submitit/SLURM) all pass the environment on to the jobs.
@@ -372,6 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         app()
     finally:  # main() may run again in this process (tests): no stale plan for the next command
+        provenance.clear()
         if before is None:
             os.environ.pop(SWEEP_HPARAMS_ENV, None)
         else:
