@@ -182,3 +182,34 @@ def test_the_bar_adds_no_console_handler_where_there_was_none(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train loss" not in err  # the log line went nowhere, as before: tqdm added no handler of its own
 
+
+
+# ---------------------------------------------------------------------------------- the TensorBoard hint
+
+
+def test_tensorboard_hint_runs_as_printed(tmp_path, monkeypatch):
+    import shutil
+
+    from regbench.cli import tensorboard_command
+
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "tensorboard").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # the venv is not activated: not on PATH
+    assert tensorboard_command() == str(venv_bin / "tensorboard")
+    monkeypatch.setattr(shutil, "which", lambda name: str(venv_bin / name))  # activated
+    assert tensorboard_command() == "tensorboard"
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/tensorboard")  # another one first on PATH
+    assert tensorboard_command() == str(venv_bin / "tensorboard")
+    (venv_bin / "tensorboard").unlink()
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # none beside this Python: its module
+    assert tensorboard_command() == f"{venv_bin / 'python'} -m tensorboard.main"
+
+
+def test_make_tb_runs_the_venv_tensorboard():
+    import subprocess
+
+    out = subprocess.run(["make", "-n", "tb", "DIR=outputs/runs/x"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert ".venv/bin/tensorboard --logdir 'outputs/runs/x'" in out.splitlines()[-1]

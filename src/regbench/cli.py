@@ -78,8 +78,23 @@ def app(cfg: DictConfig) -> float:
     except RegbenchError as e:
         fail(e)
     print(f"run dir: {run_dir.resolve()}")
-    print(f"view it: tensorboard --logdir {run_dir.resolve()}")
+    print(f"view it: {tensorboard_command()} --logdir {run_dir.resolve()}")
     return value
+
+
+def tensorboard_command() -> str:
+    """``tensorboard`` when that runs it from the user's shell; else the path next to this Python (a venv that
+    is not activated, as after `make run`), so the printed hint runs as printed."""
+    import shlex
+    import shutil
+
+    beside = Path(sys.executable).parent / "tensorboard"
+    found = shutil.which("tensorboard")
+    if found and (not beside.exists() or Path(found).resolve() == beside.resolve()):
+        return "tensorboard"
+    if beside.exists():
+        return shlex.quote(str(beside))
+    return f"{shlex.quote(sys.executable)} -m tensorboard.main"
 
 
 def _threads_per_job(hc) -> Optional[int]:
