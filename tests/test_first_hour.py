@@ -124,7 +124,8 @@ def test_rerun_and_resume_record_the_run_they_came_from(tmp_path):
     main(["resume", str(tmp_path / "again")])
     resumed = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["resumed_from_epoch"] == 2
-    assert resumed["provenance"] == {"rerun_of": str(src.resolve()), "resumed_from": str((tmp_path / "again").resolve())}
+    assert resumed["provenance"] == {"rerun_of": str(src.resolve()),
+                                     "resumed_from": str((tmp_path / "again").resolve())}
     assert resumed["command"][:2] == ["regbench", "resume"]
 
 

@@ -381,8 +381,8 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
         "regularizers": stack.names, "params": params, "monitor": t.monitor, "final": None, "best": best_row,
         "test": None, "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
         "deterministic": t.deterministic, "steps_per_epoch": steps_per_epoch, "warnings": warnings,
-        "regularizer_info": ctx.info, "augmentation": _augmentation_info(cfg, policy), "versions": _versions(), "git": _git(),
-        "command": provenance.command() or sys.argv, "provenance": _provenance(run_dir, resuming),
+        "regularizer_info": ctx.info, "augmentation": _augmentation_info(cfg, policy), "versions": _versions(), "git": _git(), "command": provenance.command() or sys.argv,
+        "provenance": _provenance(run_dir, resuming),
         "run_dir": str(run_dir.resolve()), "resumed_from_epoch": start_epoch if resuming else None,
         "started": _now(), "finished": None, "time_s": None, "error": None,
     }
