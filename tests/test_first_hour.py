@@ -48,7 +48,8 @@ def test_a_run_that_ends_at_chance_warns_in_the_log_and_the_summary(tmp_path, ca
     assert [w for w in summary["warnings"] if "ended at chance accuracy" in w] == [
         "the run ended at chance accuracy: final val acc 0.100 with 10 classes (chance 0.100; not above 0.145, "
         "chance + 3 standard errors over 400 validation images): the model did not learn; check optimizer.lr "
-        "(too high can kill ReLUs, too low stays on the initial plateau), model.init, or train longer"]
+        "(too high can kill ReLUs, too low stays on the initial plateau), model.init, gradient spikes "
+        "(regularizer=[grad_clip]), or train longer"]
     assert sum("ended at chance accuracy" in r.getMessage() for r in caplog.records) == 1
 
 

@@ -548,7 +548,7 @@ def chance_warning(final: Optional[dict], num_classes: int, n_val: int) -> Optio
     Skipped when the validation set is too small to tell (3 standard errors at chance exceed chance itself,
     i.e. about 9 * (classes - 1) images or fewer) or when there is no final epoch.
     """
-    if final is None or final.get("val_acc") is None or num_classes < 2:
+    if final is None or final["val_acc"] is None or num_classes < 2:
         return None
     p = 1.0 / num_classes
     margin = 3 * math.sqrt(p * (1 - p) / max(n_val, 1))
@@ -557,7 +557,7 @@ def chance_warning(final: Optional[dict], num_classes: int, n_val: int) -> Optio
     return (f"the run ended at chance accuracy: final val acc {final['val_acc']:.3f} with {num_classes} classes "
             f"(chance {p:.3f}; not above {p + margin:.3f}, chance + 3 standard errors over {n_val} validation "
             "images): the model did not learn; check optimizer.lr (too high can kill ReLUs, too low stays on the "
-            "initial plateau), model.init, or train longer")
+            "initial plateau), model.init, gradient spikes (regularizer=[grad_clip]), or train longer")
 
 
 def preview_indices(y: torch.Tensor, k: int) -> torch.Tensor:
@@ -592,9 +592,12 @@ def _augmentation_info(cfg: DictConfig, policy) -> dict:
 
 
 def _preset_ops(name: str) -> Optional[list]:
-    """The ops of regbench's augmentation preset ``name`` (None when there is no such preset file)."""
+    """The ops of regbench's augmentation preset ``name`` (None when there is no such preset file; a name that
+    is not a plain file stem, e.g. from a saved config, is never turned into a path)."""
+    import re
+
     path = Path(__file__).resolve().parent / "configs" / "augmentation" / f"{name}.yaml"
-    if not path.is_file():
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():
         return None
     preset = OmegaConf.load(path)
     return OmegaConf.to_container(preset.ops, resolve=True) if "ops" in preset else None
