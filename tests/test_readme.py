@@ -8,7 +8,8 @@ README cannot rot. The blocks are parsed, never hard-coded: whatever the README 
 - Lines that cannot run here are listed in ``CANNOT_RUN_HERE`` with the reason, and assert what they can: a
   CUDA line fails with the documented one-line ``no-cuda`` error on a machine without CUDA (and runs on one
   with it); the SLURM line is composed and validated only (no cluster).
-- ``make <target>`` lines: the target exists (``make -n``); ``tensorboard`` lines: the program resolves.
+- ``make <target>`` lines: the target exists (``make -n``); ``tensorboard`` lines: the program resolves;
+  ``. .venv/bin/activate``: the venv the Makefile creates; ``pip ...`` lines are not run (installs).
 - Any other command fails the fast test below: teach the walker about it (or move the line out of a bash block).
 """
 
@@ -48,11 +49,19 @@ class Command:
     line: str        # as printed (continuations joined, comment dropped)
     argv: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        if self.argv[:3] in (["python", "-m", "regbench"], ["python3", "-m", "regbench"]):
+            self.argv = ["regbench", *self.argv[3:]]  # the same command (`python -m regbench`)
+
     @property
     def kind(self) -> str:
         prog = self.argv[0] if self.argv else ""
         if prog == "regbench":
             return "regbench"
+        if prog in (".", "source"):
+            return "activate"
+        if prog == "pip" or self.argv[:3] in (["python", "-m", "pip"], ["python3", "-m", "pip"]):
+            return "pip"  # installs: not run here (the wheel test in tests/test_cli.py installs regbench)
         if prog == "make":
             return "make"
         if Path(prog).name == "tensorboard":
@@ -91,6 +100,12 @@ def test_the_walker_knows_every_readme_command():
 def test_make_targets_exist(cmd):
     proc = subprocess.run(["make", "-n", *cmd.argv[1:]], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.kind == "activate"], ids=_id)
+def test_activated_venv_is_the_one_make_creates(cmd):
+    venv = re.search(r"^VENV\s*\?=\s*(\S+)", (REPO / "Makefile").read_text(), flags=re.M).group(1)
+    assert cmd.argv[1:] == [f"{venv}/bin/activate"]
 
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.kind == "tensorboard"], ids=_id)
