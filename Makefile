@@ -44,3 +44,11 @@ slurm-packages:
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+
+# TensorBoard from the venv (it is not on PATH unless the venv is activated: `. .venv/bin/activate`).
+# make tb                      every run below outputs/
+# make tb DIR=outputs/runs/... one run or sweep; TB_ARGS="--port 6007" passes more options
+.PHONY: tb
+DIR ?= outputs
+tb: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir '$(DIR)' $(TB_ARGS)

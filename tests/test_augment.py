@@ -344,7 +344,8 @@ def test_flipping_digits_warns_unless_allowed(tmp_path):
     warnings = json.loads((tmp_path / "a" / "summary.json").read_text())["warnings"]
     assert any("mirrored '3'" in w for w in warnings)
     fit(compose_cfg(*TINY, "augmentation=standard", "augmentation.allow_label_unsafe=true"), tmp_path / "b")
-    assert json.loads((tmp_path / "b" / "summary.json").read_text())["warnings"] == []
+    warnings = json.loads((tmp_path / "b" / "summary.json").read_text())["warnings"]
+    assert [w for w in warnings if "chance accuracy" not in w] == []  # one tiny epoch may well end at chance
 
 
 def test_label_smoothing_with_mixup_warns(tmp_path):

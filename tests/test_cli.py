@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -75,17 +74,30 @@ def test_multirun_names_runs_after_their_overrides(tmp_path):
         assert summary["status"] == "completed" and f"seed={summary['seed']}" in d
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def test_installed_wheel_runs_from_any_folder(tmp_path):
     wheels = tmp_path / "wheels"
+    # Built from a copy of the source without build outputs: setuptools' build/ folder would otherwise carry
+    # files into the wheel that pyproject.toml no longer selects (a stale build/ hid the launcher configs).
+    source = tmp_path / "source"
+    top = {".git", ".venv", "build", "dist", "outputs", "data", ".pytest_cache"}
+    shutil.copytree(REPO, source, symlinks=True, ignore=lambda folder, names: [
+        n for n in names if (Path(folder) == REPO and n in top) or n == "__pycache__" or n.endswith(".egg-info")])
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-         str(REPO)], cwd=tmp_path)
+         str(source)], cwd=tmp_path)
     wheel = next(wheels.glob("regbench-*.whl"))
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"regbench/configs/train.yaml", "regbench/configs/model/lecture_cnn.yaml",
-            "regbench/configs/hydra/default.yaml"} <= names
     target = tmp_path / "site"
     run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
         cwd=tmp_path)
+    # The installed config tree is the repository's, file for file (names at every depth, and contents).
+    installed = _tree(target / "regbench" / "configs")
+    assert sorted(installed) == sorted(_tree(REPO / "configs"))
+    assert "hydra/launcher/slurm.yaml" in installed  # three folders down: the glob must recurse
+    for rel, data in _tree(REPO / "configs").items():
+        assert installed[rel] == data, rel
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # Only the installed copy is importable: no src/ on the path, and the repo is not the working folder.

@@ -54,7 +54,8 @@ def test_each_model_trains_on_grey_and_rgb_data(model, dataset, tv_root, tmp_pat
 def test_experiment_file_changes_only_what_it_lists():
     base = compose_cfg()
     exp = compose_cfg("experiment=mnist_cnn")
-    assert exp.model.name == "lecture_cnn" and exp.optimizer.momentum == 0.9 and exp.optimizer.lr == 0.05
+    assert exp.model.name == "lecture_cnn" and exp.optimizer.momentum == 0.9 and exp.optimizer.lr == 0.01
+    assert exp.model.init == "kaiming_normal" and list(exp.regularizer) == ["grad_clip"]
     assert exp.trainer.max_epochs == 10 and exp.data == base.data and exp.seed == base.seed
 
 

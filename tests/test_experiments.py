@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 
 import pytest
 from omegaconf import OmegaConf
 
 from regbench.cli import check
 from regbench.train import fit
-from tests.conftest import TINY, config_options
+from tests.conftest import REPO, TINY, config_options
 
 
 @pytest.fixture
@@ -58,3 +60,34 @@ def test_experiment_configs_match_the_lectures():
     assert {c.regularizer.dropout.rate for c in ladder if "dropout" in c.regularizer} == {0.3}
     assert {c.model.pooling for c in ladder} == {"none", "max"}
     assert {c.augmentation.name for c in ladder} == {"none", "keras_lecture"}
+
+
+# Each experiment's quick form (the "Quick form" line of its header), on a smaller budget that still has to
+# learn: the lecture CNNs get two epochs (slow on CPU), the MLPs two epochs as well (a few seconds).
+QUICK_BUDGET = {"mnist_cnn": ["trainer.max_epochs=2"], "cifar10_cnn": ["trainer.max_epochs=2"]}
+SLOW_EXPERIMENTS = {"mnist_cnn", "cifar10_cnn"}
+
+
+def quick_form(name: str) -> list[str]:
+    """The overrides of the experiment's documented quick form (offline, on the embedded MNIST sample)."""
+    header = (REPO / "configs" / "experiment" / f"{name}.yaml").read_text()
+    found = re.search(r"^# Quick form[^:]*: regbench (.+)$", header, flags=re.M)
+    assert found, f"configs/experiment/{name}.yaml: its header has no '# Quick form (...): regbench ...' line"
+    args = shlex.split(found.group(1))
+    assert f"experiment={name}" in args
+    return args
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPERIMENTS else n
+                                  for n in config_options("experiment")])
+def test_every_quick_form_experiment_clearly_beats_chance(name, tmp_path):
+    args = [*quick_form(name), *QUICK_BUDGET.get(name, ["trainer.max_epochs=2"]), "trainer.progress_bar=false",
+            "trainer.save_checkpoints=false"]
+    cfg = check(args)[0]
+    assert cfg.data.name == "mnist5k"  # offline
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    fit(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # 400 validation images, 10 classes: chance is 0.1 (0.145 is 3 standard errors above it); 0.5 is clear.
+    assert summary["final"]["val_acc"] >= 0.5 and summary["test"]["acc"] >= 0.5, summary["final"]
+    assert not any("chance accuracy" in w for w in summary["warnings"])

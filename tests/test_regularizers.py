@@ -619,7 +619,8 @@ def test_warnings_are_printed_once_and_saved(overrides, expected, tmp_path, capl
 
 def test_no_warnings_for_clean_combinations(tmp_path):
     fit(compose_cfg(*TINY, "regularizer=[l2,dropout]", "optimizer=adamw", "optimizer.weight_decay=0"), tmp_path)
-    assert json.loads((tmp_path / "summary.json").read_text())["warnings"] == []
+    warnings = json.loads((tmp_path / "summary.json").read_text())["warnings"]
+    assert [w for w in warnings if "chance accuracy" not in w] == []  # one tiny epoch may well end at chance
 
 
 # --------------------------------------------------------------------------- members that apply to nothing

@@ -21,6 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from regbench import provenance
 from regbench.config import register_configs
 from regbench.errors import RegbenchError
 
@@ -79,8 +80,23 @@ def app(cfg: DictConfig) -> float:
     except RegbenchError as e:
         fail(e)
     print(f"run dir: {run_dir.resolve()}")
-    print(f"view it: tensorboard --logdir {run_dir.resolve()}")
+    print(f"view it: {tensorboard_command()} --logdir {run_dir.resolve()}")
     return value
+
+
+def tensorboard_command() -> str:
+    """``tensorboard`` when that runs it from the user's shell; else the path next to this Python (a venv that
+    is not activated, as after `make run`), so the printed hint runs as printed."""
+    import shlex
+    import shutil
+
+    beside = Path(sys.executable).parent / "tensorboard"
+    found = shutil.which("tensorboard")
+    if found and (not beside.exists() or Path(found).resolve() == beside.resolve()):
+        return "tensorboard"
+    if beside.exists():
+        return shlex.quote(str(beside))
+    return f"{shlex.quote(sys.executable)} -m tensorboard.main"
 
 
 def _threads_per_job(hc) -> Optional[int]:
@@ -480,12 +496,26 @@ def _hydra_quoted(value: str) -> str:
     return "'" + value.replace("${", "\\${") + "'"
 
 
-def _subcommand(argv: list[str]) -> list[str]:
-    """``rerun <run> [overrides]`` / ``resume <run> [overrides]`` -> plain Hydra arguments."""
+def _finished(run_dir: Path) -> bool:
+    """``regbench resume`` of a finished run prints one line and exits 0: there is nothing left to do."""
+    try:
+        done = json.loads((run_dir / "summary.json").read_text())["status"] == "completed"  # the record decides
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    if done:
+        print(f"regbench: {run_dir} is already finished (completed); nothing to resume")
+    return done
+
+
+def _subcommand(argv: list[str]) -> Optional[list[str]]:
+    """``rerun <run> [overrides]`` / ``resume <run> [overrides]`` -> plain Hydra arguments (None: nothing to do)."""
     verb, rest = argv[0], argv[1:]
     if not rest or "=" in rest[0]:
         raise RegbenchError(f"usage: regbench {verb} <run dir> [overrides...]")
     run_dir = Path(rest[0]).expanduser().resolve()
+    if verb == "resume" and _finished(run_dir):
+        return None
+    provenance.set_origin(verb, run_dir, ["regbench", *argv])
     args = ["--config-dir", str(saved_config_dir(run_dir)), "--config-name", "rerun", *rest[1:]]
     if verb == "resume":
         args += [f"hydra.run.dir={_hydra_quoted(str(run_dir))}", "trainer.resume=true"]
@@ -528,10 +558,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             fail(e)
         return
     claim = None
+    provenance.clear()
     try:
         argv = [_expand_home(a) for a in argv]
         if argv and argv[0] in ("rerun", "resume"):
             argv = _subcommand(argv)
+            if argv is None:
+                return
         args = get_args_parser().parse_args(argv)
         if args.experimental_rerun is not None:  # Hydra's flag unpickles the file: code from a run folder
             raise RegbenchError(f"--experimental-rerun {args.experimental_rerun}: refused (it unpickles the file, "
@@ -565,6 +598,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ok = e.code in (0, None)
         raise
     finally:
+        provenance.clear()  # an in-process caller's next run is not a rerun
         if claim is not None:
             claim.finish(ok)  # unlock; a run that failed before it started leaves no folder behind
 
@@ -583,6 +617,7 @@ def _sweep_app(cfgs: list[DictConfig]) -> None:
     try:
         app()
     finally:  # main() may run again in this process (tests): no stale plan for the next command
+        provenance.clear()
         if before is None:
             os.environ.pop(SWEEP_HPARAMS_ENV, None)
         else:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from regbench import __version__
+from regbench import __version__, provenance
 from regbench.config import validate
 from regbench.data import batches, load_data, num_batches
 from regbench.errors import ConfigError, RegbenchError
@@ -220,6 +220,21 @@ def _git() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+def _provenance(run_dir: Path, resuming: bool) -> dict:
+    """Which run this one came from: ``rerun_of`` (the folder whose saved config ``regbench rerun`` started it
+    from; kept when the rerun is later resumed) and ``resumed_from`` (the run folder continued in place)."""
+    rerun_of = provenance.rerun_of()
+    if resuming and rerun_of is None:
+        import json
+
+        try:  # the earlier attempt's record; a value that is not a path string is not carried over
+            earlier = json.loads((run_dir / "summary.json").read_text())["provenance"]["rerun_of"]
+            rerun_of = earlier if isinstance(earlier, str) else None
+        except (OSError, ValueError, TypeError, KeyError):
+            rerun_of = None
+    return {"rerun_of": rerun_of, "resumed_from": str(run_dir.resolve()) if resuming else None}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -384,18 +399,22 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         log.info("weight decay (%s, %s): %s parameters in %d tensors decayed, %s in %d tensors not decayed",
                  wd["mode"], wd["applied_by"], f"{wd['decayed_elements']:,}", wd["decayed_tensors"],
                  f"{wd['not_decayed_elements']:,}", wd["not_decayed_tensors"])
+    for name in ("l1", "l2", "elastic_net"):
+        if name in ctx.info:
+            log.info("%s", _penalty_counts(name, ctx.info[name], model))
 
     logger = RunLogger(run_dir, cfg, resume_epoch=start_epoch if resuming else None, rows=restore)
     if policy is not None and cfg.augmentation.preview and not resuming:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            before = data.train_raw[:cfg.augmentation.preview]
+            before = data.train_raw[preview_indices(data.train_y, cfg.augmentation.preview)]
             logger.log_images(before, policy.images(before))
     summary = {
         "status": "running", "epochs_completed": start_epoch, "max_epochs": t.max_epochs, "seed": cfg.seed,
         "regularizers": stack.names, "params": params, "monitor": t.monitor, "final": None, "best": best_row,
         "test": None, "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
         "deterministic": t.deterministic, "steps_per_epoch": steps_per_epoch, "warnings": warnings,
-        "regularizer_info": ctx.info, "augmentation": _augmentation_info(cfg, policy), "versions": _versions(), "git": _git(), "command": sys.argv,
+        "regularizer_info": ctx.info, "augmentation": _augmentation_info(cfg, policy), "versions": _versions(), "git": _git(), "command": provenance.command() or sys.argv,
+        "provenance": _provenance(run_dir, resuming),
         "run_dir": str(run_dir.resolve()), "resumed_from_epoch": start_epoch if resuming else None,
         "started": _now(), "finished": None, "time_s": None, "error": None,
     }
@@ -407,6 +426,10 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
 
     bar = tqdm(total=steps_per_epoch * t.max_epochs, initial=steps_per_epoch * start_epoch, disable=not show_bar,
                unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)
+    # While the bar is shown, console log lines go through tqdm.write (the bar is cleared, the line printed,
+    # the bar redrawn below it) instead of landing in the middle of the bar's line.
+    redirect = _log_through_bar(tqdm) if show_bar else nullcontext()
+    redirect.__enter__()
     try:
         stopped = bool(stack.get("early_stopping") and stack.get("early_stopping").stopped_epoch)
         for epoch in range(start_epoch + 1, t.max_epochs + 1):
@@ -477,6 +500,10 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         bar.close()
         if summary["final"] is None:  # resumed after the last epoch had been checkpointed
             summary["final"] = _last_row(run_dir)
+        chance = chance_warning(summary["final"], data.info.num_classes, len(data.val_y))
+        if chance:
+            log.warning("warning: %s", chance)
+            summary["warnings"].append(chance)
         stack.on_train_end(model)  # e.g. restore the best weights (early stopping)
         test = evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, autocast)
         extra = stack.final_evals(model, data.test_x, data.test_y, evaluate)
@@ -505,6 +532,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
             pass  # the original error is the one to report
         raise
     finally:
+        redirect.__exit__(None, None, None)
         logger.close()
     # The completion marker, written last: sweeps skip a run folder that has it.
     write_json(run_dir / "COMPLETED", {"finished": summary["finished"], "best": summary["best"][t.monitor]})
@@ -558,12 +586,75 @@ def augmentation_warnings(cfg: DictConfig, policy, info) -> list[str]:
     return found
 
 
+def _log_through_bar(tqdm_class) -> ContextManager:
+    """tqdm's redirect of the root logger's console handler; nothing when there is none (tqdm would add one)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in root.handlers):
+        return nullcontext()
+    return logging_redirect_tqdm(loggers=[root], tqdm_class=tqdm_class)
+
+
+def chance_warning(final: Optional[dict], num_classes: int, n_val: int) -> Optional[str]:
+    """A warning when the run ends at chance: its final val acc is not 3 standard errors above 1/classes.
+
+    Skipped when the validation set is too small to tell (3 standard errors at chance exceed chance itself,
+    i.e. about 9 * (classes - 1) images or fewer) or when there is no final epoch.
+    """
+    if final is None or final["val_acc"] is None or num_classes < 2:
+        return None
+    p = 1.0 / num_classes
+    margin = 3 * math.sqrt(p * (1 - p) / max(n_val, 1))
+    if margin > p or final["val_acc"] > p + margin:
+        return None
+    return (f"the run ended at chance accuracy: final val acc {final['val_acc']:.3f} with {num_classes} classes "
+            f"(chance {p:.3f}; not above {p + margin:.3f}, chance + 3 standard errors over {n_val} validation "
+            "images): the model did not learn; check optimizer.lr (too high can kill ReLUs, too low stays on the "
+            "initial plateau), model.init, gradient spikes (regularizer=[grad_clip]), or train longer")
+
+
+def preview_indices(y: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` training indices for the augmentation preview, stratified: the first image of each class in turn,
+    then the second of each... (the training split is ordered by class, so its first k would be one class)."""
+    order = torch.argsort(y.cpu(), stable=True)
+    ys = y.cpu()[order]
+    first = torch.searchsorted(ys, ys, side="left")  # where each image's class starts in the sorted order
+    rank = torch.arange(len(ys)) - first  # the image's position within its class
+    key = rank * (int(ys.max()) + 1 if len(ys) else 1) + ys
+    return order[torch.argsort(key, stable=True)[:k]].to(y.device)
+
+
+def _penalty_counts(name: str, info: dict, model: nn.Module) -> str:
+    """The log line of a penalty: how many trainable parameters it penalises and how many it leaves alone."""
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"{name} penalty: {info['elements']:,} parameters in {info['tensors']} tensors penalised, "
+            f"{elements - info['elements']:,} in {tensors - info['tensors']} tensors not penalised")
+
+
 def _augmentation_info(cfg: DictConfig, policy) -> dict:
-    info = {"name": cfg.augmentation.name, "ops": OmegaConf.to_container(cfg.augmentation.ops, resolve=True),
+    """The policy as run: ``name`` is the preset's only when the ops are the preset's own, else ``custom``
+    (``preset`` keeps the name the ops started from)."""
+    ops = OmegaConf.to_container(cfg.augmentation.ops, resolve=True)
+    name = cfg.augmentation.name
+    info = {"name": name if _preset_ops(name) in (None, ops) else "custom", "preset": name, "ops": ops,
             "soft_targets": bool(policy is not None and policy.soft_targets)}
     if info["soft_targets"]:
         info["train_acc"] = "accuracy against the dominant label of each mixed target"
     return info
+
+
+def _preset_ops(name: str) -> Optional[list]:
+    """The ops of regbench's augmentation preset ``name`` (None when there is no such preset file; a name that
+    is not a plain file stem, e.g. from a saved config, is never turned into a path)."""
+    import re
+
+    path = Path(__file__).resolve().parent / "configs" / "augmentation" / f"{name}.yaml"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():
+        return None
+    preset = OmegaConf.load(path)
+    return OmegaConf.to_container(preset.ops, resolve=True) if "ops" in preset else None
 
 
 @torch.no_grad()
