@@ -189,3 +189,53 @@ def test_fine_tune_runs_in_fit_and_records_the_stage_switch(tmp_path):
     assert s["status"] == "completed"
     assert s["regularizer_info"]["fine_tune"]["stage2_from_epoch"] == 2
     assert s["params"]["frozen"] == 784 * 16 + 16 + 16 * 8 + 8  # counted at the start: stage 1, the base frozen
+
+
+# ------------------------------------------------------------------------------- resume in stage 2
+
+STAGES = [*TINY, "model.hidden=[16,8]", "regularizer=[fine_tune]", "trainer.max_epochs=4", "optimizer.lr=0.01",
+          "regularizer.fine_tune.freeze_base_epochs=1", "regularizer.fine_tune.unfreeze_top=1", "scheduler=cosine"]
+
+
+def _same_run(a, b):
+    from tests.test_resume import assert_same_run
+
+    assert_same_run(a, b)
+
+
+def test_an_interrupted_run_resumed_in_stage_two_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    import regbench.train as train
+
+    fit(compose_cfg(*STAGES), tmp_path / "ref")
+    real = train.fault_point
+
+    def interrupt(point, epoch):
+        if (point, epoch) == ("after_summary", 3):
+            raise KeyboardInterrupt
+        real(point, epoch)
+
+    monkeypatch.setattr(train, "fault_point", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(compose_cfg(*STAGES), tmp_path / "run")
+    monkeypatch.setattr(train, "fault_point", real)
+    fit(compose_cfg(*STAGES), tmp_path / "run", resume=True)
+    _same_run(tmp_path / "ref", tmp_path / "run")
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["resumed_from_epoch"] == 3 and s["regularizer_info"]["fine_tune"]["stage2_from_epoch"] == 2
+    # the lower hidden layer stayed frozen through both stages: bitwise the initial weights
+    from regbench.logs import load_checkpoint
+
+    first = load_checkpoint(tmp_path / "ref" / "checkpoints" / "best.pt")["model"]
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert torch.equal(first["hidden.0.linear.weight"], last["hidden.0.linear.weight"])
+
+
+@pytest.mark.slow
+def test_sigkill_in_stage_two_then_resume_is_bitwise_identical(tmp_path):
+    from tests.test_resume import cli
+
+    cli([*STAGES, f"hydra.run.dir={tmp_path}/ref"])
+    killed = cli([*STAGES, f"hydra.run.dir={tmp_path}/run"], env={"REGBENCH_FAULT": "after_checkpoint:3"}, check=False)
+    assert killed.returncode == -9, killed.stderr
+    cli(["resume", str(tmp_path / "run")])
+    _same_run(tmp_path / "ref", tmp_path / "run")

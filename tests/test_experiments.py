@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from regbench.cli import check
 from regbench.train import fit
-from tests.conftest import TINY, config_options
+from tests.conftest import TINY, compose_cfg, config_options
 
 
 @pytest.fixture
@@ -19,9 +19,15 @@ def offline_data(tv_root, monkeypatch):
     monkeypatch.setenv("REGBENCH_DOWNLOAD", "false")
 
 
-@pytest.mark.parametrize("name", config_options("experiment"))
+@pytest.mark.parametrize("name", [n for n in config_options("experiment") if n != "transfer_cifar10"])
 def test_every_experiment_trains_a_step(name, offline_data, tmp_path):
-    cfg = check([f"experiment={name}", *TINY])[0]
+    extra = []
+    if name == "transfer_digits":  # its source: the pretraining experiment, tiny
+        pre = check(["experiment=transfer_digits_pretrain", *TINY])[0]
+        fit(OmegaConf.masked_copy(pre, [k for k in pre if k != "hydra"]), tmp_path / "pretrain")
+        extra = [f"regularizer.transfer.init_from={tmp_path / 'pretrain'}"]
+        tmp_path = tmp_path / "run"
+    cfg = check([f"experiment={name}", *TINY, *extra])[0]
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     fit(cfg, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
@@ -58,3 +64,30 @@ def test_experiment_configs_match_the_lectures():
     assert {c.regularizer.dropout.rate for c in ladder if "dropout" in c.regularizer} == {0.3}
     assert {c.model.pooling for c in ladder} == {"none", "max"}
     assert {c.augmentation.name for c in ladder} == {"none", "keras_lecture"}
+
+
+def test_transfer_experiments_state_the_lecture_recipe(offline_data):
+    full = compose_cfg("experiment=transfer_cifar10")
+    assert full.data.name == "cifar10" and full.data.normalize == "none" and full.model.name == "torchvision"
+    assert full.model.arch == "inception_v3" and full.model.weights == "IMAGENET1K_V1" and full.model.head_hidden == 1024
+    ft = full.regularizer.fine_tune
+    assert list(full.regularizer) == ["fine_tune"] and ft.unfreeze_top == 2 and ft.finetune_lr_scale == 0.1
+    quick = compose_cfg("experiment=transfer_digits", "regularizer.transfer.init_from=x")
+    assert list(quick.data.classes) == [5, 6, 7, 8, 9] and list(quick.regularizer.transfer.skip) == ["head.out.*"]
+    assert list(compose_cfg("experiment=transfer_digits_pretrain").data.classes) == [0, 1, 2, 3, 4]
+    scratch = compose_cfg("experiment=transfer_digits", "regularizer=[]", "~regularizer.transfer",
+                          "~regularizer.fine_tune")
+    assert dict(scratch.regularizer) == {}
+
+
+def test_transfer_cifar10_offline_names_the_weights_file(offline_data, tmp_path, monkeypatch):
+    import torch
+
+    from regbench.errors import RegbenchError
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(RegbenchError) as e:
+        check(["experiment=transfer_cifar10"])
+    assert str(e.value).startswith("model.weights=IMAGENET1K_V1: the inception_v3 weights file "
+                                   f"inception_v3_google-0cc3c7bd.pth is not in {tmp_path}/hub/checkpoints")
+    assert not (tmp_path / "hub").exists()  # nothing downloaded, nothing written
