@@ -239,3 +239,19 @@ def test_sigkill_in_stage_two_then_resume_is_bitwise_identical(tmp_path):
     assert killed.returncode == -9, killed.stderr
     cli(["resume", str(tmp_path / "run")])
     _same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_rerun_of_a_torchvision_run_types_its_saved_config_and_repeats_it_bitwise(tmp_path):
+    from regbench.cli import main
+    from tests.test_resume import metrics_without_time
+
+    args = [*TINY, "model=torchvision", "model.arch=mobilenet_v3_small", "model.weights=null", "model.head_hidden=8",
+            "regularizer=[fine_tune]", "regularizer.fine_tune.freeze_base_epochs=0", "regularizer.fine_tune.unfreeze_top=1"]
+    main([*args, f"hydra.run.dir={tmp_path}/a"])
+    main(["rerun", str(tmp_path / "a"), f"hydra.run.dir={tmp_path}/b"])
+    assert metrics_without_time(tmp_path / "a") == metrics_without_time(tmp_path / "b")
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["regularizer_info"]["fine_tune"]["head_parameters"] == 576 * 8 + 8 + 8 * 10 + 10
+    with pytest.raises(SystemExit) as e:  # the saved config is typed: a typo'd key of the family fails
+        main(["rerun", str(tmp_path / "a"), "model.head_hiden=4", f"hydra.run.dir={tmp_path}/c"])
+    assert e.value.code == 2
