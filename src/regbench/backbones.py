@@ -83,8 +83,20 @@ def check_config(m: DictConfig) -> None:
                               "give the path of a .pt/.pth state dict, a torchvision weights name or null")
         return
     w = weights_enum(m.arch, m.weights)
-    if not m.download and not hub_file(w).is_file():
+    if not _download(m) and not hub_file(w).is_file():
         raise missing_weights(m.arch, m.weights, w, "model.download=false")
+
+
+def _download(m: DictConfig) -> bool:
+    """model.download, whose default comes from $REGBENCH_DOWNLOAD: a value that is no boolean is one line."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return bool(m.download)
+    except OmegaConfBaseException:
+        raise ConfigError("REGBENCH_DOWNLOAD", os.environ.get("REGBENCH_DOWNLOAD"), "true or false (the "
+                          "environment variable sets model.download's default)",
+                          "export REGBENCH_DOWNLOAD=false (offline) or unset it, or set model.download=false") from None
 
 
 def missing_weights(arch: str, name: str, w, reason: str) -> DataError:

@@ -175,6 +175,9 @@ class FineTune(Regularizer):
         self.model, self.stage = model, 1
         head_ids = {id(p) for p in head.parameters()}
         self.base = [p for p in model.parameters() if id(p) not in head_ids]
+        if not self.base:
+            raise self.nothing("the model has no base to freeze (all its layers are the head, e.g. "
+                               "model.hidden=[])", "drop fine_tune, or give the model hidden layers / a conv base")
         self.top = [p for b in blocks[len(blocks) - n:] for p in b.parameters()]
         self.head = [p for p in model.parameters() if id(p) in head_ids]
         self.blocks = blocks
