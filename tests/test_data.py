@@ -63,6 +63,18 @@ def test_normalize_none_keeps_unit_range():
     assert d.mean == [0.0] and d.std == [1.0]
 
 
+def test_classes_keep_and_renumber_labels_after_the_test_split():
+    full = load_data(data_cfg("data.normalize=none"), CPU)
+    high = load_data(data_cfg("data.normalize=none", "data.classes=[5,6,7,8,9]"), CPU)
+    assert high.info.num_classes == 5 and high.meta["num_classes"] == 5 and high.meta["classes"] == [5, 6, 7, 8, 9]
+    # the same test images as the full split's digits 5-9 (filtered after mnist5k's own test split), relabelled 0-4
+    keep = full.test_y >= 5
+    assert torch.equal(high.test_x, full.test_x[keep]) and torch.equal(high.test_y, full.test_y[keep] - 5)
+    assert torch.bincount(high.test_y).tolist() == [100] * 5 and len(high.train_y) + len(high.val_y) == 2000
+    swapped = load_data(data_cfg("data.normalize=none", "data.classes=[9,5]"), CPU)
+    assert torch.equal(swapped.test_x[swapped.test_y == 0], full.test_x[full.test_y == 9])
+
+
 def test_train_size_larger_than_split_is_a_config_error():
     with pytest.raises(ConfigError, match=r"data.train_size=3601: expected at most 3600"):
         load_data(data_cfg("data.train_size=3601"), CPU)

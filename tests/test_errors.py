@@ -113,6 +113,16 @@ def case_transfer_shapes(tmp_path, monkeypatch, capsys):
                    f"regularizer.transfer.init_from={src}", f"hydra.run.dir={tmp_path}/r")
 
 
+def case_torchvision_weights_offline(tmp_path, monkeypatch, capsys):
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    return run_cli(capsys, *TINY, "model=torchvision", "model.arch=mobilenet_v3_small", "data.normalize=none",
+                   "model.download=false", f"hydra.run.dir={tmp_path}/r")
+
+
 def case_report_unwritable(tmp_path, monkeypatch, capsys):
     import errno
     import os
@@ -336,7 +346,7 @@ CASES = [
     ("typo-key", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
     ("typo-top-key", ["sed=1"], "sed: no such key (valid keys here: seed, data, model"),
     ("wrong-type", ["trainer.max_epochs=ten"], "trainer.max_epochs: Value 'ten' of type 'str' could not be converted to Integer"),
-    ("unknown-option", ["model=resnet"], "model=resnet: no such option in config group 'model'; available: lecture_cnn, mlp"),
+    ("unknown-option", ["model=resnet"], "model=resnet: no such option in config group 'model'; available: lecture_cnn, mlp, torchvision"),
     ("bad-syntax", ["model.hidden=[1,2"], "cannot parse override: no viable alternative at input '[1,2'"),
     ("lr-range", ["optimizer.lr=0"], "optimizer.lr=0.0: expected a number > 0"),
     ("batch-range", ["data.batch_size=0"], "data.batch_size=0: expected an integer >= 1"),
@@ -370,6 +380,15 @@ CASES = [
     ("transfer-shapes", case_transfer_shapes, "shapes differ: hidden.0.linear.weight (256, 784) -> (32, 784)"),
     ("transfer-missing", ["regularizer=[transfer]", "regularizer.transfer.init_from=/nonexistent/run"],
      "regularizer.transfer.init_from='/nonexistent/run': no checkpoint at /nonexistent/run"),
+    ("torchvision-arch", ["model=torchvision", "model.arch=resnet19", "model.weights=null"],
+     "model.arch='resnet19': expected a torchvision classification model"),
+    ("torchvision-weights-offline", case_torchvision_weights_offline,
+     "model.weights=DEFAULT: the mobilenet_v3_small weights file mobilenet_v3_small-047dcff4.pth is not in"),
+    ("torchvision-normalize", ["model=torchvision", "model.download=true"],
+     "data.normalize='per_channel': expected none with pretrained weights (model.weights=DEFAULT)"),
+    ("torchvision-weights-path", ["model=torchvision", "model.weights=./resnet18.pt"],
+     "model.weights='./resnet18.pt': expected a state dict file of resnet18 (no file there)"),
+    ("data-classes", ["data.classes=[3,3]"], "data.classes=[3, 3]: expected null or at least two distinct labels"),
     ("rerun-not-a-run", lambda t, m, c: run_cli(c, "rerun", str(t)), "not a regbench run folder (no .hydra/config.yaml)"),
     ("report-no-jobs", lambda t, m, c: run_cli(c, "report", str(t)),
      "no completed run below it (and no failed or unfinished job either)"),

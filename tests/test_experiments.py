@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from regbench.cli import check
 from regbench.train import fit
-from tests.conftest import REPO, TINY, config_options
+from tests.conftest import REPO, TINY, compose_cfg, config_options
 
 
 @pytest.fixture
@@ -21,9 +21,15 @@ def offline_data(tv_root, monkeypatch):
     monkeypatch.setenv("REGBENCH_DOWNLOAD", "false")
 
 
-@pytest.mark.parametrize("name", config_options("experiment"))
+@pytest.mark.parametrize("name", [n for n in config_options("experiment") if n != "transfer_cifar10"])
 def test_every_experiment_trains_a_step(name, offline_data, tmp_path):
-    cfg = check([f"experiment={name}", *TINY])[0]
+    extra = []
+    if name == "transfer_digits":  # its source: the pretraining experiment, tiny
+        pre = check(["experiment=transfer_digits_pretrain", *TINY])[0]
+        fit(OmegaConf.masked_copy(pre, [k for k in pre if k != "hydra"]), tmp_path / "pretrain")
+        extra = [f"regularizer.transfer.init_from={tmp_path / 'pretrain'}"]
+        tmp_path = tmp_path / "run"
+    cfg = check([f"experiment={name}", *TINY, *extra])[0]
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     fit(cfg, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
@@ -78,8 +84,13 @@ def quick_form(name: str) -> list[str]:
     return args
 
 
+# The transfer experiments come in two steps (a pretraining run, then the transfer that reads its folder):
+# tested as a pair below. transfer_cifar10 is a full form only (ImageNet weights, CIFAR-10).
+TWO_STEP = {"transfer_cifar10", "transfer_digits_pretrain", "transfer_digits"}
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPERIMENTS else n
-                                  for n in config_options("experiment")])
+                                  for n in config_options("experiment") if n not in TWO_STEP])
 def test_every_quick_form_experiment_clearly_beats_chance(name, tmp_path):
     args = [*quick_form(name), *QUICK_BUDGET.get(name, ["trainer.max_epochs=2"]), "trainer.progress_bar=false",
             "trainer.save_checkpoints=false"]
@@ -91,3 +102,44 @@ def test_every_quick_form_experiment_clearly_beats_chance(name, tmp_path):
     # 400 validation images, 10 classes: chance is 0.1 (0.145 is 3 standard errors above it); 0.5 is clear.
     assert summary["final"]["val_acc"] >= 0.5 and summary["test"]["acc"] >= 0.5, summary["final"]
     assert not any("chance accuracy" in w for w in summary["warnings"])
+
+
+def test_transfer_experiments_state_the_lecture_recipe(offline_data):
+    full = compose_cfg("experiment=transfer_cifar10")
+    assert full.data.name == "cifar10" and full.data.normalize == "none" and full.model.name == "torchvision"
+    assert full.model.arch == "inception_v3" and full.model.weights == "IMAGENET1K_V1" and full.model.head_hidden == 1024
+    ft = full.regularizer.fine_tune
+    assert list(full.regularizer) == ["fine_tune"] and ft.unfreeze_top == 2 and ft.finetune_lr_scale == 0.1
+    quick = compose_cfg("experiment=transfer_digits", "regularizer.transfer.init_from=x")
+    assert list(quick.data.classes) == [5, 6, 7, 8, 9] and list(quick.regularizer.transfer.skip) == ["head.out.*"]
+    assert list(compose_cfg("experiment=transfer_digits_pretrain").data.classes) == [0, 1, 2, 3, 4]
+    scratch = compose_cfg("experiment=transfer_digits", "regularizer=[]", "~regularizer.transfer",
+                          "~regularizer.fine_tune")
+    assert dict(scratch.regularizer) == {}
+
+
+def test_transfer_cifar10_offline_names_the_weights_file(offline_data, tmp_path, monkeypatch):
+    import torch
+
+    from regbench.errors import RegbenchError
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(RegbenchError) as e:
+        check(["experiment=transfer_cifar10"])
+    assert str(e.value).startswith("model.weights=IMAGENET1K_V1: the inception_v3 weights file "
+                                   f"inception_v3_google-0cc3c7bd.pth is not in {tmp_path}/hub/checkpoints")
+    assert not (tmp_path / "hub").exists()  # nothing downloaded, nothing written
+
+
+@pytest.mark.slow
+def test_the_transfer_digits_pair_clearly_beats_chance(tmp_path):
+    """Step 1 (two epochs of pretraining on digits 0-4), then step 2 as shipped on digits 5-9: 5 classes, so
+    chance is 0.2; the transferred model must clearly beat it."""
+    pre, run = tmp_path / "pretrain", tmp_path / "transfer"
+    quiet = ["trainer.progress_bar=false"]
+    fit(OmegaConf.masked_copy(c := check(["experiment=transfer_digits_pretrain", "trainer.max_epochs=2", *quiet],
+                                         runs=False)[0], [k for k in c if k != "hydra"]), pre)
+    cfg = check(["experiment=transfer_digits", f"regularizer.transfer.init_from={pre}", *quiet], runs=False)[0]
+    fit(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final"]["val_acc"] >= 0.5 and summary["test"]["acc"] >= 0.5, summary["final"]

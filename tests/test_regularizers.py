@@ -647,6 +647,7 @@ APPLIES_TO_NOTHING = {
     "mc_dropout": (["regularizer=[dropout,mc_dropout]", "regularizer.dropout.rate=0"], "mc_dropout"),
     "transfer": (["model.hidden=[16,8]", "regularizer=[transfer]", "regularizer.transfer.init_from={source}",
                   "regularizer.transfer.skip=[*]"], "skips every parameter and buffer: nothing is loaded"),
+    "fine_tune": (["model.hidden=[]", "regularizer=[fine_tune]"], "the model has no base to freeze"),
     "label_smoothing": "changes the training targets of every model",
     "ensemble": "evaluates snapshots of every model",
 }

@@ -32,6 +32,7 @@ class DataConfig:
     drop_last: bool = False  # drop the last incomplete training batch of each epoch
     normalize: str = "per_channel"  # per_channel | featurewise | samplewise | zca | none (stats: training split)
     zca_epsilon: float = 0.1  # ε added to the covariance eigenvalues before whitening (normalize=zca only)
+    classes: Optional[list[int]] = None  # keep only these labels, renumbered 0..k-1 in this order; null = all
 
 
 @dataclass
@@ -69,6 +70,18 @@ class LectureCNNConfig:
     activation: str = "relu"
     negative_slope: float = 0.01
     init: str = "default"
+
+
+@dataclass
+class TorchvisionModelConfig:
+    """A torchvision classification model with a new head (regbench/backbones.py)."""
+
+    name: str = "torchvision"
+    arch: str = "resnet18"  # any of torchvision.models.list_models(module=torchvision.models) with fc or features
+    weights: Optional[str] = "DEFAULT"  # DEFAULT | IMAGENET1K_V1 | ... | null (random init) | path of a state dict
+    head_hidden: Optional[int] = None  # width of a Dense+ReLU between global pooling and the classes; null = none
+    input_size: Optional[int] = None  # resize inputs to this square size; null = the weights' size (none if null)
+    download: bool = "${oc.decode:${oc.env:REGBENCH_DOWNLOAD,true}}"  # fetch missing weights into torch hub's cache
 
 
 # ---------------------------------------------------------------------------------------- optimizer
@@ -216,7 +229,7 @@ class TrainConfig:
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "data": {"embedded": DataConfig, "torchvision": TorchvisionDataConfig},
-    "model": {"mlp": MLPConfig, "lecture_cnn": LectureCNNConfig},
+    "model": {"mlp": MLPConfig, "lecture_cnn": LectureCNNConfig, "torchvision": TorchvisionModelConfig},
     "optimizer": {
         "sgd": SGDConfig,
         "adagrad": AdagradConfig,
@@ -312,24 +325,21 @@ def validate(cfg: DictConfig) -> None:
     _check(d.normalize == "zca" or d.zca_epsilon == 0.1, "data.zca_epsilon", d.zca_epsilon,
            "to be left alone unless data.normalize=zca (it is only used there)", "add data.normalize=zca")
 
+    if d.classes is not None:
+        n = DATASETS[d.name].num_classes
+        _check(len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes) and all(0 <= c < n for c in d.classes),
+               "data.classes", list(d.classes), f"null or at least two distinct labels in 0..{n - 1} of {d.name}")
+
     m = cfg.model
-    _choice(m, "model.activation", ACTIVATIONS)
-    _choice(m, "model.init", INITS)
-    _check(m.negative_slope >= 0, "model.negative_slope", m.negative_slope, "a number >= 0")
-    _check(m.activation == "leaky_relu" or m.negative_slope == 0.01, "model.negative_slope", m.negative_slope,
-           "to be left alone unless model.activation=leaky_relu (it is only used there)",
-           "add model.activation=leaky_relu")
-    if m.name == "mlp":
-        _check(all(h >= 1 for h in m.hidden), "model.hidden", list(m.hidden), "a list of widths >= 1")
-    elif m.name == "lecture_cnn":
-        _check(len(m.widths) >= 1 and all(w >= 1 for w in m.widths), "model.widths", list(m.widths),
-               "a non-empty list of channel counts >= 1")
-        _check(m.convs_per_block >= 1, "model.convs_per_block", m.convs_per_block, "an integer >= 1")
-        _check(m.dense >= 1, "model.dense", m.dense, "an integer >= 1")
-        _choice(m, "model.pooling", POOLINGS)
-        _choice(m, "model.global_pool", ("max", "avg"))
+    if m.name == "torchvision":
+        from regbench.backbones import check_config
+
+        check_config(m)
+        _check(m.weights is None or d.normalize == "none", "data.normalize", d.normalize,
+               f"none with pretrained weights (model.weights={m.weights}): the model normalises [0, 1] pixels with "
+               "the weights' own mean/std", "add data.normalize=none")
     else:
-        _check(False, "model.name", m.name, "one of mlp, lecture_cnn")
+        _validate_own_model(m)
 
     o = cfg.optimizer
     _positive(o.lr, "optimizer.lr", "a learning rate must be positive, e.g. optimizer.lr=0.001")
@@ -398,3 +408,24 @@ def validate(cfg: DictConfig) -> None:
     from regbench.regularizers import Context, build_stack
 
     build_stack(cfg, Context(cfg))  # each member checks its own keys and whether it fits the model/optimizer
+
+
+def _validate_own_model(m: DictConfig) -> None:
+    """regbench's own families (mlp, lecture_cnn)."""
+    _choice(m, "model.activation", ACTIVATIONS)
+    _choice(m, "model.init", INITS)
+    _check(m.negative_slope >= 0, "model.negative_slope", m.negative_slope, "a number >= 0")
+    _check(m.activation == "leaky_relu" or m.negative_slope == 0.01, "model.negative_slope", m.negative_slope,
+           "to be left alone unless model.activation=leaky_relu (it is only used there)",
+           "add model.activation=leaky_relu")
+    if m.name == "mlp":
+        _check(all(h >= 1 for h in m.hidden), "model.hidden", list(m.hidden), "a list of widths >= 1")
+    elif m.name == "lecture_cnn":
+        _check(len(m.widths) >= 1 and all(w >= 1 for w in m.widths), "model.widths", list(m.widths),
+               "a non-empty list of channel counts >= 1")
+        _check(m.convs_per_block >= 1, "model.convs_per_block", m.convs_per_block, "an integer >= 1")
+        _check(m.dense >= 1, "model.dense", m.dense, "an integer >= 1")
+        _choice(m, "model.pooling", POOLINGS)
+        _choice(m, "model.global_pool", ("max", "avg"))
+    else:
+        _check(False, "model.name", m.name, "one of mlp, lecture_cnn, torchvision")

@@ -7,6 +7,7 @@ decoded arrays are kept: no DataLoader, no per-sample Python in the training loo
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.resources
 import logging
@@ -266,6 +267,10 @@ def load_data(cfg: DictConfig, device: torch.device, keep_raw: bool = False) -> 
     ``keep_raw``: also keep the training images in [0, 1] for an augmentation policy."""
     info = DATASETS[cfg.name]
     pool_x, pool_y, test_x, test_y = info.load(cfg)
+    if cfg.classes is not None:
+        info = dataclasses.replace(info, num_classes=len(cfg.classes))
+        pool_x, pool_y = keep_classes(pool_x, pool_y, cfg.classes)
+        test_x, test_y = keep_classes(test_x, test_y, cfg.classes)
 
     n_val = round(cfg.val_fraction * len(pool_y))
     if not 1 <= n_val < len(pool_y):
@@ -317,11 +322,25 @@ def load_data(cfg: DictConfig, device: torch.device, keep_raw: bool = False) -> 
         "normalize": cfg.normalize, "mean": data.mean, "std": data.std, "pixel_mean": pixel_mean,
         "split_seed": cfg.split_seed,
     }
+    if cfg.classes is not None:
+        data.meta["classes"] = list(cfg.classes)
     if cfg.normalize == "zca":
         data.meta["zca_epsilon"] = cfg.zca_epsilon
     log.info("data %s: train %d, val %d, test %d, shape %s, normalize %s, pixel mean %s", cfg.name, len(train_y),
              len(val_y), len(test_y), list(data.input_shape), cfg.normalize, _fmt(pixel_mean))
     return data
+
+
+def keep_classes(x: torch.Tensor, y: torch.Tensor, classes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images whose label is in ``classes``, relabelled with the label's position in ``classes``.
+
+    Filtering runs after the dataset's own test split (mnist5k: its seeded 1,000), so two disjoint sets of
+    classes (digits 0-4 and 5-9) get disjoint images, and every split keeps its class proportions."""
+    remap = torch.full((max(int(y.max()), *classes) + 1,), -1, dtype=torch.int64)
+    remap[torch.tensor(list(classes), dtype=torch.int64)] = torch.arange(len(classes))
+    new = remap[y]
+    keep = new >= 0
+    return x[keep], new[keep]
 
 
 def _fmt(values: list[float]) -> str:

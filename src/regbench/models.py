@@ -186,7 +186,11 @@ def build_model(cfg: DictConfig, input_shape: Sequence[int], num_classes: int, *
     if cfg.name == "lecture_cnn":
         return LectureCNN(c, min(h, w), num_classes, list(cfg.widths), cfg.convs_per_block, cfg.dense, cfg.pooling,
                           cfg.global_pool, cfg.activation, cfg.negative_slope, cfg.init, **hooks)
-    raise ConfigError("model.name", cfg.name, "mlp or lecture_cnn")
+    if cfg.name == "torchvision":
+        from regbench.backbones import build
+
+        return build(cfg, input_shape, num_classes, **hooks)
+    raise ConfigError("model.name", cfg.name, "mlp, lecture_cnn or torchvision")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import MISSING, OmegaConf
 from torch import nn
@@ -114,3 +115,119 @@ class Transfer(Regularizer):
         ctx.info[self.name] = {"init_from": str(path), "loaded": len(keys), "skipped": len(ours) - len(keys),
                                "frozen": names, "frozen_elements": sum(p.numel() for p in model.parameters()
                                                                        if not p.requires_grad)}
+
+
+# ------------------------------------------------------------------------------------ fine_tune
+
+
+@dataclass
+class FineTuneConfig:
+    freeze_base_epochs: int = 5  # stage 1: train only the head for this many epochs (the base frozen)
+    unfreeze_top: Optional[int] = None  # stage 2: unfreeze the base's top n blocks; null = all; 0 = never
+    finetune_lr_scale: float = 0.1  # the unfrozen blocks' lr = optimizer.lr * this (their own param group)
+
+
+def base_and_head(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """(the base's blocks in forward order, the head) of a model regbench can fine-tune."""
+    if hasattr(model, "blocks") and hasattr(model, "head"):  # model=torchvision
+        return model.blocks, model.head
+    if hasattr(model, "features") and hasattr(model, "head"):  # lecture_cnn: conv blocks | dense head
+        return list(model.features), model.head
+    if hasattr(model, "hidden") and hasattr(model, "head"):  # mlp: hidden layers | output layer
+        return list(model.hidden), model.head
+    raise ConfigError("model.name", type(model).__name__, "a model with a base and a head for fine_tune")
+
+
+@register
+class FineTune(Regularizer):
+    """The lecture's two stages: train a new head on a frozen base, then unfreeze the base's top blocks at a
+    lower learning rate. BatchNorm layers of frozen blocks stay in inference mode (see docs/regularizers.md).
+
+    The unfrozen blocks' parameter group exists from the start (frozen parameters get no gradient, so the
+    optimizer leaves them and their state alone); stage 2 only flips ``requires_grad``, so the optimizer's state
+    and the schedule carry over, and a resume restores the stage from the checkpoint.
+    """
+
+    name, schema, order = "fine_tune", FineTuneConfig, 6
+
+    def check(self, ctx: Context) -> None:
+        c = self.cfg
+        if c.freeze_base_epochs < 0:
+            raise ConfigError(f"{self.key}.freeze_base_epochs", c.freeze_base_epochs, "an integer >= 0")
+        if c.unfreeze_top is not None and c.unfreeze_top < 0:
+            raise ConfigError(f"{self.key}.unfreeze_top", c.unfreeze_top, "an integer >= 0, or null (all blocks)")
+        if not c.finetune_lr_scale > 0:
+            raise ConfigError(f"{self.key}.finetune_lr_scale", c.finetune_lr_scale, "a number > 0")
+        stack = ctx.cfg.regularizer
+        if "weight_decay" in stack:
+            raise ConfigError("regularizer", list(stack), "fine_tune without the weight_decay member (both set the "
+                              "optimizer's parameter groups)", "use optimizer=adamw optimizer.weight_decay=<rate>")
+        if "transfer" in stack and (stack.transfer.freeze_layers or stack.transfer.freeze):
+            raise ConfigError("regularizer.transfer.freeze_layers", stack.transfer.freeze_layers,
+                              "0 and no regularizer.transfer.freeze patterns with fine_tune (it freezes the base)",
+                              "drop them: fine_tune freezes and unfreezes the base itself")
+
+    def setup(self, model: nn.Module, ctx: Context) -> None:
+        blocks, head = base_and_head(model)
+        n = len(blocks) if self.cfg.unfreeze_top is None else self.cfg.unfreeze_top
+        if n > len(blocks):
+            raise ConfigError(f"{self.key}.unfreeze_top", n, f"at most {len(blocks)} (the base's blocks)")
+        self.model, self.stage = model, 1
+        head_ids = {id(p) for p in head.parameters()}
+        self.base = [p for p in model.parameters() if id(p) not in head_ids]
+        if not self.base:
+            raise self.nothing("the model has no base to freeze (all its layers are the head, e.g. "
+                               "model.hidden=[])", "drop fine_tune, or give the model hidden layers / a conv base")
+        self.top = [p for b in blocks[len(blocks) - n:] for p in b.parameters()]
+        self.head = [p for p in model.parameters() if id(p) in head_ids]
+        self.blocks = blocks
+        self.n_top = n
+        for p in self.base:
+            p.requires_grad_(False)
+        for m in model.modules():  # the BN-eval rule, applied at every forward in training
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(m is h for h in head.modules()):
+                m.register_forward_pre_hook(self._bn_hook)
+        ctx.info[self.name] = {
+            "blocks": len(blocks), "unfrozen_blocks": n, "head_parameters": sum(p.numel() for p in self.head),
+            "base_parameters": sum(p.numel() for p in self.base),
+            "unfrozen_parameters": sum(p.numel() for p in self.top), "stage2_from_epoch": None,
+        }
+        self.info = ctx.info[self.name]
+        if self.cfg.freeze_base_epochs == 0 and n:
+            self._unfreeze()
+            self.info["stage2_from_epoch"] = 1
+
+    @staticmethod
+    def _bn_hook(module: nn.Module, args) -> None:
+        # A BN layer whose parameters are frozen normalises with its pretrained running statistics and does not
+        # update them: batch statistics of a small new dataset would overwrite what the base was trained with.
+        if module.training and not any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.train(False)
+
+    def param_groups(self, model: nn.Module, optimizer_cfg, ctx: Context) -> list[dict]:
+        return [{"params": self.head}, {"params": self.top, "lr": optimizer_cfg.lr * self.cfg.finetune_lr_scale}]
+
+    def _unfreeze(self) -> None:
+        for p in self.top:
+            p.requires_grad_(True)
+        self.stage = 2
+
+    def on_epoch_end(self, epoch: int, row: dict, model: nn.Module) -> bool:
+        if self.stage == 1 and epoch >= self.cfg.freeze_base_epochs and self.n_top:
+            self._unfreeze()
+            self.info["stage2_from_epoch"] = epoch + 1
+        return False
+
+    def warnings(self, stack, ctx: Context) -> list[str]:
+        if self.cfg.unfreeze_top != 0 and self.cfg.freeze_base_epochs >= ctx.cfg.trainer.max_epochs:
+            return [f"fine_tune: stage 2 never starts (freeze_base_epochs={self.cfg.freeze_base_epochs} >= "
+                    f"trainer.max_epochs={ctx.cfg.trainer.max_epochs}); set unfreeze_top=0 for a frozen base"]
+        return []
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "stage2_from_epoch": self.info["stage2_from_epoch"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("stage") == 2 and self.stage == 1:
+            self._unfreeze()
+        self.info["stage2_from_epoch"] = state.get("stage2_from_epoch", self.info["stage2_from_epoch"])

@@ -1,0 +1,253 @@
+"""The torchvision family: a torchvision classification model as a (pretrained) base with a new head.
+
+``model=torchvision model.arch=<any name of torchvision.models.list_models(module=torchvision.models)>``. The
+arch's own classifier is dropped; the base ends in a feature map (or its pooled vector), and the new head is
+global average pooling -> optional Dense(``head_hidden``) + ReLU -> Dense(classes), freshly initialised.
+
+Inputs are adapted on the device, in batches, inside the model (so augmentation, evaluation and TTA all see the
+same thing): grayscale repeated to 3 channels; resized with ``F.interpolate`` (bilinear, antialiased like
+torchvision's ``Resize``) to the weights' input size (``weights.transforms().crop_size``), or to
+``model.input_size``; then normalised with the weights' mean/std. The dataset images are whole objects, so they
+are resized straight to the crop size (torchvision's resize-to-``resize_size``-then-centre-crop would cut off
+their borders). Pretrained weights therefore need ``data.normalize=none`` (pixels in [0, 1]).
+
+Weights: ``DEFAULT`` / ``IMAGENET1K_V1`` / ... (the arch's torchvision weights enum), read from torch hub's
+checkpoints folder (downloaded there only when ``model.download`` is true); ``null`` (random init); or the path
+of a state dict of the arch (loaded with ``weights_only=True``; its classifier keys are ignored; input size and
+mean/std are those of the arch's DEFAULT weights).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from regbench.errors import ConfigError, DataError, RegbenchError
+
+
+def _models():
+    import torchvision.models as tvm
+
+    return tvm
+
+
+def architectures() -> list[str]:
+    tvm = _models()
+    return sorted(tvm.list_models(module=tvm))
+
+
+def is_path(weights: str) -> bool:
+    return "/" in weights or os.sep in weights or weights.endswith((".pt", ".pth"))
+
+
+def weights_enum(arch: str, name: str):
+    """The torchvision weights object ``name`` (DEFAULT, IMAGENET1K_V1, ...) of ``arch``; ConfigError if none."""
+    enum = _models().get_model_weights(arch)
+    members = list(enum.__members__)
+    if name not in members:
+        hint = difflib.get_close_matches(name, members, n=1)
+        raise ConfigError("model.weights", name, f"one of {', '.join(members)} (the weights torchvision has for "
+                          f"{arch}), null or the path of a state dict" + (f"; did you mean {hint[0]}?" if hint else ""))
+    return enum[name]
+
+
+def hub_file(weights) -> Path:
+    """Where torch hub keeps ``weights``: <torch.hub.get_dir()>/checkpoints/<file name of weights.url>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def check_config(m: DictConfig) -> None:
+    """The family's keys (called by config.validate): arch known, weights resolvable, offline weights present."""
+    archs = architectures()
+    if m.arch not in archs:
+        hint = difflib.get_close_matches(m.arch, archs, n=1)
+        raise ConfigError("model.arch", m.arch, "a torchvision classification model (torchvision.models."
+                          "list_models(module=torchvision.models), e.g. resnet18, mobilenet_v3_small)"
+                          + (f"; did you mean model.arch={hint[0]}?" if hint else ""))
+    if m.head_hidden is not None and m.head_hidden < 1:
+        raise ConfigError("model.head_hidden", m.head_hidden, "an integer >= 1, or null for no hidden Dense layer")
+    if m.input_size is not None and m.input_size < 1:
+        raise ConfigError("model.input_size", m.input_size, "an integer >= 1, or null (the weights' input size)")
+    if m.weights is None:
+        return
+    if is_path(m.weights):
+        if not Path(m.weights).expanduser().is_file():
+            raise ConfigError("model.weights", m.weights, "a state dict file of " + m.arch + " (no file there)",
+                              "give the path of a .pt/.pth state dict, a torchvision weights name or null")
+        return
+    w = weights_enum(m.arch, m.weights)
+    if not _download(m) and not hub_file(w).is_file():
+        raise missing_weights(m.arch, m.weights, w, "model.download=false")
+
+
+def _download(m: DictConfig) -> bool:
+    """model.download, whose default comes from $REGBENCH_DOWNLOAD: a value that is no boolean is one line."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return bool(m.download)
+    except OmegaConfBaseException:
+        raise ConfigError("REGBENCH_DOWNLOAD", os.environ.get("REGBENCH_DOWNLOAD"), "true or false (the "
+                          "environment variable sets model.download's default)",
+                          "export REGBENCH_DOWNLOAD=false (offline) or unset it, or set model.download=false") from None
+
+
+def missing_weights(arch: str, name: str, w, reason: str) -> DataError:
+    path = hub_file(w)
+    return DataError(f"model.weights={name}: the {arch} weights file {path.name} is not in {path.parent} ({reason}); "
+                     f"fix: download {w.url} into {path.parent} (torch hub's checkpoints folder), set "
+                     "model.download=true with network access, or use model.weights=null")
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def _replace_classifier(net: nn.Module, arch: str) -> tuple[nn.Module, list[nn.Module]]:
+    """(base, blocks): the base without its classifier, and its parameterised top-level blocks in order."""
+    if isinstance(getattr(net, "fc", None), nn.Linear):  # resnet, resnext, regnet, inception, googlenet, shufflenet
+        net.fc = nn.Identity()  # forward keeps the arch's own global average pooling and flatten
+        if getattr(net, "aux_logits", False) or getattr(net, "AuxLogits", None) is not None:
+            net.aux_logits, net.AuxLogits = False, None
+        if hasattr(net, "aux1"):
+            net.aux1 = net.aux2 = None
+        blocks = [c for n, c in net.named_children() if n != "fc" and any(True for _ in c.parameters())]
+        return net, blocks
+    features = getattr(net, "features", None) or getattr(net, "layers", None)  # mobilenet, efficientnet, vgg...
+    if isinstance(features, nn.Sequential) and arch.split("_")[0] not in ("convnext", "squeezenet", "swin"):
+        base = nn.Sequential(features, nn.ReLU()) if arch.startswith("densenet") else features  # densenet's ReLU
+        blocks = [c for c in features.children() if any(True for _ in c.parameters())]
+        return base, blocks
+    raise ConfigError("model.arch", arch, "an arch whose classifier regbench can replace: one with an `fc` "
+                      "layer (resnet*, resnext*, wide_resnet*, regnet*, inception_v3, googlenet, shufflenet*) or a "
+                      "`features` stack (mobilenet*, efficientnet*, mnasnet*, vgg*, densenet*, alexnet)")
+
+
+def _classifier_keys(arch: str) -> tuple[str, ...]:
+    return ("fc.", "AuxLogits.", "aux1.", "aux2.", "classifier.")
+
+
+def load_state(arch: str, weights: str, download: bool) -> dict[str, torch.Tensor]:
+    """The arch's full state dict from torch hub's cache (or a download), or from a state dict file."""
+    if is_path(weights):
+        path = Path(weights).expanduser()
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise RegbenchError(f"model.weights={weights}: cannot be loaded as a state dict with weights_only=True "
+                                f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); fix: save it "
+                                "with torch.save(model.state_dict(), path)") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise RegbenchError(f"model.weights={weights}: not a state dict (a mapping of names to tensors); fix: "
+                                "save it with torch.save(model.state_dict(), path)")
+        return state
+    w = weights_enum(arch, weights)
+    path = hub_file(w)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if not download:
+        raise missing_weights(arch, weights, w, "model.download=false")
+    try:
+        return torch.hub.load_state_dict_from_url(w.url, progress=False, check_hash=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - URLError, OSError, hash mismatch...
+        raise missing_weights(arch, weights, w, f"download failed: {str(e).splitlines()[0][:160] if str(e) else e}")
+
+
+class TorchvisionNet(nn.Module):
+    """Input adapter -> torchvision base -> new head. ``blocks`` lists the base's blocks (for fine-tuning)."""
+
+    def __init__(self, arch: str, num_classes: int, in_shape: Sequence[int], weights: Optional[str] = None,
+                 head_hidden: Optional[int] = None, input_size: Optional[int] = None, download: bool = False):
+        super().__init__()
+        tvm = _models()
+        kwargs: dict[str, Any] = {}
+        if arch in ("inception_v3", "googlenet"):
+            kwargs = {"aux_logits": False, "init_weights": True}
+            if weights is not None:  # the pretrained nets expect ImageNet-normalised input, remapped inside
+                kwargs["transform_input"] = True
+        net = tvm.get_model(arch, weights=None, **kwargs)
+        self.arch, self.weights = arch, weights
+        meta = None
+        if weights is not None:
+            meta = weights_enum(arch, "DEFAULT" if is_path(weights) else weights).transforms()
+            state = load_state(arch, weights, download)
+            ours = net.state_dict()
+            theirs = {k: v for k, v in state.items() if not k.startswith(_classifier_keys(arch)) or k in ours}
+            missing = [k for k in ours if k not in theirs and not k.startswith(_classifier_keys(arch))]
+            wrong = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape
+                     and not k.startswith(_classifier_keys(arch))]
+            if missing or wrong:
+                raise RegbenchError(f"model.weights={weights}: not a state dict of {arch} (missing: "
+                                    f"{', '.join(missing[:3]) or 'none'}; other shapes: {', '.join(wrong[:3]) or 'none'})"
+                                    f"; fix: give weights saved from torchvision.models.{arch}()")
+            net.load_state_dict({k: v for k, v in theirs.items() if k in ours and theirs[k].shape == ours[k].shape},
+                                strict=False)
+        base, blocks = _replace_classifier(net, arch)
+        self.base = base
+        self._blocks = blocks
+        size = input_size if input_size is not None else (meta.crop_size[0] if meta is not None else None)
+        self.input_size = size
+        mean = torch.tensor(meta.mean if meta is not None else [0.0] * 3).view(1, 3, 1, 1)
+        std = torch.tensor(meta.std if meta is not None else [1.0] * 3).view(1, 3, 1, 1)
+        self.normalise = meta is not None
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        out = self._probe(in_shape)
+        features = out.shape[1]
+        head = nn.Sequential()
+        head.add_module("pool", nn.AdaptiveAvgPool2d(1) if out.ndim == 4 else nn.Identity())
+        head.add_module("flatten", nn.Flatten())
+        width = features
+        if head_hidden is not None:
+            head.add_module("dense", nn.Linear(features, head_hidden))
+            head.add_module("act", nn.ReLU())
+            width = head_hidden
+        head.add_module("out", nn.Linear(width, num_classes))
+        self.head = head
+
+    @torch.no_grad()
+    def _probe(self, in_shape: Sequence[int]) -> torch.Tensor:
+        """The base's output for one input of the run's shape (its width sizes the head; too small an input for
+        the arch is a config error here, not a traceback in the first step)."""
+        self.base.eval()
+        try:
+            return self.base(self.adapt(torch.zeros(1, *in_shape)))
+        except RuntimeError as e:
+            raise ConfigError("model.input_size", self.input_size, f"an input size {self.arch} accepts (the "
+                              f"{'x'.join(map(str, in_shape[1:]))} images fail: {str(e).splitlines()[0][:120]})",
+                              "set model.input_size to a larger size, e.g. 224") from None
+        finally:
+            self.base.train()
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self._blocks)
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """Batched input adaptation on x's device: 1 -> 3 channels, resize, the weights' mean/std."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        if self.normalise:
+            x = (x - self.mean) / self.std
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.base(self.adapt(x)))
+
+
+def build(cfg: DictConfig, input_shape: Sequence[int], num_classes: int, **hooks) -> TorchvisionNet:
+    if hooks:
+        raise ConfigError("regularizer", sorted(hooks), "no member that changes the model's layers with "
+                          "model=torchvision (the torchvision arch has its own)", "drop dropout/norm members")
+    check_config(cfg)
+    return TorchvisionNet(cfg.arch, num_classes, input_shape, cfg.weights, cfg.head_hidden, cfg.input_size,
+                          cfg.download)
