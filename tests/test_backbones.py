@@ -151,7 +151,7 @@ def test_stage_one_trains_only_the_head_and_keeps_frozen_batchnorm_statistics():
     assert all(torch.equal(v, after[k]) for k, v in base.items())  # weights and BN running stats, bitwise
     assert not torch.equal(head["out.weight"], model.head.out.weight)
     assert ctx.info["fine_tune"]["unfrozen_blocks"] == 2 and ctx.info["fine_tune"]["head_parameters"] == 576 * 10 + 10
-    assert optimizer.param_groups[1]["lr"] == pytest.approx(cfg.optimizer.lr * 0.1, rel=1e-12)
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(cfg.optimizer.lr * 0.1, rel=1e-5)
 
     stack.on_epoch_end(1, {}, model)  # stage 2: the top two blocks train at the lower lr, the rest stays frozen
     head_state = {id(p): optimizer.state[p]["step"].item() for p in model.head.parameters()}
