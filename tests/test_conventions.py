@@ -247,3 +247,18 @@ def test_lecture_studies_run_the_experiments_under_keras():
     bn = [c for c in ladder if "batchnorm" in c.regularizer]
     assert bn and all(c.regularizer.batchnorm.convention == "keras" and c.regularizer.batchnorm.momentum is None
                       for c in bn)  # Keras' BatchNormalization() defaults: 0.99, 1e-3
+
+
+@pytest.mark.parametrize("name,old", [
+    ("mnist_mlp", ["data=mnist", "model.hidden=[128,128,64]", "trainer.max_epochs=10"]),
+    ("mnist_mlp_dropout", ["data=mnist", "regularizer=[dropout]", "model.hidden=[128,128]",
+                           "regularizer.dropout.rate=[0.3,0.2]", "trainer.max_epochs=10"]),
+])
+def test_torch_form_of_a_lecture_file_is_the_file_before_the_convention(name, old):
+    """docs/experiments.md section 1's table was measured with these files before convention=keras; adding
+    convention=torch composes exactly those configs (what the old files listed, as overrides)."""
+    def plain(cfg):
+        return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in cfg if k != "hydra"}
+
+    assert plain(compose_cfg(f"experiment={name}", "convention=torch")) == plain(compose_cfg(*old))
