@@ -224,7 +224,6 @@ class TrainerConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    convention: str = "torch"  # torch | keras: whose defaults the run uses (set by the convention/ group)
     data: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING
@@ -232,6 +231,7 @@ class TrainConfig:
     trainer: Any = MISSING
     regularizer: Any = field(default_factory=dict)  # the stack: one entry per selected member
     augmentation: Any = MISSING
+    convention: str = "torch"  # torch | keras: whose defaults the run uses (set by the convention/ group)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
