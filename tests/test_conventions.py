@@ -238,7 +238,9 @@ def test_lecture_experiment_is_the_lecture_code_under_keras(name):
     assert "Lecture:" in header and "convention=keras" in header
 
 
-def test_lecture_studies_run_the_experiments_under_keras():
+def test_lecture_studies_run_the_experiments_under_keras(tv_root, monkeypatch):
+    monkeypatch.setenv("REGBENCH_DATA", str(tv_root))  # a sweep's pre-check looks for its datasets once
+    monkeypatch.setenv("REGBENCH_DOWNLOAD", "false")
     for cfg in check(["sweep=mnist_dropout"], multirun=True):
         assert cfg.convention == "keras" and cfg.data.batch_size == 32 and cfg.model.init == "glorot_uniform"
     ladder = check(["sweep=cifar10_ladder"], multirun=True)
