@@ -426,7 +426,7 @@ CASES = [
      "on a SLURM login node"),
     ("rerun-foreign-key", case_rerun_foreign_key,
      "key 'hydra' is not part of a regbench config (a run saves only seed, data, model, optimizer, scheduler, trainer, "
-     "regularizer, augmentation); refusing it"),
+     "regularizer, augmentation, convention); refusing it"),
     ("rerun-not-regbench-config", case_rerun_foreign_model, "model is not a regbench model config (name 'resnet'"),
     ("experimental-rerun", lambda t, m, c: run_cli(c, "--experimental-rerun", f"{t}/config.pickle"),
      "config.pickle: refused (it unpickles the file, which can run code); fix: regbench rerun <run dir>"),
