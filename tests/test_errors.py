@@ -352,6 +352,10 @@ CASES = [
     ("batch-range", ["data.batch_size=0"], "data.batch_size=0: expected an integer >= 1"),
     ("val-fraction-range", ["data.val_fraction=1.5"], "data.val_fraction=1.5: expected a number in (0, 1)"),
     ("train-size-range", ["data.train_size=3601"], "data.train_size=3601: expected at most 3600"),
+    ("val-split-last-sorted", ["data.val_split=last"],
+     "data.val_split='last': expected a dataset stored in random order: the last 400 images of the mnist5k training "
+     "pool lack classes 0..8"),
+    ("bias-init-value", ["model.bias_init=ones"], "model.bias_init='ones': expected zeros, torch or null"),
     ("sweep-without-m", ["optimizer=sgd,adam"], "optimizer=sgd,adam: a sweep (several values) needs multirun; fix: add -m"),
     ("member-not-in-stack", ["regularizer.dropout.rate=0.3"], "regularizer.dropout: dropout is not in the regularizer stack"),
     ("unknown-member", ["regularizer=[dropuot]"], "regularizer=dropuot: no such option in config group 'regularizer'"),
@@ -422,7 +426,7 @@ CASES = [
      "on a SLURM login node"),
     ("rerun-foreign-key", case_rerun_foreign_key,
      "key 'hydra' is not part of a regbench config (a run saves only seed, data, model, optimizer, scheduler, trainer, "
-     "regularizer, augmentation); refusing it"),
+     "regularizer, augmentation, convention); refusing it"),
     ("rerun-not-regbench-config", case_rerun_foreign_model, "model is not a regbench model config (name 'resnet'"),
     ("experimental-rerun", lambda t, m, c: run_cli(c, "--experimental-rerun", f"{t}/config.pickle"),
      "config.pickle: refused (it unpickles the file, which can run code); fix: regbench rerun <run dir>"),

@@ -54,7 +54,7 @@ def test_experiment_configs_match_the_lectures():
     assert list(drop.model.hidden) == [128, 128] and list(drop.regularizer.dropout.rate) == [0.3, 0.2]
     bn = check(["experiment=mnist_bn_elu"])[0]
     assert list(bn.model.hidden) == [300, 100] and bn.model.activation == "elu"
-    assert bn.model.init == "kaiming_normal" and bn.regularizer.batchnorm.convention == "keras"
+    assert bn.model.init == "he_normal" and bn.regularizer.batchnorm.convention == "keras"
     assert bn.regularizer.batchnorm.momentum == 0.9 and bn.optimizer.name == "sgd" and bn.optimizer.lr == 0.01
     assert bn.data.batch_size == 200 and bn.trainer.max_epochs == 10
     ladder = check(["sweep=cifar10_ladder"], multirun=True, runs=False)

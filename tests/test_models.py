@@ -105,6 +105,7 @@ def test_every_init(init):
     expected_std = {
         "xavier_uniform": math.sqrt(2 / (fan_in + fan_out)), "xavier_normal": math.sqrt(2 / (fan_in + fan_out)),
         "kaiming_uniform": math.sqrt(2 / fan_in), "kaiming_normal": math.sqrt(2 / fan_in),
+        "glorot_uniform": math.sqrt(2 / (fan_in + fan_out)), "he_normal": math.sqrt(2 / fan_in),
     }[init]
     assert w.std().item() == pytest.approx(expected_std, rel=0.03)
     if init == "xavier_uniform":

@@ -16,7 +16,7 @@ from regbench.errors import RegbenchError
 from regbench.train import _git, fit
 from tests.conftest import TINY, compose_cfg
 
-KEYS = {"seed", "data", "model", "optimizer", "scheduler", "trainer", "regularizer", "augmentation"}
+KEYS = {"seed", "data", "model", "optimizer", "scheduler", "trainer", "regularizer", "augmentation", "convention"}
 
 
 def saved_run(folder: Path, status: str = "completed", *extra: str) -> Path:

@@ -25,6 +25,7 @@ class DataConfig:
     name: str = MISSING  # mnist5k | mnist | fashion_mnist | cifar10 | cifar100 | svhn
     train_size: Optional[int] = None  # seeded stratified subset of the training split; null = all of it
     val_fraction: float = 0.1  # share of the training pool held out for validation (Keras validation_split)
+    val_split: str = "stratified"  # stratified (seeded, class-balanced) | last (Keras: the last fraction, unshuffled)
     test_size: Optional[int] = None  # mnist5k: images held out for test; others: subset of the official test set
     split_seed: int = 0  # fixed by default, so a seed sweep varies init and order, not the split
     batch_size: int = 128
@@ -46,7 +47,9 @@ class TorchvisionDataConfig(DataConfig):
 # -------------------------------------------------------------------------------------------- model
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "sigmoid", "tanh")
-INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "glorot_uniform",
+         "he_normal")
+BIAS_INITS = ("zeros", "torch")
 POOLINGS = ("max", "avg", "none")
 
 
@@ -57,6 +60,8 @@ class MLPConfig:
     activation: str = "relu"  # relu | leaky_relu | elu | sigmoid | tanh
     negative_slope: float = 0.01  # slope of leaky_relu for x < 0 (used only by leaky_relu)
     init: str = "default"  # default (torch's) | xavier_uniform | xavier_normal | kaiming_uniform | kaiming_normal
+    #                        | glorot_uniform (Keras' default) | he_normal (Keras': truncated normal)
+    bias_init: Optional[str] = None  # zeros | torch (uniform ±1/√fan_in); null = torch's with init=default, else zeros
 
 
 @dataclass
@@ -70,6 +75,7 @@ class LectureCNNConfig:
     activation: str = "relu"
     negative_slope: float = 0.01
     init: str = "default"
+    bias_init: Optional[str] = None
 
 
 @dataclass
@@ -225,6 +231,7 @@ class TrainConfig:
     trainer: Any = MISSING
     regularizer: Any = field(default_factory=dict)  # the stack: one entry per selected member
     augmentation: Any = MISSING
+    convention: str = "torch"  # torch | keras: whose defaults the run uses (set by the convention/ group)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -308,6 +315,8 @@ def validate(cfg: DictConfig) -> None:
 
     _check(INT64[0] <= cfg.seed <= INT64[1], "seed", cfg.seed, "an integer in [-2**63, 2**63-1] (torch seeds "
            "are 64-bit)")
+    _check(cfg.convention in ("torch", "keras"), "convention", cfg.convention, "torch or keras",
+           "pick it with convention=torch or convention=keras")
     d = cfg.data
     _choice(d, "data.name", tuple(DATASETS))
     _check(INT64[0] <= d.split_seed <= INT64[1] - 3, "data.split_seed", d.split_seed,
@@ -317,6 +326,7 @@ def validate(cfg: DictConfig) -> None:
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
     _in_unit(d.val_fraction, "data.val_fraction", closed_low=False)
+    _choice(d, "data.val_split", ("stratified", "last"))
     _check(d.train_size is None or d.train_size >= 1, "data.train_size", d.train_size,
            "an integer >= 1 or null (the whole training split)")
     _check(d.test_size is None or d.test_size >= 1, "data.test_size", d.test_size, "an integer >= 1 or null")
@@ -414,6 +424,8 @@ def _validate_own_model(m: DictConfig) -> None:
     """regbench's own families (mlp, lecture_cnn)."""
     _choice(m, "model.activation", ACTIVATIONS)
     _choice(m, "model.init", INITS)
+    _check(m.bias_init is None or m.bias_init in BIAS_INITS, "model.bias_init", m.bias_init,
+           "zeros, torch or null (torch's with model.init=default, zeros otherwise)")
     _check(m.negative_slope >= 0, "model.negative_slope", m.negative_slope, "a number >= 0")
     _check(m.activation == "leaky_relu" or m.negative_slope == 0.01, "model.negative_slope", m.negative_slope,
            "to be left alone unless model.activation=leaky_relu (it is only used there)",

@@ -11,6 +11,7 @@ import dataclasses
 import gzip
 import importlib.resources
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -182,6 +183,37 @@ def stratified_take(y: torch.Tensor, k: int, g: torch.Generator) -> tuple[torch.
     return perm[taken].sort().values, perm[~taken].sort().values
 
 
+def split_validation(pool_y: torch.Tensor, cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation, training) indices into the training pool, by ``cfg.val_split``.
+
+    stratified: a seeded, class-balanced subset of round(val_fraction·n) images (regbench's default).
+    last: Keras' ``validation_split``: the last n − ⌊n·(1 − val_fraction)⌋ images of the pool in its stored
+    order, before any shuffling (keras/src/trainers/data_adapters/array_slicing.py: train_validation_split).
+    """
+    n = len(pool_y)
+    if cfg.val_split == "last":
+        split_at = math.floor(n * (1.0 - cfg.val_fraction))
+        if not 0 < split_at < n:
+            raise ConfigError("data.val_fraction", cfg.val_fraction,
+                              f"a fraction giving 1..{n - 1} validation images of {n}")
+        idx = torch.arange(n)
+        val_idx, train_idx = idx[split_at:], idx[:split_at]
+        missing = sorted(set(pool_y[train_idx].tolist()) - set(pool_y[val_idx].tolist()))
+        if missing:
+            raise ConfigError("data.val_split", "last", f"a dataset stored in random order: the last {n - split_at} "
+                              f"images of the {cfg.name} training pool lack classes {_fmt_classes(missing)} "
+                              "(the data is stored sorted by class)", "use data.val_split=stratified")
+        return val_idx, train_idx
+    n_val = round(cfg.val_fraction * n)
+    if not 1 <= n_val < n:
+        raise ConfigError("data.val_fraction", cfg.val_fraction, f"a fraction giving 1..{n - 1} validation images of {n}")
+    return stratified_take(pool_y, n_val, _generator(cfg.split_seed + 1))
+
+
+def _fmt_classes(classes: list[int]) -> str:
+    return ", ".join(map(str, classes)) if len(classes) <= 4 else f"{classes[0]}..{classes[-1]} ({len(classes)} of them)"
+
+
 # ------------------------------------------------------------------------------------------ bundle
 
 
@@ -272,11 +304,8 @@ def load_data(cfg: DictConfig, device: torch.device, keep_raw: bool = False) -> 
         pool_x, pool_y = keep_classes(pool_x, pool_y, cfg.classes)
         test_x, test_y = keep_classes(test_x, test_y, cfg.classes)
 
-    n_val = round(cfg.val_fraction * len(pool_y))
-    if not 1 <= n_val < len(pool_y):
-        raise ConfigError("data.val_fraction", cfg.val_fraction,
-                          f"a fraction giving 1..{len(pool_y) - 1} validation images of {len(pool_y)}")
-    val_idx, train_idx = stratified_take(pool_y, n_val, _generator(cfg.split_seed + 1))
+    val_idx, train_idx = split_validation(pool_y, cfg)
+    n_val = len(val_idx)
     if cfg.train_size is not None:
         if cfg.train_size > len(train_idx):
             raise ConfigError("data.train_size", cfg.train_size,
@@ -320,7 +349,7 @@ def load_data(cfg: DictConfig, device: torch.device, keep_raw: bool = False) -> 
         "train": len(train_y), "val": len(val_y), "test": len(test_y),
         "input_shape": list(data.input_shape), "num_classes": info.num_classes,
         "normalize": cfg.normalize, "mean": data.mean, "std": data.std, "pixel_mean": pixel_mean,
-        "split_seed": cfg.split_seed,
+        "split_seed": cfg.split_seed, "val_split": cfg.val_split,
     }
     if cfg.classes is not None:
         data.meta["classes"] = list(cfg.classes)

@@ -6,6 +6,7 @@ so the same builder serves a plain model and a regularized one.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -62,16 +63,26 @@ def _rates(rate: Rates, n: int, key: str) -> list[float]:
     return rates
 
 
-def init_weights(model: nn.Module, scheme: str, activation: str = "relu", negative_slope: float = 0.01) -> None:
-    """Re-initialise dense and conv weights with ``scheme`` (biases zeroed, as Keras does); 'default' keeps torch's."""
-    if scheme == "default":
-        return
+KERAS_TRUNCATION = 0.87962566103423978  # std of a unit normal truncated at ±2 (keras VarianceScaling)
+
+
+def init_weights(model: nn.Module, scheme: str, activation: str = "relu", negative_slope: float = 0.01,
+                 bias_init: Optional[str] = None) -> None:
+    """Re-initialise dense and conv kernels with ``scheme`` ('default' keeps torch's) and biases with ``bias_init``.
+
+    ``bias_init``: zeros (Keras' default) | torch (uniform ±1/√fan_in, torch's own rule) | None = torch's when
+    ``scheme`` is 'default', zeros otherwise (what regbench did before the key existed).
+    """
+    if bias_init is None:
+        bias_init = "torch" if scheme == "default" else "zeros"
+    if scheme == "default" and bias_init == "torch":
+        return  # the layers' constructors already drew torch's init
     nonlinearity = activation if activation in ("relu", "leaky_relu", "tanh", "sigmoid") else "relu"
     for m in model.modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
         w = m.weight
-        if scheme == "xavier_uniform":
+        if scheme in ("xavier_uniform", "glorot_uniform"):  # Keras' glorot_uniform: limit √(6/(fan_in+fan_out))
             nn.init.xavier_uniform_(w)
         elif scheme == "xavier_normal":
             nn.init.xavier_normal_(w)
@@ -79,11 +90,19 @@ def init_weights(model: nn.Module, scheme: str, activation: str = "relu", negati
             nn.init.kaiming_uniform_(w, a=negative_slope, nonlinearity=nonlinearity)
         elif scheme == "kaiming_normal":
             nn.init.kaiming_normal_(w, a=negative_slope, nonlinearity=nonlinearity)
-        else:
-            raise ConfigError("model.init", scheme, "default, xavier_uniform, xavier_normal, kaiming_uniform "
-                              "or kaiming_normal")
-        if m.bias is not None:
+        elif scheme == "he_normal":  # Keras': normal truncated at ±2σ, σ chosen so the variance is 2/fan_in
+            std = math.sqrt(2.0 / nn.init._calculate_fan_in_and_fan_out(w)[0]) / KERAS_TRUNCATION
+            nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
+        elif scheme != "default":
+            raise ConfigError("model.init", scheme, "default, xavier_uniform, xavier_normal, kaiming_uniform, "
+                              "kaiming_normal, glorot_uniform or he_normal")
+        if m.bias is None:
+            continue
+        if bias_init == "zeros":
             nn.init.zeros_(m.bias)
+        elif scheme != "default":  # torch's rule for a re-drawn kernel: uniform ±1/√fan_in
+            bound = 1.0 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(w)[0])
+            nn.init.uniform_(m.bias, -bound, bound)
 
 
 class MLP(nn.Module):
@@ -93,7 +112,8 @@ class MLP(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int], activation: str = "relu",
-                 negative_slope: float = 0.01, init: str = "default", dropout: Rates = 0.0,
+                 negative_slope: float = 0.01, init: str = "default", bias_init: Optional[str] = None,
+                 dropout: Rates = 0.0,
                  dropout_placement: str = "after_activation", norm: Optional[str] = None,
                  norm_momentum: float = 0.1, norm_eps: float = 1e-5, norm_groups: int = 8):
         super().__init__()
@@ -116,7 +136,7 @@ class MLP(nn.Module):
             width = h
         self.hidden = nn.Sequential(*blocks)
         self.head = nn.Linear(width, num_classes)
-        init_weights(self, init, activation, negative_slope)
+        init_weights(self, init, activation, negative_slope, bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden(self.flatten(x)))
@@ -133,7 +153,7 @@ class LectureCNN(nn.Module):
     def __init__(self, in_channels: int, image_size: int, num_classes: int, widths: Sequence[int] = (32, 64, 128),
                  convs_per_block: int = 2, dense: int = 64, pooling: str = "max", global_pool: str = "max",
                  activation: str = "relu", negative_slope: float = 0.01, init: str = "default",
-                 norm: Optional[str] = None, norm_momentum: float = 0.1, norm_eps: float = 1e-5,
+                 bias_init: Optional[str] = None, norm: Optional[str] = None, norm_momentum: float = 0.1, norm_eps: float = 1e-5,
                  norm_groups: int = 8, spatial_dropout: Rates = 0.0, head_dropout: Rates = 0.0,
                  dropout_placement: str = "after_activation"):
         super().__init__()
@@ -172,7 +192,7 @@ class LectureCNN(nn.Module):
             head.add_module("dropout", nn.Dropout(p))
         head.add_module("out", nn.Linear(dense, num_classes))
         self.head = head
-        init_weights(self, init, activation, negative_slope)
+        init_weights(self, init, activation, negative_slope, bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.global_pool(self.features(x)))
@@ -182,10 +202,11 @@ def build_model(cfg: DictConfig, input_shape: Sequence[int], num_classes: int, *
     """Model named by ``cfg.name`` for inputs of ``input_shape`` (C, H, W); ``hooks`` come from regularizers."""
     c, h, w = input_shape
     if cfg.name == "mlp":
-        return MLP(c * h * w, num_classes, list(cfg.hidden), cfg.activation, cfg.negative_slope, cfg.init, **hooks)
+        return MLP(c * h * w, num_classes, list(cfg.hidden), cfg.activation, cfg.negative_slope, cfg.init,
+                   cfg.bias_init, **hooks)
     if cfg.name == "lecture_cnn":
         return LectureCNN(c, min(h, w), num_classes, list(cfg.widths), cfg.convs_per_block, cfg.dense, cfg.pooling,
-                          cfg.global_pool, cfg.activation, cfg.negative_slope, cfg.init, **hooks)
+                          cfg.global_pool, cfg.activation, cfg.negative_slope, cfg.init, cfg.bias_init, **hooks)
     if cfg.name == "torchvision":
         from regbench.backbones import build
 

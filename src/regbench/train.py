@@ -35,6 +35,7 @@ from regbench.checkpoint import Checkpoints, capture_rng, config_differences, fa
 from regbench.logs import RunLogger, write_json
 from regbench.metrics import calibration_error
 from regbench.regularizers import Context, build_stack
+from regbench import conventions
 from regbench.models import build_model, count_parameters
 from regbench.optim import build_optimizer, build_scheduler
 
@@ -413,7 +414,8 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         "regularizers": stack.names, "params": params, "monitor": t.monitor, "final": None, "best": best_row,
         "test": None, "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
         "deterministic": t.deterministic, "steps_per_epoch": steps_per_epoch, "warnings": warnings,
-        "regularizer_info": ctx.info, "augmentation": _augmentation_info(cfg, policy), "versions": _versions(), "git": _git(), "command": provenance.command() or sys.argv,
+        "regularizer_info": ctx.info, "convention": conventions.effective(cfg, model, optimizer),
+        "augmentation": _augmentation_info(cfg, policy), "versions": _versions(), "git": _git(), "command": provenance.command() or sys.argv,
         "provenance": _provenance(run_dir, resuming),
         "run_dir": str(run_dir.resolve()), "resumed_from_epoch": start_epoch if resuming else None,
         "started": _now(), "finished": None, "time_s": None, "error": None,

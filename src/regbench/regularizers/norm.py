@@ -77,7 +77,8 @@ class BatchNorm(_Norm):
         return m if self.cfg.convention == "torch" else 1.0 - m
 
     def model_hooks(self, ctx: Context) -> dict[str, Any]:
-        ctx.info[self.name] = {"torch_momentum": self.torch_momentum(), "eps": self.eps()}
+        ctx.info[self.name] = {"convention": self.cfg.convention, "torch_momentum": self.torch_momentum(),
+                               "eps": self.eps()}
         return {"norm": "batchnorm", "norm_momentum": self.torch_momentum(), "norm_eps": self.eps()}
 
 
