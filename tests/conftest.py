@@ -38,6 +38,18 @@ def _restore_logging():
     root.setLevel(level)
 
 
+def one_line_error(capsys, *argv) -> str:
+    """Run the command in-process; return its one stderr line (asserting exit status 2 and a single line)."""
+    from regbench.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("regbench: error: "), err
+    return err.strip()
+
+
 def compose_cfg(*overrides: str, config_dir: Path = CONFIG_DIR, config_name: str = "train"):
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))

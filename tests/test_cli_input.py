@@ -9,16 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from regbench.cli import main
-from tests.conftest import TINY
-
-
-def one_line_error(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("regbench: error: "), err
-    return err.strip()
+from tests.conftest import TINY, one_line_error
 
 
 def show(capsys, *argv) -> str:

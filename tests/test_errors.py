@@ -13,19 +13,12 @@ import torch
 
 from regbench.cli import main
 from regbench.train import fit
-from tests.conftest import REPO, TINY, compose_cfg, make_cifar
+from tests.conftest import one_line_error, REPO, TINY, compose_cfg, make_cifar
 
 DOC = REPO / "docs" / "errors.md"
 
 
-def run_cli(capsys, *argv) -> str:
-    """Run the command in-process; return its one stderr line (asserting exit status 2 and a single line)."""
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("regbench: error: "), err
-    return err.strip()
+run_cli = one_line_error
 
 
 def completed_run(tmp_path: Path) -> Path:

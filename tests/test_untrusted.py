@@ -15,6 +15,7 @@ from regbench.cli import main, saved_config_dir
 from regbench.errors import RegbenchError
 from regbench.train import _git, fit
 from tests.conftest import TINY, compose_cfg
+from tests.conftest import one_line_error as cli_error
 
 KEYS = {"seed", "data", "model", "optimizer", "scheduler", "trainer", "regularizer", "augmentation", "convention"}
 
@@ -40,12 +41,7 @@ def tamper(run: Path, **nodes) -> None:
 
 
 def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("regbench: error: "), err
-    return err.strip()
+    return cli_error(capsys, *argv)
 
 
 @pytest.fixture(scope="module")
