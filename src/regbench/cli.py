@@ -44,8 +44,9 @@ OmegaConf.register_new_resolver("rb_run_name", _run_name, replace=True)
 
 
 def _hide_schema_groups_in_help() -> None:
-    """``--help`` lists every config group, including the typed schemas (``schema/<group>/<name>``) that the
-    YAML options extend and users never pick. Hydra 1.3 has no setting to hide a group, so its group listing
+    """``--help`` lists every config group, including nested ones users never pick: the typed schemas the YAML
+    options extend (``schema/<group>/<name>``) and the files a convention selects per model and optimizer
+    (``convention/model``, ``convention/optimizer``). Hydra 1.3 has no setting to hide a group, so its group listing
     is wrapped to drop them (and left alone if Hydra's internals change: the help then shows them again)."""
     from hydra._internal.hydra import Hydra
 
@@ -54,7 +55,7 @@ def _hide_schema_groups_in_help() -> None:
         return
 
     def format_config_groups(self, predicate, *args, **kwargs):
-        return original(self, lambda g: predicate(g) and g.split("/")[0] != "schema", *args, **kwargs)
+        return original(self, lambda g: predicate(g) and "/" not in g, *args, **kwargs)
 
     format_config_groups._regbench = True  # type: ignore[attr-defined]
     Hydra.format_config_groups = format_config_groups  # type: ignore[method-assign]
