@@ -165,7 +165,7 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
         if multirun:  # a named study's hydra.sweeper.params sweep too (the command line wins for a key)
             try:
                 base = compose(config_name=config_name, overrides=jobs[0], return_hydra_config=True)
-                params = base.hydra.sweeper.get("params") or {}
+                params = _sweep_params(base)
                 given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
                 extra = [f"{k}={v}" for k, v in params.items() if k not in given]
                 if extra:
@@ -190,7 +190,8 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
 
 
 def _sweep_params(cfg: DictConfig) -> dict:
-    return dict(cfg.hydra.sweeper.get("params") or {})
+    """A named study's ``hydra.sweeper.params`` (Hydra's basic sweeper: null where no study sets any)."""
+    return dict(cfg.hydra.sweeper.params or {})
 
 
 SUBDIR = "${rb_run_name:${hydra.job.override_dirname}}/seed=${seed}"  # configs/hydra/default.yaml
@@ -199,7 +200,7 @@ SUBDIR = "${rb_run_name:${hydra.job.override_dirname}}/seed=${seed}"  # configs/
 def _regbench_names(cfg: DictConfig) -> bool:
     """The sweep's folders are named by regbench (basic sweeper, the default subdir), so it can plan them."""
     sweeper = OmegaConf.select(cfg, "hydra.sweeper._target_", default="")
-    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
     return sweeper.endswith("BasicSweeper") and subdir == SUBDIR
 
 

@@ -619,8 +619,9 @@ def chance_warning(final: Optional[dict], num_classes: int, n_val: int) -> Optio
 def preview_indices(y: torch.Tensor, k: int) -> torch.Tensor:
     """``k`` training indices for the augmentation preview, stratified: the first image of each class in turn,
     then the second of each... (the training split is ordered by class, so its first k would be one class)."""
-    order = torch.argsort(y.cpu(), stable=True)
-    ys = y.cpu()[order]
+    y_host = y.cpu()  # once per run (the preview), not per step
+    order = torch.argsort(y_host, stable=True)
+    ys = y_host[order]
     first = torch.searchsorted(ys, ys, side="left")  # where each image's class starts in the sorted order
     rank = torch.arange(len(ys)) - first  # the image's position within its class
     key = rank * (int(ys.max()) + 1 if len(ys) else 1) + ys
