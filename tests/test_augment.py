@@ -13,9 +13,9 @@ from torchvision.transforms import InterpolationMode as IM
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from regbench.augment import (OPS, Policy, _augmentation_space, adjust_brightness, adjust_contrast,
-                              adjust_saturation, apply_named_op, build_op, build_policy, cutmix, inverse_affine, mixup,
-                              shifted_crop, warp)
+from regbench.augment import (OPS, Policy, adjust_brightness, adjust_contrast, adjust_saturation, apply_named_op,
+                              build_op, build_policy, cutmix, inverse_affine, mixup, shifted_crop, warp)
+from regbench.augment.auto import _augmentation_space
 from regbench.data import DATASETS, Normalizer, load_data
 from regbench.errors import ConfigError
 from regbench.train import fit
@@ -107,7 +107,7 @@ def test_affine_with_p_leaves_the_unchosen_images_exactly_alone():
 
 
 def test_affine_zoom_draws_x_and_y_independently(monkeypatch):
-    import regbench.augment as aug
+    import regbench.augment.ops as aug
 
     seen = {}
     real = aug.warp

@@ -241,7 +241,7 @@ def test_training_steps_have_no_op_that_would_wait_for_a_gpu(extra, tmp_path, mo
     """The CPU stand-in for the CUDA test above: fit's second training epoch under a dispatch mode that
     records every op which would make the host wait for a GPU (tests/sync_check.py) — none may occur.
     RandAugment is switched to its CUDA strategy (every op on the whole batch), so every op is exercised."""
-    import regbench.augment as aug
+    import regbench.augment.auto as aug
     from tests.sync_check import SyncCheck
 
     monkeypatch.setattr(aug, "group_by_op", lambda device: False)
