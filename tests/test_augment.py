@@ -14,7 +14,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from regbench.augment import (OPS, Policy, adjust_brightness, adjust_contrast, adjust_saturation, apply_named_op,
-                              build_op, build_policy, cutmix, inverse_affine, mixup, shifted_crop, warp)
+                              build_op, build_policy, cutmix, inverse_affine, mixup, preview_indices, shifted_crop,
+                              warp)
 from regbench.augment.auto import _augmentation_space
 from regbench.data import DATASETS, Normalizer, load_data
 from regbench.errors import ConfigError
@@ -371,6 +372,91 @@ def test_augmented_training_is_reproducible(tmp_path):
     assert a == b
 
 
+# ------------------------------------------------------------------------------ training batches
+
+
+def _old_training_batches(policy, data, batch_size, g, drop_last, chunk, consume):
+    """What fit composed by hand before the policy owned the path: per-image ops + normalisation as
+    ``data.batches``' transform on the raw images, mixing per batch in the loop (``consume`` stands for the
+    loop's own random draws, e.g. dropout, between batches)."""
+    from regbench.data import batches
+
+    if policy.identity:
+        stream = batches(data.train_x, data.train_y, batch_size, g, drop_last)
+    else:
+        stream = batches(data.train_raw, data.train_y, batch_size, g, drop_last,
+                         lambda xb: data.normalize(policy.images(xb)), chunk)
+    out = []
+    for xb, yb in stream:
+        if policy.soft_targets:
+            xb, yb = policy.mix(xb, yb)
+        out.append((xb, yb))
+        consume()
+    return out
+
+
+@pytest.mark.parametrize("preset", config_options("augmentation"))
+@pytest.mark.parametrize("drop_last,chunk", [(False, None), (True, 64)])
+def test_train_batches_are_bitwise_the_old_transform_and_mix_composition(preset, drop_last, chunk):
+    """Same batches, same random draws in the same order (the global generator's state after the epoch, with
+    the loop's own draws interleaved, and the data-order generator's), for every preset."""
+    cfg = compose_cfg(f"augmentation={preset}", "data.train_size=150")
+    data = load_data(cfg.data, torch.device("cpu"), keep_raw=True)
+    policy = build_policy(cfg.augmentation, data.info, data.pixel_mean)
+    runs = []
+    for make in (lambda g, consume: _old_training_batches(policy, data, 32, g, drop_last, chunk, consume),
+                 lambda g, consume: [(b, consume())[0] for b in policy.train_batches(data, 32, g, drop_last, chunk)]):
+        torch.manual_seed(11)
+        g = torch.Generator().manual_seed(5)
+        loop_draws = []
+        got = make(g, lambda: loop_draws.append(torch.rand(1)))
+        runs.append((got, torch.cat(loop_draws), torch.get_rng_state(), g.get_state()))
+    (old, old_draws, old_state, old_g), (new, new_draws, new_state, new_g) = runs
+    assert len(new) == len(old) == (150 // 32 if drop_last else -(-150 // 32))
+    for (xo, yo), (xn, yn) in zip(old, new):
+        assert torch.equal(xo, xn) and torch.equal(yo, yn)
+    assert torch.equal(old_draws, new_draws) and torch.equal(old_state, new_state) and torch.equal(old_g, new_g)
+    assert (yn.ndim == 2) == policy.soft_targets
+
+
+def test_no_ops_is_the_identity_policy():
+    """augmentation=none: a Policy all the same (fit never asks whether there is one); its training batches are
+    the normalised images as they are, no preview, no TTA unless asked for, and the summary says none."""
+    from regbench.data import batches
+
+    cfg = compose_cfg("data.train_size=100")
+    data = load_data(cfg.data, torch.device("cpu"))
+    policy = build_policy(cfg.augmentation, data.info, data.pixel_mean)
+    assert isinstance(policy, Policy) and policy.identity and not policy.soft_targets and not policy.flips
+    new = list(policy.train_batches(data, 32, torch.Generator().manual_seed(0), False))
+    old = list(batches(data.train_x, data.train_y, 32, torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a, b) for (xa, ya), (xb, yb) in zip(new, old) for a, b in ((xa, xb), (ya, yb)))
+    assert len(new) == 4 and policy.preview(data, 16) is None
+    assert policy.tta(torch.nn.Flatten(), data.test_x, data.test_y, 100) is None
+    assert policy.info() == {"name": "none", "preset": "none", "ops": [], "soft_targets": False}
+
+
+def test_preview_shows_the_policy_and_leaves_training_draws_alone():
+    cfg = compose_cfg("augmentation=digits", "data.train_size=100")
+    data = load_data(cfg.data, torch.device("cpu"), keep_raw=True)
+    policy = build_policy(cfg.augmentation, data.info, data.pixel_mean)
+    torch.manual_seed(0)
+    before, after = policy.preview(data, 12)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())  # forked: nothing drawn
+    assert torch.equal(before, data.train_raw[preview_indices(data.train_y, 12)])
+    assert after.shape == before.shape and not torch.equal(after, before)
+    assert policy.preview(data, 0) is None
+
+
+def test_train_one_epoch_takes_no_augment_callable():
+    """Augmentation has one path, the policy's training batches: the loop takes batches, nothing else."""
+    import inspect
+
+    from regbench.train import train_one_epoch
+
+    assert not {"augment", "transform", "mix"} & set(inspect.signature(train_one_epoch).parameters)
+
+
 # --------------------------------------------------------------------------------- normalisation
 
 
@@ -410,18 +496,21 @@ def test_zca_matches_a_hand_computation():
 
 
 def test_tta_views_and_identity_only_equals_plain_evaluation(tmp_path):
-    from regbench.train import evaluate, tta_eval
+    from regbench.train import evaluate
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     x, y = images(20), torch.arange(20) % 10
-    cfg = compose_cfg("augmentation.tta.enabled=true", "augmentation.tta.hflip=false", "augmentation.tta.shift=0")
-    only = tta_eval(model, x, y, cfg.augmentation.tta, True)
+
+    def tta(*overrides, info=CIFAR):
+        return build_policy(compose_cfg(*overrides).augmentation, info).tta(model, x, y, 7)
+
+    only = tta("augmentation.tta.enabled=true", "augmentation.tta.hflip=false", "augmentation.tta.shift=0")
     assert only["views"] == ["identity"]
     assert only["nll"] == pytest.approx(evaluate(model, x, y, 100)["loss"], rel=F32_REL)
-    cfg = compose_cfg("augmentation.tta.enabled=true")
-    assert tta_eval(model, x, y, cfg.augmentation.tta, True)["views"] == [
+    assert tta("augmentation.tta.enabled=true")["views"] == [
         "identity", "hflip", "shift_left", "shift_right", "shift_up", "shift_down"]
-    assert "hflip" not in tta_eval(model, x, y, cfg.augmentation.tta, False)["views"]  # digits: no mirrored view
+    assert "hflip" not in tta("augmentation.tta.enabled=true", info=MNIST)["views"]  # digits: no mirrored view
+    assert tta() is None  # off by default
     fit(compose_cfg(*TINY, "augmentation.tta.enabled=true"), tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert set(s["test_extra"]["tta"]) >= {"acc", "nll", "ece", "views"}
@@ -437,7 +526,6 @@ def test_augmented_training_epoch_never_waits_for_the_device(preset, device):
     """What fit runs per epoch (batches + per-image policy + normalisation, mixing, forward, backward, step).
     On CUDA, under torch.cuda.set_sync_debug_mode("error"), any host sync in it (a .item(), a nonzero, a
     host->GPU copy of a constant made at every step) raises. On CPU it runs the same code once for real."""
-    from regbench.data import batches
     from regbench.models import build_model
     from regbench.optim import build_optimizer
     from regbench.train import train_one_epoch
@@ -452,9 +540,7 @@ def test_augmented_training_epoch_never_waits_for_the_device(preset, device):
     g = torch.Generator(device=dev).manual_seed(0)
 
     def epoch():
-        return train_one_epoch(model, opt, batches(data.train_raw, data.train_y, 64, g, chunk=128,
-                                                   transform=lambda xb: data.normalize(policy.images(xb))),
-                               augment=policy.mix if policy.soft_targets else None)
+        return train_one_epoch(model, opt, policy.train_batches(data, 64, g, False, chunk=128))
 
     epoch()  # first use: per-device constants are made here, once
     if dev.type == "cuda":

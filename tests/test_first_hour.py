@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
+from regbench.augment import preview_indices
 from regbench.cli import main
 from regbench.data import load_data
 from regbench.logs import RunLogger
-from regbench.train import chance_warning, fit, preview_indices
+from regbench.train import chance_warning, fit
 from tests.conftest import REPO, TINY, compose_cfg
 
 # ------------------------------------------------------------------------------------ ending at chance

@@ -28,7 +28,7 @@ from torch import nn
 
 from regbench import __version__, provenance
 from regbench.config import validate
-from regbench.data import batches, load_data, num_batches
+from regbench.data import load_data, num_batches
 from regbench.errors import ConfigError, RegbenchError
 from regbench.augment import build_policy
 from regbench.checkpoint import Checkpoints, capture_rng, config_differences, fault_point, restore_rng
@@ -88,7 +88,6 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
                     penalty_fn: Optional[Callable[[nn.Module], Optional[torch.Tensor]]] = None,
                     before_step: Optional[Callable] = None, scheduler=None,
-                    augment: Optional[Callable[[torch.Tensor, torch.Tensor], tuple]] = None,
                     autocast: Callable[[], ContextManager] = nullcontext,
                     scaler: Optional[torch.amp.GradScaler] = None, on_step: Optional[Callable[[], None]] = None,
                     ) -> dict[str, Any]:
@@ -96,8 +95,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     tensors) and the number of samples seen.
 
     The optimised objective is loss_fn(logits, y) + penalty_fn(model); the two parts are reported apart.
-    ``augment(x, y) -> (x, y)`` transforms each batch first; with soft (mixed) targets, accuracy is counted
-    against each sample's dominant label.
+    ``batch_iter`` yields the batches as trained on (augmented and mixed by ``Policy.train_batches``); with soft
+    (mixed) targets, accuracy is counted against each sample's dominant label.
     Nothing here reads a value back to the host, so CUDA steps queue up without stalls.
     """
     model.train()
@@ -105,8 +104,6 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     # (detach, argmax) instead of a running sum, and no host sync.
     losses, penalties, sizes, preds, targets = [], [], [], [], []
     for xb, yb in batch_iter:
-        if augment is not None:
-            xb, yb = augment(xb, yb)
         with autocast():
             logits = model(xb)
             loss = loss_fn(logits, yb)
@@ -346,11 +343,6 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
     steps_per_epoch = num_batches(len(data.train_y), bs, drop_last)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, t.max_epochs)
     order = torch.Generator(device=device).manual_seed(cfg.seed)  # data order, on the data's device
-    train_source = data.train_raw if policy is not None else data.train_x
-    # Per-image ops run on [0, 1] images in chunks of the shuffled data, then normalisation; mixing ops run per
-    # batch (their partners come from the batch).
-    transform = (lambda xb: data.normalize(policy.images(xb))) if policy is not None else None
-    mix = policy.mix if policy is not None and policy.soft_targets else None
     # A fixed subset of the training split, evaluated like validation (eval mode, plain CE): the training
     # loss under dropout / smoothing / penalties is not comparable with the validation loss, this one is.
     n_clean = min(t.clean_subset, len(data.train_y))
@@ -405,17 +397,16 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
             log.info("%s", _penalty_counts(name, ctx.info[name], model))
 
     logger = RunLogger(run_dir, cfg, resume_epoch=start_epoch if resuming else None, rows=restore)
-    if policy is not None and cfg.augmentation.preview and not resuming:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            before = data.train_raw[preview_indices(data.train_y, cfg.augmentation.preview)]
-            logger.log_images(before, policy.images(before))
+    preview = None if resuming else policy.preview(data, cfg.augmentation.preview)
+    if preview is not None:
+        logger.log_images(*preview)
     summary = {
         "status": "running", "epochs_completed": start_epoch, "max_epochs": t.max_epochs, "seed": cfg.seed,
         "regularizers": stack.names, "params": params, "monitor": t.monitor, "final": None, "best": best_row,
         "test": None, "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
         "deterministic": t.deterministic, "steps_per_epoch": steps_per_epoch, "warnings": warnings,
         "regularizer_info": ctx.info, "convention": conventions.effective(cfg, model, optimizer),
-        "augmentation": _augmentation_info(cfg, policy), "versions": _versions(), "git": _git(), "command": provenance.command() or sys.argv,
+        "augmentation": policy.info(), "versions": _versions(), "git": _git(), "command": provenance.command() or sys.argv,
         "provenance": _provenance(run_dir, resuming),
         "run_dir": str(run_dir.resolve()), "resumed_from_epoch": start_epoch if resuming else None,
         "started": _now(), "finished": None, "time_s": None, "error": None,
@@ -440,9 +431,9 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
             epoch_start = time.perf_counter()
             bar.set_description(f"epoch {epoch}/{t.max_epochs}")
             out = train_one_epoch(
-                model, optimizer, batches(train_source, data.train_y, bs, order, drop_last, transform), loss_fn=loss_fn,
+                model, optimizer, policy.train_batches(data, bs, order, drop_last), loss_fn=loss_fn,
                 penalty_fn=penalty_fn, before_step=before_step, scheduler=scheduler, autocast=autocast,
-                scaler=scaler, on_step=bar.update, augment=mix)
+                scaler=scaler, on_step=bar.update)
             step += steps_per_epoch
             seen = out["seen"]
             train_loss, train_acc = out["loss"].item() / seen, out["correct"].item() / seen  # the epoch's sync
@@ -509,9 +500,9 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         stack.on_train_end(model)  # e.g. restore the best weights (early stopping)
         test = evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, autocast)
         extra = stack.final_evals(model, data.test_x, data.test_y, evaluate)
-        if cfg.augmentation.tta.enabled:
-            extra["tta"] = tta_eval(model, data.test_x, data.test_y, cfg.augmentation.tta, data.info.flips_label_safe,
-                                    cfg.data.eval_batch_size)
+        tta = policy.tta(model, data.test_x, data.test_y, cfg.data.eval_batch_size)
+        if tta is not None:
+            extra["tta"] = tta
         summary.update(test=test, test_extra=extra, regularizer_info=ctx.info)
         logger.log_hparams(test, extra)
         # The completion, one atomic step: summary.json says "completed" only once everything else is written.
@@ -616,78 +607,12 @@ def chance_warning(final: Optional[dict], num_classes: int, n_val: int) -> Optio
             "initial plateau), model.init, gradient spikes (regularizer=[grad_clip]), or train longer")
 
 
-def preview_indices(y: torch.Tensor, k: int) -> torch.Tensor:
-    """``k`` training indices for the augmentation preview, stratified: the first image of each class in turn,
-    then the second of each... (the training split is ordered by class, so its first k would be one class)."""
-    y_host = y.cpu()  # once per run (the preview), not per step
-    order = torch.argsort(y_host, stable=True)
-    ys = y_host[order]
-    first = torch.searchsorted(ys, ys, side="left")  # where each image's class starts in the sorted order
-    rank = torch.arange(len(ys)) - first  # the image's position within its class
-    key = rank * (int(ys.max()) + 1 if len(ys) else 1) + ys
-    return order[torch.argsort(key, stable=True)[:k]].to(y.device)
-
-
 def _penalty_counts(name: str, info: dict, model: nn.Module) -> str:
     """The log line of a penalty: how many trainable parameters it penalises and how many it leaves alone."""
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
     elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (f"{name} penalty: {info['elements']:,} parameters in {info['tensors']} tensors penalised, "
             f"{elements - info['elements']:,} in {tensors - info['tensors']} tensors not penalised")
-
-
-def _augmentation_info(cfg: DictConfig, policy) -> dict:
-    """The policy as run: ``name`` is the preset's only when the ops are the preset's own, else ``custom``
-    (``preset`` keeps the name the ops started from)."""
-    ops = OmegaConf.to_container(cfg.augmentation.ops, resolve=True)
-    name = cfg.augmentation.name
-    info = {"name": name if _preset_ops(name) in (None, ops) else "custom", "preset": name, "ops": ops,
-            "soft_targets": bool(policy is not None and policy.soft_targets)}
-    if info["soft_targets"]:
-        info["train_acc"] = "accuracy against the dominant label of each mixed target"
-    return info
-
-
-def _preset_ops(name: str) -> Optional[list]:
-    """The ops of regbench's augmentation preset ``name`` (None when there is no such preset file; a name that
-    is not a plain file stem, e.g. from a saved config, is never turned into a path)."""
-    import re
-
-    path = Path(__file__).resolve().parent / "configs" / "augmentation" / f"{name}.yaml"
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():
-        return None
-    preset = OmegaConf.load(path)
-    return OmegaConf.to_container(preset.ops, resolve=True) if "ops" in preset else None
-
-
-@torch.no_grad()
-def tta_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, flips_ok: bool,
-             batch_size: int = 1000) -> dict:
-    """Test-time augmentation: average the softmax over views (identity, flips where label-safe, ±shift-pixel
-    shifted crops with reflect padding) of the already normalised test images."""
-    from regbench.augment import shifted_crop
-    from regbench.metrics import summarize_probs
-
-    model.eval()
-    n, k = len(y), cfg.shift
-    views: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [("identity", lambda b: b)]
-    if cfg.hflip and flips_ok:
-        views.append(("hflip", lambda b: b.flip(-1)))
-    if cfg.vflip and flips_ok:
-        views.append(("vflip", lambda b: b.flip(-2)))
-    if k > 0:
-        for name, dx, dy in (("left", -k, 0), ("right", k, 0), ("up", 0, -k), ("down", 0, k)):
-            def shift(b, dx=dx, dy=dy):
-                ox = torch.full((len(b),), k + dx, device=b.device)
-                oy = torch.full((len(b),), k + dy, device=b.device)
-                return shifted_crop(b, k, "reflect", ox, oy)
-            views.append((f"shift_{name}", shift))
-    total = None
-    for _, view in views:
-        p = torch.cat([torch.softmax(model(view(x[i:i + batch_size])).double(), 1) for i in range(0, n, batch_size)])
-        total = p if total is None else total + p
-    probs = total / len(views)
-    return {**summarize_probs(probs, y, cfg.bins), "views": [name for name, _ in views]}
 
 
 def _stopped_status(e: BaseException) -> str:

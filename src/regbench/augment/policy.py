@@ -193,7 +193,7 @@ def build_policy(cfg, info, stats=None) -> Policy:
             raise ConfigError(key, spec, "mixing ops (mixup, cutmix, mixup_cutmix) last in the list")
         seen_mixer |= o.mixes
         ops.append(o)
-    return Policy(ops, info.num_classes, cfg, info.flips_label_safe) if ops else None  # (identity: next commit)
+    return Policy(ops, info.num_classes, cfg, info.flips_label_safe)
 
 
 class _Info:
