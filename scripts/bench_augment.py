@@ -143,11 +143,9 @@ def bench_mlp_epoch(device, repeats: int) -> dict[str, float]:
         model = build_model(cfg.model, data.input_shape, 10).to(device)
         opt = build_optimizer(cfg.optimizer, model.parameters())
         g = torch.Generator(device=device).manual_seed(0)
-        source = data.train_raw if policy else data.train_x
-        transform = (lambda xb: data.normalize(policy.images(xb))) if policy else None
 
         def epoch():  # what fit runs: chunked augmentation + normalisation, then the training steps
-            r = train_one_epoch(model, opt, batches(source, data.train_y, cfg.data.batch_size, g, transform=transform))
+            r = train_one_epoch(model, opt, policy.train_batches(data, cfg.data.batch_size, g, False))
             r["loss"].item()
 
         epoch()

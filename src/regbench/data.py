@@ -381,7 +381,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, g: torch.Generato
             chunk: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled mini-batches: a permutation drawn on the data's device, then index_select.
 
-    ``transform`` (per-image augmentation + normalisation) runs on chunks of about ``chunk`` images at once,
+    ``transform`` (per-image augmentation + normalisation: ``augment.Policy.train_batches`` passes it, the one
+    augmentation path) runs on chunks of about ``chunk`` images at once,
     then the chunk is cut into batches; every image still gets its own random parameters. Default: one batch
     per chunk on CPU (measured fastest: larger chunks fall out of the caches, 3x slower at 2,048 CIFAR
     images), 2,048 images on CUDA, where a bigger launch amortises the fixed cost per call (not measured here).
