@@ -517,6 +517,23 @@ def test_tta_views_and_identity_only_equals_plain_evaluation(tmp_path):
     assert math.isfinite(s["test_extra"]["tta"]["nll"])
 
 
+def test_tta_equals_the_views_applied_batch_by_batch():
+    """Policy.tta views the whole test set, then computes the softmax batch by batch; the earlier form viewed
+    each batch: the same numbers, bitwise (views are per-image gathers and flips)."""
+    from regbench.augment.tta import views
+    from regbench.metrics import summarize_probs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 10))
+    x, y = images(20), torch.arange(20) % 10
+    cfg = compose_cfg("augmentation.tta.enabled=true", "augmentation.tta.vflip=true").augmentation
+    got = build_policy(cfg, CIFAR).tta(model, x, y, 7)
+    total = 0
+    for _, view in views(cfg.tta, True):
+        total = total + torch.cat([torch.softmax(model(view(x[i:i + 7])).double(), 1) for i in range(0, 20, 7)])
+    assert got == {**summarize_probs(total / 7, y, cfg.tta.bins), "views": got["views"]} and len(got["views"]) == 7
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 

@@ -47,7 +47,8 @@ class Policy:
     """The configured list of ops; ``__call__(x01, y) -> (x01, y_or_soft)``, batched on x's device.
 
     ``config`` (the augmentation node) gives the TTA views and the summary facts; ``flips_label_safe`` (the
-    dataset's) whether TTA may use mirrored views. A policy made from ops alone (tests, benchmarks) has no TTA."""
+    dataset's) whether TTA may use mirrored views. A policy made from ops alone (tests, benchmarks) has no TTA and
+    no summary facts."""
 
     def __init__(self, ops: list[Op], num_classes: int, config: Any = None, flips_label_safe: bool = True):
         self.ops = _fuse([o for o in ops if not o.mixes])
