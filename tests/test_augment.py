@@ -529,8 +529,9 @@ def test_tta_equals_the_views_applied_batch_by_batch():
     cfg = compose_cfg("augmentation.tta.enabled=true", "augmentation.tta.vflip=true").augmentation
     got = build_policy(cfg, CIFAR).tta(model, x, y, 7)
     total = 0
-    for _, view in views(cfg.tta, True):
-        total = total + torch.cat([torch.softmax(model(view(x[i:i + 7])).double(), 1) for i in range(0, 20, 7)])
+    with torch.no_grad():
+        for _, view in views(cfg.tta, True):
+            total = total + torch.cat([torch.softmax(model(view(x[i:i + 7])).double(), 1) for i in range(0, 20, 7)])
     assert got == {**summarize_probs(total / 7, y, cfg.tta.bins), "views": got["views"]} and len(got["views"]) == 7
 
 
