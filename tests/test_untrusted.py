@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from regbench.cli import main, saved_config_dir
+from regbench.cli import main
+from regbench.cli_saved import saved_config_dir
 from regbench.errors import RegbenchError
 from regbench.train import _git, fit
 from tests.conftest import TINY, compose_cfg
