@@ -206,6 +206,10 @@ def _check_onecycle(s: DictConfig, cfg: DictConfig) -> None:
     positive(s.div_factor, "scheduler.div_factor")
     positive(s.final_div_factor, "scheduler.final_div_factor")
     choice(s.anneal_strategy, "scheduler.anneal_strategy", ("cos", "linear"))
+    o = cfg.optimizer  # torch cycles the optimizer's momentum or beta1, and fails on one that has neither
+    check(not s.cycle_momentum or "momentum" in o or "betas" in o, "scheduler.cycle_momentum", s.cycle_momentum,
+          f"false with optimizer={o.name} (it has no momentum or beta1 to cycle)",
+          "set scheduler.cycle_momentum=false, or use an optimizer with momentum or betas (e.g. sgd, adam)")
 
 
 def _check_warmup(s: DictConfig, cfg: DictConfig) -> None:
