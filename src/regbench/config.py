@@ -86,7 +86,7 @@ class AugmentationConfig:
     tta: TTAConfig = field(default_factory=TTAConfig)
 
 
-def check_augmentation(a: DictConfig) -> None:
+def check_augmentation(a: DictConfig, cfg: DictConfig) -> None:
     """The policy's own keys; each op checks its keys when the policy is built (regbench.validation)."""
     check(a.preview >= 0, "augmentation.preview", a.preview, "an integer >= 0")
     check(a.tta.shift >= 0 and a.tta.bins >= 1, "augmentation.tta", OmegaConf.to_container(a.tta),
@@ -112,7 +112,8 @@ class TrainerConfig:
     progress_bar: Optional[bool] = None  # null = only when stdout is a terminal
 
 
-def check_trainer(t: DictConfig) -> None:
+def check_trainer(t: DictConfig, cfg: DictConfig) -> None:
+    """The trainer's keys (``cfg``: the whole config, for rules across groups)."""
     check(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "an integer >= 1")
     dev = t.device
     check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), "trainer.device",

@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 
 from regbench import config, registry
 
-# The groups that are one dataclass, not a table of options: group -> (ConfigStore name, schema).
-FIXED: dict[str, tuple[str, type]] = {
-    "trainer": ("trainer", config.TrainerConfig),
-    "augmentation": ("policy", config.AugmentationConfig),
+# The groups that are one dataclass, not a table of options: group -> its one entry (ConfigStore name, schema,
+# check), checked after the tables' options.
+FIXED: dict[str, registry.Entry] = {
+    "trainer": registry.Entry("trainer", config.TrainerConfig, None, config.check_trainer),
+    "augmentation": registry.Entry("policy", config.AugmentationConfig, None, config.check_augmentation),
 }
 
 # regbench's own model families until they register in registry.MODELS (issue 13, item 5).
@@ -35,7 +36,7 @@ def group_schemas() -> dict[str, dict[str, type]]:
     schemas = {group: table.schemas() for group, table in registry.GROUPS.items()}
     if not registry.MODELS:
         schemas["model"] = dict(_MODEL_SCHEMAS)
-    schemas.update({group: {name: schema} for group, (name, schema) in FIXED.items()})
+    schemas.update({group: {entry.name: entry.schema} for group, entry in FIXED.items()})
     schemas["regularizer"] = {name: cls.schema for name, cls in REGISTRY.items()}
     return schemas
 
@@ -56,7 +57,7 @@ def option_names() -> dict[str, list[str]]:
     names = {group: table.names() for group, table in registry.GROUPS.items()}
     if not registry.MODELS:
         names["model"] = list(_MODEL_SCHEMAS)
-    names.update({group: [name] for group, (name, _) in FIXED.items()})
+    names.update({group: [entry.name] for group, entry in FIXED.items()})
     return names
 
 
@@ -64,7 +65,7 @@ def schema_name(group: str, option: object) -> Optional[str]:
     """The ConfigStore name that types a ``group`` node whose ``name`` is ``option`` (None: no such option).
     ``group`` is one of :func:`option_names`; a fixed group's node may have any name (augmentation's is free)."""
     if group in FIXED:
-        return FIXED[group][0]
+        return FIXED[group].schema_name
     table = registry.GROUPS[group]
     if group == "model" and not table:
         return option if option in _MODEL_SCHEMAS else None
@@ -80,8 +81,8 @@ def validate(cfg: DictConfig) -> None:
             _check_model(cfg)
         else:
             table.check(cfg[group], cfg)
-    config.check_trainer(cfg.trainer)
-    config.check_augmentation(cfg.augmentation)
+    for group, entry in FIXED.items():
+        entry.check(cfg[group], cfg)
     from regbench.augment import build_policy
     from regbench.datasets import DATASETS
 
