@@ -451,6 +451,9 @@ CASES = [
     # helper C: option tables
     ("onecycle-cycle-momentum", ["optimizer=adagrad", "scheduler=onecycle", "scheduler.cycle_momentum=true"],
      "scheduler.cycle_momentum=True: expected false with optimizer=adagrad (it has no momentum or beta1 to cycle)"),
+    ("option-name-other-schema", ["optimizer=sgd", "optimizer.name=adam"],
+     "optimizer.name='adam': expected sgd (the options whose keys this optimizer node has); pick the option itself "
+     "with optimizer=<option>"),
 ]
 
 

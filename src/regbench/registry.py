@@ -19,8 +19,11 @@ This module imports nothing of regbench but the error type, so any module may re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
+
+from omegaconf import OmegaConf
 
 from regbench.errors import ConfigError
 
@@ -101,6 +104,11 @@ class Registry:
     def check(self, node: Any, cfg: Any) -> None:
         """Run the range checks of the option ``node.name`` (its schema checked the keys and types already)."""
         entry = self[node.name]
+        typed = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(typed) and typed is not entry.schema:  # ``optimizer.name=adam`` on sgd's keys
+            same = [e.name for e in self._entries.values() if e.schema is typed]
+            raise ConfigError(f"{self.group}.name", node.name, f"{' or '.join(same)} (the options whose keys this "
+                              f"{self.group} node has)", f"pick the option itself with {self.group}=<option>")
         if entry.check is not None:
             entry.check(node, cfg)
 
