@@ -27,6 +27,15 @@ def test_every_yaml_names_its_schema():
             assert schema in schemas[group], path
 
 
+def test_the_schema_module_imports_nothing_of_regbench_but_the_error_helpers():
+    import subprocess
+    import sys
+
+    code = "import sys, regbench.config; print(sorted(m for m in sys.modules if m.startswith('regbench')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(["regbench", "regbench.config", "regbench.errors"])
+
+
 @pytest.mark.parametrize("group", list(registry.GROUPS))
 def test_every_registered_option_has_a_yaml_typed_by_its_schema(group):
     """Each table's option names are the ``name`` values its YAML files set: one YAML per option at least
