@@ -32,6 +32,8 @@ Arrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train 
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """What the rest of regbench knows about a dataset (the augmentation policy, the model's input, the loader)."""
+
     name: str
     channels: int
     size: int  # images are size x size
@@ -39,7 +41,6 @@ class DatasetInfo:
     flips_label_safe: bool  # a mirrored digit is another (or no) digit; a mirrored cat is a cat
     load: Callable[[DictConfig], Arrays]
     embedded: bool = False
-
 
 
 # ------------------------------------------------------------------------------------------ schemas
