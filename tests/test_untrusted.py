@@ -90,6 +90,22 @@ def test_only_regbench_keys_and_schema_names_are_taken_from_a_saved_config(nodes
     assert not (tmp_path / "again").exists()
 
 
+def test_each_saved_option_is_typed_by_the_schema_its_registration_names(done, tmp_path):
+    """rerun learns from the tables which schema types a saved group: adamw's node by the adam schema, a
+    torchvision dataset's by the torchvision one; every registered option of every table."""
+    from regbench import registry
+
+    saved = OmegaConf.load(done / ".hydra" / "config.yaml")
+    for group, table in registry.GROUPS.items():
+        for name in table:
+            run = tmp_path / f"{group}-{name}"
+            (run / ".hydra").mkdir(parents=True)
+            OmegaConf.save(OmegaConf.merge(saved, {group: compose_cfg(f"{group}={name}")[group]}),
+                           run / ".hydra" / "config.yaml", resolve=False)
+            defaults = OmegaConf.load(saved_config_dir(run) / "rerun.yaml").defaults
+            assert f"/schema/{group}/{table[name].schema_name}@{group}" in defaults, (group, name)
+
+
 def test_a_yaml_error_in_a_saved_config_names_file_and_line(done, tmp_path, capsys):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
