@@ -335,7 +335,7 @@ def test_presets_are_what_the_lectures_say():
 ])
 def test_bad_ops_are_config_errors(ops, match):
     with pytest.raises(ConfigError, match=match):
-        from regbench.config import validate
+        from regbench.validation import validate
 
         validate(compose_cfg(f"augmentation.ops={ops}"))
 

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from regbench.backbones import TorchvisionNet, hub_file, weights_enum
-from regbench.config import validate
+from regbench.validation import validate
 from regbench.errors import ConfigError, DataError, RegbenchError
 from regbench.optim import build_optimizer
 from regbench.regularizers import Context, build_stack

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from regbench.data import DATASETS, _read_mnist5k, batches, load_data, num_batches, stratified_take
+from regbench.data import batches, load_data, num_batches
+from regbench.datasets import DATASETS, _read_mnist5k
 from regbench.errors import ConfigError, DataError
-from tests.conftest import compose_cfg, make_cifar, make_mnist_like, make_svhn
+from regbench.splits import stratified_take
+from tests.conftest import compose_cfg, config_options, make_cifar, make_mnist_like, make_svhn
 
 CPU = torch.device("cpu")
 
@@ -155,7 +157,24 @@ def test_torchvision_dataset_splits_and_rgb_statistics(tmp_path, monkeypatch):
     assert d.train_x.transpose(0, 1).flatten(1).mean(1).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"])
+ON_DISK = [name for name, info in DATASETS.items() if not info.embedded]
+
+
+def test_every_dataset_has_its_yaml_and_schema():
+    """The table is the one list of datasets: each has configs/data/<name>.yaml composing to its own schema."""
+    from omegaconf import OmegaConf
+
+    from regbench.registry import DATASETS as TABLE
+
+    assert config_options("data") == sorted(TABLE)
+    for name in TABLE:
+        d = data_cfg(f"data={name}")
+        assert d.name == name == DATASETS[name].name
+        assert OmegaConf.get_type(d) is TABLE[name].schema
+        assert ("root" in d) == (not DATASETS[name].embedded)  # torchvision's datasets are read from data.root
+
+
+@pytest.mark.parametrize("name", ON_DISK)
 def test_missing_dataset_offline_is_one_clear_line(tmp_path, name):
     cfg = data_cfg(f"data={name}", f"data.root={tmp_path}", "data.download=false")
     with pytest.raises(DataError) as e:

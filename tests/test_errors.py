@@ -448,6 +448,12 @@ CASES = [
      "regbench.log is a symbolic link; regbench never writes through links in a run folder"),
     ("disk-full", case_disk_full_during_checkpoint, "checkpoints/epoch_0001.pt: No space left on device; fix:"),
     ("resume-metrics-gap", case_resume_metrics_gap, "metrics.csv lacks the rows of epochs 1, 2 and its checkpoint"),
+    # helper C: option tables
+    ("onecycle-cycle-momentum", ["optimizer=adagrad", "scheduler=onecycle", "scheduler.cycle_momentum=true"],
+     "scheduler.cycle_momentum=True: expected false with optimizer=adagrad (it has no momentum or beta1 to cycle)"),
+    ("option-name-other-schema", ["optimizer=sgd", "optimizer.name=adam"],
+     "optimizer.name='adam': expected sgd (the options whose keys this optimizer node has); pick the option itself "
+     "with optimizer=<option>"),
 ]
 
 

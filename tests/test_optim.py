@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from regbench.optim import build_optimizer, build_scheduler
+from regbench.registry import OPTIMIZERS, SCHEDULERS
 from tests.conftest import F32_REL, compose_cfg, config_options
 
 EXPECTED = {
@@ -32,6 +33,22 @@ def test_optimizer_config_reaches_torch(name):
     assert type(opt) is cls
     for k, v in values.items():
         assert opt.param_groups[0][k] == v, k
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_registered_optimizer_builds_its_torch_class_with_every_key(name):
+    """Each key of the option's schema (name aside) is a hyperparameter of torch's class, passed as configured:
+    non-default values (each float halved, plus 0.01) come back from the optimizer's parameter group."""
+    base = compose_cfg(f"optimizer={name}").optimizer
+    overrides = [f"optimizer.{k}={v / 2 + 0.01}" for k, v in base.items() if type(v) is float]
+    cfg = compose_cfg(f"optimizer={name}", *overrides).optimizer
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.ones(2))])
+    assert type(opt).__module__.startswith("torch.optim") and type(opt).__name__.lower() == name
+    group = opt.param_groups[0]
+    for key, value in cfg.items():
+        if key != "name":
+            assert group[key] == (tuple(value) if key == "betas" else value), key
+    assert set(OPTIMIZERS[name].schema.__dataclass_fields__) - {"name"} <= set(group)
 
 
 def test_overrides_reach_torch():
@@ -102,6 +119,7 @@ def test_onecycle_peaks_at_pct_start():
 
 
 def test_every_schedule_option_builds():
-    assert config_options("scheduler") == ["constant", "cosine", "onecycle", "step", "warmup", "warmup_cosine"]
-    for name in config_options("scheduler"):
-        assert len(_lrs([f"scheduler={name}"], steps_per_epoch=3, epochs=2)) == 6
+    assert config_options("scheduler") == sorted(SCHEDULERS)  # one YAML per registered schedule
+    for name in SCHEDULERS:
+        lrs = _lrs([f"scheduler={name}"], steps_per_epoch=3, epochs=2)
+        assert len(lrs) == 6 and lrs[0] <= 0.1 and all(0 <= lr <= 0.1 for lr in lrs)

@@ -79,12 +79,14 @@ def test_a_folder_of_an_earlier_command_with_other_overrides_is_refused(tmp_path
 def test_a_missing_dataset_fails_the_sweep_once_before_any_job(tmp_path, monkeypatch):
     monkeypatch.setenv("REGBENCH_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("REGBENCH_DOWNLOAD", "false")
-    import regbench.data as data
+    import dataclasses
+
+    from regbench.registry import DATASETS
 
     calls = []
-    real = data.DATASETS["mnist"].load
-    monkeypatch.setitem(data.DATASETS, "mnist", data.DATASETS["mnist"].__class__(
-        **{**data.DATASETS["mnist"].__dict__, "load": lambda cfg: calls.append(1) or real(cfg)}))
+    entry = DATASETS["mnist"]
+    counted = dataclasses.replace(entry.obj, load=lambda cfg: calls.append(1) or entry.obj.load(cfg))
+    monkeypatch.setitem(DATASETS._entries, "mnist", dataclasses.replace(entry, obj=counted))
     with pytest.raises(RegbenchError, match=r"data=mnist: dataset files missing or corrupt in .*data.download=false"):
         check(["data=mnist5k,mnist", "regularizer=[],[dropout],[l2]", "seed=0,1,2", f"hydra.sweep.dir={tmp_path}/s"],
               multirun=True)
@@ -98,7 +100,8 @@ def test_a_failed_download_leaves_no_empty_data_root(tmp_path, monkeypatch):
     import torchvision.datasets.mnist as tv_mnist
     from omegaconf import OmegaConf
 
-    from regbench.data import DATASETS, DataError
+    from regbench.datasets import DATASETS
+    from regbench.errors import DataError
 
     def offline(*args, **kwargs):
         raise URLError("no network")

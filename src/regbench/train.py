@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from regbench import __version__, provenance
-from regbench.config import validate
+from regbench.validation import validate
 from regbench.data import load_data, num_batches
 from regbench.errors import ConfigError, RegbenchError
 from regbench.augment import build_policy

@@ -1,0 +1,108 @@
+"""Every schema in Hydra's ConfigStore, and the validation of a composed config: a loop over the tables.
+
+Each YAML file names its schema in its defaults list (``- /schema/<group>/<name>@_here_``), so a typo'd key
+or a wrong type fails when the config is composed; :func:`validate` then runs each group's range checks
+(each beside its schema: the option's registration in :mod:`regbench.registry`, the trainer's and
+augmentation's in :mod:`regbench.config`, each regularizer member's on its class). The CLI learns from
+:func:`group_schemas` / :func:`schema_name` which schemas type a saved config.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from regbench import config, registry
+
+# The groups that are one dataclass, not a table of options: group -> its one entry (ConfigStore name, schema,
+# check), checked after the tables' options.
+FIXED: dict[str, registry.Entry] = {
+    "trainer": registry.Entry("trainer", config.TrainerConfig, None, config.check_trainer),
+    "augmentation": registry.Entry("policy", config.AugmentationConfig, None, config.check_augmentation),
+}
+
+# regbench's own model families until they register in registry.MODELS (issue 13, item 5).
+_MODEL_SCHEMAS = {"mlp": config.MLPConfig, "lecture_cnn": config.LectureCNNConfig,
+                  "torchvision": config.TorchvisionModelConfig}
+
+
+def group_schemas() -> dict[str, dict[str, type]]:
+    """group -> ConfigStore name -> schema: the tables' options, the fixed groups, the regularizer members."""
+    registry.load_all()
+    from regbench.regularizers import REGISTRY
+
+    schemas = {group: table.schemas() for group, table in registry.GROUPS.items()}
+    if not registry.MODELS:
+        schemas["model"] = dict(_MODEL_SCHEMAS)
+    schemas.update({group: {entry.name: entry.schema} for group, entry in FIXED.items()})
+    schemas["regularizer"] = {name: cls.schema for name, cls in REGISTRY.items()}
+    return schemas
+
+
+def register_configs() -> None:
+    """Store every schema under ``schema/<group>/<name>`` and the root schema as ``train_schema``."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=config.TrainConfig)
+    for group, schemas in group_schemas().items():
+        for name, node in schemas.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def option_names() -> dict[str, list[str]]:
+    """group -> the ``name`` values its node may have, for every group typed by one schema per node (the tables'
+    options, then the fixed groups), in the root schema's order."""
+    registry.load_all()
+    names = {group: table.names() for group, table in registry.GROUPS.items()}
+    if not registry.MODELS:
+        names["model"] = list(_MODEL_SCHEMAS)
+    names.update({group: [entry.name] for group, entry in FIXED.items()})
+    return names
+
+
+def schema_name(group: str, option: object) -> Optional[str]:
+    """The ConfigStore name that types a ``group`` node whose ``name`` is ``option`` (None: no such option).
+    ``group`` is one of :func:`option_names`; a fixed group's node may have any name (augmentation's is free)."""
+    if group in FIXED:
+        return FIXED[group].schema_name
+    table = registry.GROUPS[group]
+    if group == "model" and not table:
+        return option if option in _MODEL_SCHEMAS else None
+    return table[option].schema_name if isinstance(option, str) and option in table else None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges the schemas cannot express. Raises ConfigError naming the first bad key."""
+    registry.load_all()
+    config.check_root(cfg)
+    for group, table in registry.GROUPS.items():
+        if group == "model" and not table:
+            _check_model(cfg)
+        else:
+            table.check(cfg[group], cfg)
+    for group, entry in FIXED.items():
+        entry.check(cfg[group], cfg)
+    from regbench.augment import build_policy
+    from regbench.datasets import DATASETS
+
+    build_policy(cfg.augmentation, DATASETS[cfg.data.name])  # every op checks its own keys
+
+    from regbench.regularizers import Context, build_stack
+
+    build_stack(cfg, Context(cfg))  # each member checks its own keys and whether it fits the model/optimizer
+
+
+def _check_model(cfg: DictConfig) -> None:
+    """regbench's model families until their checks register in registry.MODELS (issue 13, item 5)."""
+    m, d = cfg.model, cfg.data
+    if m.name == "torchvision":
+        from regbench.backbones import check_config
+        from regbench.errors import check
+
+        check_config(m)
+        check(m.weights is None or d.normalize == "none", "data.normalize", d.normalize,
+              f"none with pretrained weights (model.weights={m.weights}): the model normalises [0, 1] pixels with "
+              "the weights' own mean/std", "add data.normalize=none")
+    else:
+        config._validate_own_model(m)
