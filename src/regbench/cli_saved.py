@@ -43,6 +43,8 @@ def saved_config_dir(run_dir: Path) -> Path:
         raise RegbenchError(yaml_error(e) or f"{saved}: cannot be read as a regbench config ({first_line(e)})"
                             ) from None
     defaults = ["train_schema", *_saved_schemas(cfg, saved), {"hydra": "default"}, "_self_"]
+    if "trainer" in cfg and "fused" not in cfg.trainer:  # saved before trainer.fused: it ran torch's default
+        cfg.trainer.fused = False  # implementation, so a rerun/resume computes what the run did, bitwise
     folder = Path(tempfile.mkdtemp(prefix="regbench-rerun-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     # json.dumps: a folder name with a newline or a quote stays inside the comment.

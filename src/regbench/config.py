@@ -110,6 +110,8 @@ class TrainerConfig:
     deterministic: bool = False  # torch deterministic algorithms (+ CUBLAS_WORKSPACE_CONFIG, no cudnn benchmark)
     clean_subset: int = 1000  # training images for the clean (eval-mode, plain CE) train metric each epoch; 0 = off
     progress_bar: Optional[bool] = None  # null = only when stdout is a terminal
+    fused: bool = True  # the optimizer's fastest torch.optim implementation (fused/foreach); false = torch's default
+    compile: str = "none"  # none | model | step: torch.compile the model (forward+backward) / also the optimizer step
 
 
 def check_trainer(t: DictConfig, cfg: DictConfig) -> None:
@@ -125,6 +127,12 @@ def check_trainer(t: DictConfig, cfg: DictConfig) -> None:
     check(t.clean_subset >= 0, "trainer.clean_subset", t.clean_subset, "an integer >= 0 (0 = off)")
     check(t.checkpoint_every >= 1, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 1 (epochs)")
     check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
+    choice(t.compile, "trainer.compile", ("none", "model", "step"))
+    check(t.compile != "step" or cfg.scheduler.name == "constant", "trainer.compile", t.compile, "model or none "
+          f"with scheduler={cfg.scheduler.name} (a compiled optimizer step is recompiled whenever the learning rate "
+          "changes)", "use trainer.compile=model, or scheduler=constant")
+    check(t.compile != "step" or t.amp != "fp16", "trainer.compile", t.compile, "model or none with "
+          "trainer.amp=fp16 (the GradScaler steps the optimizer itself)", "use trainer.compile=model")
 
 
 @dataclass

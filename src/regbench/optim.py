@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch.optim import lr_scheduler as sched
 
+from regbench import accel
 from regbench.errors import check, choice, in_unit, positive
 from regbench.registry import OPTIMIZERS, SCHEDULERS
 
@@ -97,39 +98,43 @@ def _check_adam(o: DictConfig, cfg: DictConfig) -> None:
 
 
 @OPTIMIZERS.register("sgd", schema=SGDConfig, check=_check_sgd)
-def _sgd(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
+def _sgd(cfg: DictConfig, params: list, fused: bool = False) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
-                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                           **accel.implementation(torch.optim.SGD, params, fused))
 
 
 @OPTIMIZERS.register("adagrad", schema=AdagradConfig, check=_check_adagrad)
-def _adagrad(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
+def _adagrad(cfg: DictConfig, params: list, fused: bool = False) -> torch.optim.Optimizer:
     return torch.optim.Adagrad(params, lr=cfg.lr, lr_decay=cfg.lr_decay, eps=cfg.eps,
                                initial_accumulator_value=cfg.initial_accumulator_value,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay,
+                               **accel.implementation(torch.optim.Adagrad, params, fused))
 
 
 @OPTIMIZERS.register("rmsprop", schema=RMSpropConfig, check=_check_rmsprop)
-def _rmsprop(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
+def _rmsprop(cfg: DictConfig, params: list, fused: bool = False) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
-                               centered=cfg.centered, weight_decay=cfg.weight_decay)
+                               centered=cfg.centered, weight_decay=cfg.weight_decay,
+                               **accel.implementation(torch.optim.RMSprop, params, fused))
 
 
 @OPTIMIZERS.register("adam", schema=AdamConfig, check=_check_adam)
-def _adam(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
+def _adam(cfg: DictConfig, params: list, fused: bool = False) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, amsgrad=cfg.amsgrad,
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, **accel.implementation(torch.optim.Adam, params, fused))
 
 
 @OPTIMIZERS.register("adamw", schema=AdamConfig, check=_check_adam, schema_name="adam")
-def _adamw(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
+def _adamw(cfg: DictConfig, params: list, fused: bool = False) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, amsgrad=cfg.amsgrad,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, **accel.implementation(torch.optim.AdamW, params, fused))
 
 
-def build_optimizer(cfg: DictConfig, params: Iterable) -> torch.optim.Optimizer:
-    """The torch.optim optimizer named by ``cfg.name``; ``params`` may be parameters or parameter groups."""
-    return OPTIMIZERS[cfg.name].obj(cfg, list(params))
+def build_optimizer(cfg: DictConfig, params: Iterable, fused: bool = False) -> torch.optim.Optimizer:
+    """The torch.optim optimizer named by ``cfg.name``; ``params`` may be parameters or parameter groups.
+    ``fused``: its fastest implementation (``trainer.fused``, see regbench.accel); False: torch's default."""
+    return accel.keep_implementation(OPTIMIZERS[cfg.name].obj(cfg, list(params), fused))
 
 
 # ----------------------------------------------------------------------------------------- schedules

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from regbench import __version__, provenance
+from regbench import __version__, accel, provenance
 from regbench.validation import validate
 from regbench.data import load_data, num_batches
 from regbench.errors import ConfigError, RegbenchError
@@ -246,8 +246,10 @@ def set_determinism(on: bool) -> None:
     torch.backends.cudnn.deterministic = on
 
 
-# Keys that may differ between a run and its resumption (they do not change what is computed).
-RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar")
+# Keys that may differ between a run and its resumption (they do not change what is computed; the optimizer
+# implementation and compilation only its float rounding: resuming across them is exact to that, see
+# regbench.accel).
+RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar", "trainer.fused", "trainer.compile")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
@@ -320,12 +322,14 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
     model = build_model(cfg.model, data.input_shape, data.info.num_classes, **stack.model_hooks()).to(device)
     stack.setup(model)
     params = count_parameters(model)
-    optimizer = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer))
+    optimizer = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer), fused=t.fused)
+    speed, speed_warning = accel.accelerate(t.compile, model, optimizer, device)
     loss_fn = partial(F.cross_entropy, **stack.loss_options()) if stack.loss_options() else F.cross_entropy
     penalty_fn, before_step = stack.penalty_fn(), stack.before_step_fn()
     warnings = stack.collect_warnings(model) + augmentation_warnings(cfg, policy, data.info)
     for w in warnings:
         log.warning("warning: %s", w)
+    warnings += [speed_warning] if speed_warning else []  # logged where it arose
 
     bs, drop_last = cfg.data.batch_size, cfg.data.drop_last
     if drop_last and bs > len(data.train_y):
@@ -405,6 +409,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         "regularizers": stack.names, "params": params, "monitor": t.monitor, "final": None, "best": best_row,
         "test": None, "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
         "deterministic": t.deterministic, "steps_per_epoch": steps_per_epoch, "warnings": warnings,
+        **speed,
         "regularizer_info": ctx.info, "convention": conventions.effective(cfg, model, optimizer),
         "augmentation": policy.info(), "versions": _versions(), "git": _git(), "command": provenance.command() or sys.argv,
         "provenance": _provenance(run_dir, resuming),

@@ -1,0 +1,209 @@
+"""Speed without changing the experiment: the fastest torch.optim implementation per optimizer and device
+(``trainer.fused``), torch.compile with a persistent cache (``trainer.compile``; CUDA graphs for the compiled
+step on a GPU), and channels_last memory for convolutional models on CUDA. ``accelerate`` is fit's one call.
+
+Optimizer implementations (torch.optim has up to three per optimizer):
+- ``fused``: one kernel per parameter group and step (torch's ``fused=True``), where the optimizer class takes
+  ``fused`` and torch has fused kernels for the parameters' device (torch 2.14: Adam, AdamW, SGD, Adagrad on
+  CPU and CUDA; RMSprop has none);
+- ``foreach``: one multi-tensor op per update term, on the devices torch has foreach kernels for (CUDA);
+- ``for-loop``: torch's single-tensor path (its default on CPU).
+``trainer.fused=true`` (the default) takes the first that applies, ``false`` leaves torch's own default choice
+(foreach on CUDA, for-loop on CPU: what regbench ran before). The implementations compute the same update
+rule; on CPU fused SGD without momentum is bitwise equal to the for-loop, the others agree to float32
+rounding (see docs/benchmarks.md), so summary.json records the one that ran (``optimizer_impl``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ optimizer implementation
+
+
+def _device_types(params: Iterable) -> set[str]:
+    types = set()
+    for p in params:
+        for t in (p["params"] if isinstance(p, dict) else [p]):
+            types.add(t.device.type)
+    return types
+
+
+def _all_float(params: Iterable) -> bool:
+    return all(torch.is_floating_point(t) and not t.is_sparse
+               for p in params for t in (p["params"] if isinstance(p, dict) else [p]))
+
+
+def has_fused(cls: type, device_type: str) -> bool:
+    """Whether torch has a fused implementation of optimizer class ``cls`` on ``device_type``."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return "fused" in inspect.signature(cls.__init__).parameters and \
+        device_type in _get_fused_kernels_supported_devices()
+
+
+def has_foreach(cls: type, device_type: str) -> bool:
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+    return "foreach" in inspect.signature(cls.__init__).parameters and \
+        device_type in _get_foreach_kernels_supported_devices()
+
+
+def implementation(cls: type, params: list, fused: bool) -> dict:
+    """The constructor keywords that pick ``cls``'s fastest implementation for ``params`` (a list of tensors or
+    parameter groups, all on one device); {} (torch's own choice) when ``fused`` is False."""
+    devices = _device_types(params)
+    if not fused or len(devices) != 1 or not _all_float(params):
+        return {}
+    device = devices.pop()
+    if has_fused(cls, device):
+        return {"fused": True}
+    if has_foreach(cls, device):
+        return {"foreach": True}
+    return {}
+
+
+def optimizer_impl(optimizer: torch.optim.Optimizer) -> str:
+    """The implementation ``optimizer`` runs: fused, foreach or for-loop (what summary.json records)."""
+    group = optimizer.param_groups[0]
+    if group.get("fused"):
+        return "fused"
+    if group.get("foreach"):
+        return "foreach"
+    if group.get("foreach") is None and "foreach" in group:  # torch decides per step: foreach iff all on CUDA
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+
+        _, foreach = _default_to_fused_or_foreach(list(group["params"]), differentiable=False, use_fused=False)
+        return "foreach" if foreach else "for-loop"
+    return "for-loop"
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make ``optimizer.load_state_dict`` keep this optimizer's implementation.
+
+    torch's load_state_dict replaces each parameter group's settings with the saved ones, ``fused`` and
+    ``foreach`` included, so a checkpoint written unfused would silently resume unfused (and vice versa). The
+    hook puts the current choice into the loaded groups, and moves each ``step`` counter to where the
+    current implementation keeps it (fused: a float32 tensor on the parameter's device; else on the host).
+    """
+    current = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+
+    def hook(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
+        state_dict = dict(state_dict)
+        state_dict["param_groups"] = [{**saved, **now} for saved, now in zip(state_dict["param_groups"], current)]
+        on_device = {i for g in state_dict["param_groups"] if g.get("fused") or g.get("capturable")
+                     for i in g["params"]}
+        state = {}
+        for i, s in state_dict["state"].items():
+            s = dict(s)
+            if isinstance(s.get("step"), torch.Tensor) and i not in on_device:
+                s["step"] = s["step"].detach().to("cpu", torch.float32)
+            state[i] = s
+        state_dict["state"] = state
+        return state_dict
+
+    optimizer.register_load_state_dict_pre_hook(hook)
+    return optimizer
+
+
+# ----------------------------------------------------------------------------------------- compile
+
+
+def cache_dir() -> Path:
+    """The persistent compile cache: $XDG_CACHE_HOME/regbench/inductor (~/.cache/regbench/inductor)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "regbench" / "inductor"
+
+
+def use_cache() -> Path:
+    """Point inductor's on-disk caches (FX graph cache, AOT-autograd cache, compiled kernels) at regbench's
+    cache folder, unless TORCHINDUCTOR_CACHE_DIR already names one. Returns the folder used."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def compiler_missing(device: torch.device) -> Optional[str]:
+    """Why torch.compile cannot run here (None when it can): the reason of the one-line warning."""
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support this platform (Python {sys.version.split()[0]}, {sys.platform})"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton is not installed (torch.compile needs it on CUDA)"
+    cxx = _cxx()
+    return None if cxx else "no C++ compiler found (torch.compile needs one on CPU: install g++ or clang, or set CXX)"
+
+
+def _cxx() -> Optional[str]:
+    """The C++ compiler inductor would use, or None."""
+    import torch._inductor.config as inductor_config
+
+    names = [os.environ.get("CXX")] + [c for c in inductor_config.cpp.cxx if c]
+    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+
+
+def compile_mode(device: torch.device, what: str) -> Optional[str]:
+    """torch.compile's mode: CUDA graphs (``reduce-overhead``) for the whole step on a GPU, else the default."""
+    return "reduce-overhead" if what == "step" and device.type == "cuda" else None
+
+
+def accelerate(compile: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+               device: torch.device) -> tuple[dict, Optional[str]]:
+    """Everything regbench does for speed once model and optimizer exist: channels_last where it pays, then
+    ``trainer.compile``. Returns (facts for summary.json: optimizer_impl, compile, channels_last; a warning)."""
+    last = wants_channels_last(model, device)
+    if last:
+        model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps the same parameters
+    compiled, warning = compile_run(compile, model, optimizer, device)
+    return {"optimizer_impl": optimizer_impl(optimizer), "compile": compiled, "channels_last": last}, warning
+
+
+def wants_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """channels_last (NHWC) memory for convolutional models on CUDA, where cuDNN's NHWC kernels (tensor cores
+    under AMP) are the fast ones. Not on CPU: the runs there stay bitwise what they were."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def compile_run(what: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                device: torch.device) -> tuple[str, Optional[str]]:
+    """Apply ``trainer.compile``; returns (what ran: none|model|step, a warning or None).
+
+    ``model`` compiles the module in place (``nn.Module.compile``: its forward and, through AOT autograd, its
+    backward; state_dict keys and checkpoints stay as they are); ``step`` also compiles the optimizer's
+    update. Where compilation is unavailable it warns and runs eagerly.
+    """
+    if what == "none":
+        return "none", None
+    missing = compiler_missing(device)
+    if missing is not None:
+        warning = f"trainer.compile={what} falls back to eager: {missing}"
+        log.warning("warning: %s", warning)
+        return "none", warning
+    folder = use_cache()
+    # A fresh start per run: a process that trains several runs (a sweep's jobs) would otherwise pile up
+    # recompilations until dynamo's cache limit silently drops back to eager; the on-disk cache keeps it cheap.
+    torch._dynamo.reset()
+    log.info("torch.compile (%s), cache %s", what, folder)
+    mode = compile_mode(device, what)
+    model.compile(mode=mode)
+    if what == "step":
+        # Instance attribute: GradScaler.step and LR schedulers call optimizer.step through it.
+        optimizer.step = torch.compile(optimizer.step, mode=mode)
+    return what, None
