@@ -454,6 +454,13 @@ CASES = [
     ("option-name-other-schema", ["optimizer=sgd", "optimizer.name=adam"],
      "optimizer.name='adam': expected sgd (the options whose keys this optimizer node has); pick the option itself "
      "with optimizer=<option>"),
+    # helper F: speed (issue 17)
+    ("compile-mode", ["trainer.compile=bad"], "trainer.compile='bad': expected one of none, model, step"),
+    ("compile-step-schedule", ["trainer.compile=step", "scheduler=cosine"],
+     "trainer.compile='step': expected model or none with scheduler=cosine (a compiled optimizer step is recompiled "
+     "whenever the learning rate changes); use trainer.compile=model, or scheduler=constant"),
+    ("compile-step-fp16", ["trainer.amp=fp16", "trainer.compile=step"],
+     "trainer.compile='step': expected model or none with trainer.amp=fp16 (the GradScaler steps the optimizer"),
 ]
 
 
