@@ -150,7 +150,8 @@ def test_stage_one_trains_only_the_head_and_keeps_frozen_batchnorm_statistics():
     after = model.base.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in base.items())  # weights and BN running stats, bitwise
     assert not torch.equal(head["out.weight"], model.head.out.weight)
-    assert ctx.info["fine_tune"]["unfrozen_blocks"] == 2 and ctx.info["fine_tune"]["head_parameters"] == 576 * 10 + 10
+    info = stack.info()["fine_tune"]
+    assert info["unfrozen_blocks"] == 2 and info["head_parameters"] == 576 * 10 + 10
     assert optimizer.param_groups[1]["lr"] == pytest.approx(cfg.optimizer.lr * 0.1, rel=1e-5)
 
     stack.on_epoch_end(1, {}, model)  # stage 2: the top two blocks train at the lower lr, the rest stays frozen
@@ -175,7 +176,7 @@ def test_unfreeze_top_zero_is_a_frozen_base_and_bad_values_are_config_errors():
     stack.on_epoch_end(1, {}, model)
     _epoch(model, optimizer)
     assert all(torch.equal(v, model.base.state_dict()[k]) for k, v in base.items())
-    assert len(optimizer.param_groups) == 1 and ctx.info["fine_tune"]["stage2_from_epoch"] is None
+    assert len(optimizer.param_groups) == 1 and stack.info()["fine_tune"]["stage2_from_epoch"] is None
     with pytest.raises(ConfigError, match=r"unfreeze_top=14: expected at most 13"):
         _stack_model_optimizer("regularizer.fine_tune.unfreeze_top=14")
     with pytest.raises(ConfigError, match="finetune_lr_scale"):

@@ -15,7 +15,8 @@ from regbench.augment import preview_indices
 from regbench.cli import main
 from regbench.data import load_data
 from regbench.logs import RunLogger
-from regbench.train import chance_warning, fit
+from regbench.lint import chance_warning
+from regbench.train import fit
 from tests.conftest import REPO, TINY, compose_cfg
 
 # ------------------------------------------------------------------------------------ ending at chance

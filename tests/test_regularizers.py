@@ -156,7 +156,7 @@ def test_decoupled_decay_with_sgd_by_hand():
     assert torch.allclose(model.hidden[0].linear.weight, expected, atol=1e-6)
     gb = torch.autograd.grad(F.cross_entropy(start(x), torch.arange(8) % 10), start.hidden[0].linear.bias)[0]
     assert torch.allclose(model.hidden[0].linear.bias, start.hidden[0].linear.bias - 0.1 * gb, atol=1e-6)  # not decayed
-    info = stack.ctx.info["weight_decay"]
+    info = stack.info()["weight_decay"]
     assert (info["decayed_tensors"], info["decayed_elements"]) == (2, 4 * 6 + 6 * 10)
     assert (info["not_decayed_tensors"], info["not_decayed_elements"]) == (2, 6 + 10)
     assert info["applied_by"] == "regbench"
@@ -167,8 +167,8 @@ def test_decoupled_decay_with_adam_equals_torch_adamw():
     common = ["optimizer.lr=0.01", "regularizer=[weight_decay]", "regularizer.weight_decay.rate=0.1"]
     _, ours, s1 = _one_step(["optimizer=adam", *common], x, steps=5)
     _, native, s2 = _one_step(["optimizer=adamw", "optimizer.weight_decay=0", *common], x, steps=5)
-    assert s1.ctx.info["weight_decay"]["applied_by"] == "regbench"
-    assert s2.ctx.info["weight_decay"]["applied_by"] == "optimizer"
+    assert s1.info()["weight_decay"]["applied_by"] == "regbench"
+    assert s2.info()["weight_decay"]["applied_by"] == "optimizer"
     for a, b in zip(ours.parameters(), native.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -482,6 +482,7 @@ def test_snapshot_ensemble_averages_the_chosen_snapshots():
     member = build_stack(cfg, Context(cfg)).get("ensemble")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    member.setup(model, Context(cfg))  # the monitor is read here, not in check()
     states = []
     for epoch in range(1, 5):
         with torch.no_grad():
@@ -503,6 +504,7 @@ def test_snapshot_ensemble_averages_the_chosen_snapshots():
     cfg = compose_cfg("regularizer=[ensemble]", "regularizer.ensemble.k=2", "regularizer.ensemble.source=best",
                       "trainer.max_epochs=4")
     best = build_stack(cfg, Context(cfg)).get("ensemble")
+    best.setup(model, Context(cfg))
     for epoch, loss in enumerate([0.5, 0.2, 0.9, 0.3], start=1):
         best.on_epoch_end(epoch, {"val_loss": loss}, model)
     assert sorted(e for _, e, _ in best.snapshots) == [2, 4]

@@ -53,11 +53,11 @@ def canonical_name(override_dirname: str) -> str:
     """``regularizer=[dropout,l2]`` -> ``regularizer=[l2,dropout]`` inside a folder name; "" -> "default"."""
     import re
 
-    from regbench.regularizers import REGISTRY
+    from regbench.regularizers import REGISTRY, rank
 
     def order(name: str):
         member = name if name in REGISTRY else _preset_member(name)
-        return (REGISTRY[member].order, name) if member in REGISTRY else (10**6, name)
+        return (rank(member), name) if member in REGISTRY else (10**6, name)
 
     def sort(m) -> str:
         members = sorted((x.strip() for x in m.group(2).split(",") if x.strip()), key=order)

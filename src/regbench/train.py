@@ -35,7 +35,7 @@ from regbench.checkpoint import Checkpoints, capture_rng, config_differences, fa
 from regbench.logs import RunLogger, write_json
 from regbench.metrics import calibration_error
 from regbench.regularizers import Context, build_stack
-from regbench import conventions
+from regbench import conventions, lint
 from regbench.models import build_model, count_parameters
 from regbench.optim import build_optimizer, build_scheduler
 
@@ -326,7 +326,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
     speed, speed_warning = accel.accelerate(t.compile, model, optimizer, device)
     loss_fn = partial(F.cross_entropy, **stack.loss_options()) if stack.loss_options() else F.cross_entropy
     penalty_fn, before_step = stack.penalty_fn(), stack.before_step_fn()
-    warnings = stack.collect_warnings(model) + augmentation_warnings(cfg, policy, data.info)
+    warnings = lint.run_warnings(cfg, model, stack, policy, data.info)
     for w in warnings:
         log.warning("warning: %s", w)
     warnings += [speed_warning] if speed_warning else []  # logged where it arose
@@ -335,13 +335,11 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
     if drop_last and bs > len(data.train_y):
         raise ConfigError("data.batch_size", bs, f"at most the {len(data.train_y)} training images when "
                           "data.drop_last=true (else every batch is dropped)")
-    if not drop_last and len(data.train_y) % bs == 1 and _has_batchnorm(model):
+    note = lint.batch_of_one(len(data.train_y), bs, drop_last, model)
+    if note:
         # Batch norm cannot normalise a training batch of one sample (torch raises): drop that last sample of
         # the epoch's permutation, as data.drop_last=true (Keras/torch users' drop_last) would.
         drop_last = True
-        note = (f"the last training batch of each epoch would hold 1 image ({len(data.train_y)} = "
-                f"{len(data.train_y) // bs}·{bs} + 1), which batch norm cannot normalise in training: it is "
-                f"dropped (as data.drop_last=true would); change data.train_size or data.batch_size to keep it")
         log.warning("note: %s", note)
         warnings = warnings + [note]
     steps_per_epoch = num_batches(len(data.train_y), bs, drop_last)
@@ -391,14 +389,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
              "regularizers [%s]; device %s, %d threads", cfg.model.name, f"{params['trainable']:,}",
              f"{params['frozen']:,}", f"{params['buffers']:,}", cfg.optimizer.name, ",".join(stack.names), device,
              threads)
-    if "weight_decay" in ctx.info:
-        wd = ctx.info["weight_decay"]
-        log.info("weight decay (%s, %s): %s parameters in %d tensors decayed, %s in %d tensors not decayed",
-                 wd["mode"], wd["applied_by"], f"{wd['decayed_elements']:,}", wd["decayed_tensors"],
-                 f"{wd['not_decayed_elements']:,}", wd["not_decayed_tensors"])
-    for name in ("l1", "l2", "elastic_net"):
-        if name in ctx.info:
-            log.info("%s", _penalty_counts(name, ctx.info[name], model))
+    stack.log_info(model)
 
     logger = RunLogger(run_dir, cfg, resume_epoch=start_epoch if resuming else None, rows=restore)
     preview = None if resuming else policy.preview(data, cfg.augmentation.preview)
@@ -410,7 +401,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         "test": None, "data": data.meta, "device": str(device), "amp": t.amp, "num_threads": threads,
         "deterministic": t.deterministic, "steps_per_epoch": steps_per_epoch, "warnings": warnings,
         **speed,
-        "regularizer_info": ctx.info, "convention": conventions.effective(cfg, model, optimizer),
+        "regularizer_info": stack.info(), "convention": conventions.effective(cfg, model, optimizer),
         "augmentation": policy.info(), "versions": _versions(), "git": _git(), "command": provenance.command() or sys.argv,
         "provenance": _provenance(run_dir, resuming),
         "run_dir": str(run_dir.resolve()), "resumed_from_epoch": start_epoch if resuming else None,
@@ -429,7 +420,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
     redirect = _log_through_bar(tqdm) if show_bar else nullcontext()
     redirect.__enter__()
     try:
-        stopped = bool(stack.get("early_stopping") and stack.get("early_stopping").stopped_epoch)
+        stopped = stack.stopped
         for epoch in range(start_epoch + 1, t.max_epochs + 1):
             if stopped:
                 break
@@ -489,7 +480,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
                     "epoch": epoch, "step": step, "metrics": row, "best_score": best_score, "best_row": best_row,
                     "config": resolved, "history": list(history),
                 }, best=improved)
-            summary.update(epochs_completed=epoch, final=row, best=best_row)
+            summary.update(epochs_completed=epoch, final=row, best=best_row, regularizer_info=stack.info())
             write_json(run_dir / "summary.json", summary)
             fault_point("after_summary", epoch)
             if stopped:
@@ -498,7 +489,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         bar.close()
         if summary["final"] is None:  # resumed after the last epoch had been checkpointed
             summary["final"] = _last_row(run_dir)
-        chance = chance_warning(summary["final"], data.info.num_classes, len(data.val_y))
+        chance = lint.chance_warning(summary["final"], data.info.num_classes, len(data.val_y))
         if chance:
             log.warning("warning: %s", chance)
             summary["warnings"].append(chance)
@@ -508,7 +499,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         tta = policy.tta(model, data.test_x, data.test_y, cfg.data.eval_batch_size)
         if tta is not None:
             extra["tta"] = tta
-        summary.update(test=test, test_extra=extra, regularizer_info=ctx.info)
+        summary.update(test=test, test_extra=extra, regularizer_info=stack.info())
         logger.log_hparams(test, extra)
         # The completion, one atomic step: summary.json says "completed" only once everything else is written.
         # The COMPLETED marker after it can be re-derived from it (sweeps do, if a kill fell in between).
@@ -535,10 +526,6 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
     # The completion marker, written last: sweeps skip a run folder that has it.
     write_json(run_dir / "COMPLETED", {"finished": summary["finished"], "best": summary["best"][t.monitor]})
     return summary["best"][t.monitor]
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _divergence(what: str, epoch: int, step: int, steps_per_epoch: int, cfg: DictConfig, names: list[str],
@@ -571,19 +558,6 @@ def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[
     return rows, None
 
 
-def augmentation_warnings(cfg: DictConfig, policy, info) -> list[str]:
-    found = []
-    if policy is not None and policy.flips and not info.flips_label_safe and not cfg.augmentation.allow_label_unsafe:
-        found.append(f"the augmentation flips images of {info.name}, whose labels flips can change (a mirrored '3' "
-                     "is no 3); use augmentation=digits, or set augmentation.allow_label_unsafe=true if intended")
-    if policy is not None and policy.soft_targets and "label_smoothing" in cfg.regularizer:
-        found.append("label smoothing together with MixUp/CutMix soft targets: the targets are softened twice "
-                     "(smoothing is applied to the mixed targets)")
-    if cfg.augmentation.tta.enabled and cfg.augmentation.tta.hflip and not info.flips_label_safe:
-        found.append(f"test-time augmentation leaves out the mirrored view: flips are not label-safe for {info.name}")
-    return found
-
-
 def _log_through_bar(tqdm_class) -> ContextManager:
     """tqdm's redirect of the root logger's console handler; nothing when there is none (tqdm would add one)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -594,30 +568,6 @@ def _log_through_bar(tqdm_class) -> ContextManager:
     return logging_redirect_tqdm(loggers=[root], tqdm_class=tqdm_class)
 
 
-def chance_warning(final: Optional[dict], num_classes: int, n_val: int) -> Optional[str]:
-    """A warning when the run ends at chance: its final val acc is not 3 standard errors above 1/classes.
-
-    Skipped when the validation set is too small to tell (3 standard errors at chance exceed chance itself,
-    i.e. about 9 * (classes - 1) images or fewer) or when there is no final epoch.
-    """
-    if final is None or final["val_acc"] is None or num_classes < 2:
-        return None
-    p = 1.0 / num_classes
-    margin = 3 * math.sqrt(p * (1 - p) / max(n_val, 1))
-    if margin > p or final["val_acc"] > p + margin:
-        return None
-    return (f"the run ended at chance accuracy: final val acc {final['val_acc']:.3f} with {num_classes} classes "
-            f"(chance {p:.3f}; not above {p + margin:.3f}, chance + 3 standard errors over {n_val} validation "
-            "images): the model did not learn; check optimizer.lr (too high can kill ReLUs, too low stays on the "
-            "initial plateau), model.init, gradient spikes (regularizer=[grad_clip]), or train longer")
-
-
-def _penalty_counts(name: str, info: dict, model: nn.Module) -> str:
-    """The log line of a penalty: how many trainable parameters it penalises and how many it leaves alone."""
-    tensors = sum(1 for p in model.parameters() if p.requires_grad)
-    elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (f"{name} penalty: {info['elements']:,} parameters in {info['tensors']} tensors penalised, "
-            f"{elements - info['elements']:,} in {tensors - info['tensors']} tensors not penalised")
 
 
 def _stopped_status(e: BaseException) -> str:

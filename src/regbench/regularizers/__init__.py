@@ -1,13 +1,17 @@
 """The regularizer stack: the members selected with ``regularizer=[...]``, applied in a fixed order.
 
 Each member implements optional hooks of :class:`~regbench.regularizers.base.Regularizer`; the stack calls
-them for the training loop. Members run in their registry order (``order``), never the command-line order,
-so ``regularizer=[l2,dropout]`` and ``regularizer=[dropout,l2]`` are the same run.
+them for the training loop. Members run in the order of :data:`ORDER`, never the command-line order, so
+``regularizer=[l2,dropout]`` and ``regularizer=[dropout,l2]`` are the same run. Every module of this package
+is imported here (its ``@register`` adds its members); a member registered but not in ``ORDER``, or named in
+``ORDER`` but not registered, is an error at import.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 from typing import Any, Optional
 
 import torch
@@ -15,19 +19,70 @@ from omegaconf import DictConfig
 from torch import nn
 
 from regbench.errors import ConfigError
-from regbench.regularizers import (  # noqa: F401  (each module registers its members)
-    dropout, early_stopping, ensemble, grad_clip, label_smoothing, mc_dropout, norm, penalties, transfer,
-    weight_decay)
 from regbench.regularizers.base import REGISTRY, Context, Regularizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REGISTRY", "Context", "Regularizer", "Stack", "build_stack"]
+__all__ = ["ORDER", "REGISTRY", "Context", "Regularizer", "Stack", "build_stack", "rank"]
+
+# The one order every hook runs in (setup, param groups, penalties summed, before_step, epoch ends, final
+# evaluations), whatever the command-line order. Run folders are named by it (sweep.canonical_name) and
+# bitwise tests pin it: moving a member changes what runs compute and where they are filed.
+ORDER = [
+    "transfer",  # first: loads the source weights and freezes layers before anyone selects trainable parameters
+    "fine_tune",  # freezes the (loaded) base before the penalties and param groups look at requires_grad
+    "elastic_net",  # the penalties select their parameters once freezing is done; their terms are summed in
+    "l1",  # this order (floating-point sums depend on it); the three were tied and sorted by name
+    "l2",
+    "weight_decay",  # param groups of the trainable parameters; its coupled term reaches the gradient before
+    #                  grad_clip clips it
+    "dropout",  # model-shaping members (builder arguments): independent of each other, kept where they were
+    "batchnorm",  # the three normalisations were tied and sorted by name (at most one is allowed)
+    "group_norm",
+    "layer_norm",
+    "label_smoothing",  # a loss option only
+    "grad_clip",  # last of the before_step hooks: clips the gradient every other member has finished
+    "early_stopping",  # ends training and restores the best weights before the final evaluations
+    "mc_dropout",  # final evaluations last, on the restored model; test_extra lists them in this order
+    "ensemble",
+]
+
+
+def check_order(registered, order: list[str]) -> None:
+    """Every registered member has exactly one place in ``order`` and every name there is registered."""
+    problems = []
+    unplaced = sorted(set(registered) - set(order))
+    if unplaced:
+        problems.append(f"registered but not placed: {', '.join(unplaced)} (add each to ORDER)")
+    unknown = [n for n in order if n not in registered]
+    if unknown:
+        problems.append(f"placed but not registered: {', '.join(unknown)} (its module must @register it)")
+    doubled = sorted({n for n in order if order.count(n) > 1})
+    if doubled:
+        problems.append(f"placed twice: {', '.join(doubled)}")
+    if problems:
+        raise RuntimeError("regbench.regularizers.ORDER does not match the registered members: " + "; ".join(problems))
+
+
+def _import_members() -> None:
+    """Import every module of this package: each ``@register``s its members (nothing else to list)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_members()
+check_order(REGISTRY, ORDER)
+_RANK = {name: i for i, name in enumerate(ORDER)}
+
+
+def rank(name: str) -> int:
+    """A member's position in :data:`ORDER`."""
+    return _RANK[name]
 
 
 class Stack:
     def __init__(self, members: list[Regularizer], ctx: Context):
-        self.members = sorted(members, key=lambda r: (r.order, r.name))
+        self.members = sorted(members, key=lambda r: rank(r.name))
         self.ctx = ctx
 
     @property
@@ -125,26 +180,25 @@ class Stack:
         for r in self.members:
             r.load_state_dict(state.get(r.name, {}))
 
-    def collect_warnings(self, model: nn.Module) -> list[str]:
-        """Combinations that are legal but probably not what the user meant; each printed once, saved in the run."""
-        o = self.ctx.cfg.optimizer
-        found = []
-        wd = self.get("weight_decay")
-        if o.name == "adam" and (o.weight_decay > 0 or (wd is not None and wd.cfg.mode == "coupled")):
-            found.append("Adam with coupled weight decay is not AdamW: the decay term is divided by √v̂ like the "
-                         "gradient; use optimizer=adamw or regularizer.weight_decay.mode=decoupled")
+    # --- facts -----------------------------------------------------------------------------------
+    @property
+    def stopped(self) -> bool:
+        """True once a member asked training to stop (early stopping), also after a resume."""
+        return any(r.stopped for r in self.members)
+
+    def info(self) -> dict[str, dict]:
+        """summary.json's ``regularizer_info``: each member's facts (members without any are left out)."""
+        facts = {}
         for r in self.members:
-            found.extend(r.warnings(self.members, self.ctx))
-        leaves = [m for m in model.modules() if not list(m.children())]
-        seen_dropout = False
-        for m in leaves:
-            if isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.p > 0:
-                seen_dropout = True
-            elif seen_dropout and isinstance(m, nn.modules.batchnorm._BatchNorm):
-                found.append("dropout placed before batch norm: BN's batch statistics in training see dropout's "
-                             "variance, its running statistics at test time do not (variance shift)")
-                break
-        return found
+            member_info = r.info()
+            if member_info is not None:
+                facts[r.name] = member_info
+        return facts
+
+    def log_info(self, model: nn.Module) -> None:
+        """Each member's own log lines (what it applies to), once the model and optimizer exist."""
+        for r in self.members:
+            r.log_info(model)
 
 
 def build_stack(cfg: DictConfig, ctx: Context) -> Stack:

@@ -1,8 +1,8 @@
 """The one interface every regularizer implements: optional hooks the training loop calls.
 
-A regularizer overrides only the hooks it needs; the defaults do nothing. Adding one = a module with a
-schema dataclass and a ``Regularizer`` subclass decorated with ``@register``, a YAML file in
-``configs/regularizer/``, and a test.
+A regularizer overrides only the hooks it needs; the defaults do nothing. Adding one = a module in this
+package with a schema dataclass and a ``Regularizer`` subclass decorated with ``@register``, its name placed
+in ``ORDER`` (regularizers/__init__.py), a YAML file in ``configs/regularizer/``, and a test.
 """
 
 from __future__ import annotations
@@ -31,15 +31,12 @@ class Context:
     cfg: DictConfig
     num_classes: int = 10
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    warnings: list[str] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)  # facts for summary.json, keyed by regularizer
 
 
 class Regularizer:
     name: ClassVar[str]
     schema: ClassVar[type]
-    # Position in the stack: hooks run in this order whatever the order on the command line.
-    order: ClassVar[int] = 50
+    # The position in the stack is the name's place in regularizers.ORDER (one list, not a number per member).
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -55,7 +52,10 @@ class Regularizer:
 
     # --- construction ---------------------------------------------------------------------------
     def check(self, ctx: Context) -> None:
-        """Raise ConfigError if this regularizer cannot apply to the chosen model/optimizer/data."""
+        """Raise ConfigError if this regularizer cannot apply to the chosen model/optimizer/data.
+
+        Pure: it only reads (config validation builds and checks a stack that is then thrown away); state
+        belongs in ``__init__`` or :meth:`setup`."""
 
     def model_hooks(self, ctx: Context) -> dict[str, Any]:
         """Keyword arguments for the model builder (dropout rates, normalisation layers...)."""
@@ -92,8 +92,18 @@ class Regularizer:
         """An extra evaluation of the test set reported beside the plain one (MC dropout, ensembles)."""
         return None
 
-    def warnings(self, stack: "list[Regularizer]", ctx: Context) -> list[str]:
-        return []
+    @property
+    def stopped(self) -> bool:
+        """True once this member asked training to stop (and still after a resume)."""
+        return False
+
+    # --- what it did ----------------------------------------------------------------------------
+    def info(self) -> Optional[dict[str, Any]]:
+        """Facts for summary.json's ``regularizer_info`` (what it applied to), or None when it has none."""
+        return None
+
+    def log_info(self, model: nn.Module) -> None:
+        """Log this member's own lines once the run is set up (e.g. how many parameters it applies to)."""
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

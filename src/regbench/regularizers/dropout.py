@@ -23,7 +23,7 @@ class DropoutConfig:
 
 @register
 class Dropout(Regularizer):
-    name, schema, order = "dropout", DropoutConfig, 30
+    name, schema = "dropout", DropoutConfig
 
     def check(self, ctx: Context) -> None:
         rate = self.cfg.rate

@@ -32,7 +32,11 @@ class EarlyStoppingConfig:
 
 @register
 class EarlyStopping(Regularizer):
-    name, schema, order = "early_stopping", EarlyStoppingConfig, 90
+    name, schema = "early_stopping", EarlyStoppingConfig
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.reset()
 
     def check(self, ctx: Context) -> None:
         c = self.cfg
@@ -47,7 +51,6 @@ class EarlyStopping(Regularizer):
             raise self.nothing(f"{self.key}.start_from_epoch={c.start_from_epoch} starts monitoring after the last "
                                f"epoch (trainer.max_epochs={ctx.cfg.trainer.max_epochs})",
                                f"lower {self.key}.start_from_epoch or raise trainer.max_epochs")
-        self.reset()
 
     def reset(self) -> None:
         mode = self.cfg.mode if self.cfg.mode != "auto" else ("max" if "acc" in self.cfg.monitor else "min")
@@ -57,6 +60,11 @@ class EarlyStopping(Regularizer):
         self.best_state: Optional[dict] = None
         self.wait = 0
         self.stopped_epoch: Optional[int] = None
+        self.restored: Optional[bool] = None  # set at the end of training
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_epoch is not None
 
     def _improves(self, value: float, reference: float) -> bool:
         return self.sign * value + self.cfg.min_delta < reference
@@ -93,9 +101,13 @@ class EarlyStopping(Regularizer):
             setattr(self, k, state[k])
 
     def on_train_end(self, model, ctx: Context) -> None:
-        restored = self.cfg.restore_best_weights and self.best_state is not None
-        if restored:
+        self.restored = self.cfg.restore_best_weights and self.best_state is not None
+        if self.restored:
             model.load_state_dict(self.best_state)
-        ctx.info[self.name] = {"stopped_epoch": self.stopped_epoch, "best_epoch": self.best_epoch,
-                               "best": None if self.best_epoch is None else self.sign * self.best,
-                               "monitor": self.cfg.monitor, "restored_best_weights": restored}
+
+    def info(self) -> Optional[dict]:
+        if self.restored is None:  # its facts are the end of training's
+            return None
+        return {"stopped_epoch": self.stopped_epoch, "best_epoch": self.best_epoch,
+                "best": None if self.best_epoch is None else self.sign * self.best,
+                "monitor": self.cfg.monitor, "restored_best_weights": self.restored}

@@ -25,7 +25,11 @@ class EnsembleConfig:
 
 @register
 class Ensemble(Regularizer):
-    name, schema, order = "ensemble", EnsembleConfig, 96
+    name, schema = "ensemble", EnsembleConfig
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.snapshots: list[tuple[float, int, dict]] = []  # (score, epoch, state on CPU)
 
     def check(self, ctx: Context) -> None:
         if self.cfg.source not in ("last", "best"):
@@ -33,9 +37,10 @@ class Ensemble(Regularizer):
         if not 1 <= self.cfg.k <= ctx.cfg.trainer.max_epochs:
             raise ConfigError(f"{self.key}.k", self.cfg.k, f"1..trainer.max_epochs={ctx.cfg.trainer.max_epochs} "
                               "(one snapshot per epoch)")
+
+    def setup(self, model: nn.Module, ctx: Context) -> None:
         self.monitor = ctx.cfg.trainer.monitor
         self.sign = 1.0 if self.monitor == "val_loss" else -1.0
-        self.snapshots: list[tuple[float, int, dict]] = []  # (score, epoch, state on CPU)
 
     def on_epoch_end(self, epoch: int, row: dict, model: nn.Module) -> bool:
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -23,7 +23,7 @@ class GradClipConfig:
 
 @register
 class GradClip(Regularizer):
-    name, schema, order = "grad_clip", GradClipConfig, 80
+    name, schema = "grad_clip", GradClipConfig
     needs_unscaled_grads = True
 
     def check(self, ctx: Context) -> None:

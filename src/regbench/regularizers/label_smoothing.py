@@ -19,7 +19,7 @@ class LabelSmoothingConfig:
 
 @register
 class LabelSmoothing(Regularizer):
-    name, schema, order = "label_smoothing", LabelSmoothingConfig, 50
+    name, schema = "label_smoothing", LabelSmoothingConfig
 
     def check(self, ctx: Context) -> None:
         if not 0 <= self.cfg.alpha < 1:

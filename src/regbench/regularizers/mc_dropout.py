@@ -38,7 +38,7 @@ def _no_rate(ctx: Context) -> RegbenchError:
 
 @register
 class MCDropout(Regularizer):
-    name, schema, order = "mc_dropout", MCDropoutConfig, 95
+    name, schema = "mc_dropout", MCDropoutConfig
 
     def check(self, ctx: Context) -> None:
         if self.cfg.passes < 1 or self.cfg.bins < 1:

@@ -35,8 +35,6 @@ class LayerNormConfig:
 
 
 class _Norm(Regularizer):
-    order = 40
-
     def check(self, ctx: Context) -> None:
         norms = [k for k in ctx.cfg.regularizer if k in ("batchnorm", "group_norm", "layer_norm")]
         if len(norms) > 1:
@@ -76,9 +74,10 @@ class BatchNorm(_Norm):
         m = self.DEFAULTS[self.cfg.convention][0] if self.cfg.momentum is None else self.cfg.momentum
         return m if self.cfg.convention == "torch" else 1.0 - m
 
+    def info(self) -> dict[str, Any]:
+        return {"convention": self.cfg.convention, "torch_momentum": self.torch_momentum(), "eps": self.eps()}
+
     def model_hooks(self, ctx: Context) -> dict[str, Any]:
-        ctx.info[self.name] = {"convention": self.cfg.convention, "torch_momentum": self.torch_momentum(),
-                               "eps": self.eps()}
         return {"norm": "batchnorm", "norm_momentum": self.torch_momentum(), "norm_eps": self.eps()}
 
 

@@ -11,6 +11,7 @@ biases or normalisation parameters; ``layers`` narrows it to parameters whose na
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +21,7 @@ from torch import nn
 from regbench.errors import ConfigError
 from regbench.regularizers.base import Context, Regularizer, register
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class PenaltyConfig:
@@ -62,8 +64,6 @@ def _match(name: str, pattern: str) -> bool:
 class _Penalty(Regularizer):
     """Shared by l1 / l2 / elastic_net; each subclass defines ``value(params)``, the penalty without λ."""
 
-    order = 10
-
     def check(self, ctx: Context) -> None:
         if not self.cfg.lam >= 0:
             raise ConfigError(f"{self.key}.lam", self.cfg.lam, "a number >= 0")
@@ -76,21 +76,23 @@ class _Penalty(Regularizer):
             raise self.nothing(f"{self.key}.params={self.cfg.params} with layers={_list(self.cfg.layers)} selects no "
                                "trainable parameter (weights = the kernels; frozen ones are left out)",
                                f"widen {self.key}.layers, or set {self.key}.params=all to include biases")
-        ctx.info[self.name] = {"tensors": len(self.params), "elements": sum(p.numel() for p in self.params)}
+
+    def info(self) -> dict:
+        return {"tensors": len(self.params), "elements": sum(p.numel() for p in self.params)}
+
+    def log_info(self, model: nn.Module) -> None:
+        """How many trainable parameters it penalises and how many it leaves alone."""
+        tensors = sum(1 for p in model.parameters() if p.requires_grad)
+        elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        mine = self.info()
+        log.info("%s penalty: %s parameters in %d tensors penalised, %s in %d tensors not penalised",
+                 self.name, f"{mine['elements']:,}", mine["tensors"], f"{elements - mine['elements']:,}",
+                 tensors - mine["tensors"])
 
     def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
         if not self.params or self.cfg.lam == 0:
             return None
         return self.cfg.lam * self.value(self.params)
-
-    def warnings(self, stack, ctx: Context) -> list[str]:
-        o = ctx.cfg.optimizer
-        coupled = o.weight_decay > 0 and o.name != "adamw"
-        coupled |= any(r.name == "weight_decay" and r.cfg.mode == "coupled" for r in stack)
-        if coupled and self.name in ("l2", "elastic_net"):
-            return [f"{self.name} penalty together with coupled weight decay: both shrink the same weights "
-                    "(double counting; a penalty λ·Σw² equals coupled decay 2λ)"]
-        return []
 
 
 def l1(params: list[torch.Tensor]) -> torch.Tensor:

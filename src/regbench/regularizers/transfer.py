@@ -44,7 +44,7 @@ def weight_layer_count(model_cfg) -> int:
 
 @register
 class Transfer(Regularizer):
-    name, schema, order = "transfer", TransferConfig, 5
+    name, schema = "transfer", TransferConfig
 
     def check(self, ctx: Context) -> None:
         if OmegaConf.is_missing(self.cfg, "init_from"):
@@ -112,9 +112,12 @@ class Transfer(Regularizer):
             if id(p) in frozen:
                 p.requires_grad_(False)
                 names.append(n)
-        ctx.info[self.name] = {"init_from": str(path), "loaded": len(keys), "skipped": len(ours) - len(keys),
-                               "frozen": names, "frozen_elements": sum(p.numel() for p in model.parameters()
-                                                                       if not p.requires_grad)}
+        self.facts = {"init_from": str(path), "loaded": len(keys), "skipped": len(ours) - len(keys),
+                      "frozen": names, "frozen_elements": sum(p.numel() for p in model.parameters()
+                                                              if not p.requires_grad)}
+
+    def info(self) -> dict:
+        return self.facts
 
 
 # ------------------------------------------------------------------------------------ fine_tune
@@ -148,7 +151,7 @@ class FineTune(Regularizer):
     and the schedule carry over, and a resume restores the stage from the checkpoint.
     """
 
-    name, schema, order = "fine_tune", FineTuneConfig, 6
+    name, schema = "fine_tune", FineTuneConfig
 
     def check(self, ctx: Context) -> None:
         c = self.cfg
@@ -187,15 +190,17 @@ class FineTune(Regularizer):
         for m in model.modules():  # the BN-eval rule, applied at every forward in training
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(m is h for h in head.modules()):
                 m.register_forward_pre_hook(self._bn_hook)
-        ctx.info[self.name] = {
-            "blocks": len(blocks), "unfrozen_blocks": n, "head_parameters": sum(p.numel() for p in self.head),
-            "base_parameters": sum(p.numel() for p in self.base),
-            "unfrozen_parameters": sum(p.numel() for p in self.top), "stage2_from_epoch": None,
-        }
-        self.info = ctx.info[self.name]
+        self.stage2_from_epoch: Optional[int] = None
         if self.cfg.freeze_base_epochs == 0 and n:
             self._unfreeze()
-            self.info["stage2_from_epoch"] = 1
+            self.stage2_from_epoch = 1
+
+    def info(self) -> dict:
+        return {
+            "blocks": len(self.blocks), "unfrozen_blocks": self.n_top,
+            "head_parameters": sum(p.numel() for p in self.head), "base_parameters": sum(p.numel() for p in self.base),
+            "unfrozen_parameters": sum(p.numel() for p in self.top), "stage2_from_epoch": self.stage2_from_epoch,
+        }
 
     @staticmethod
     def _bn_hook(module: nn.Module, args) -> None:
@@ -215,19 +220,13 @@ class FineTune(Regularizer):
     def on_epoch_end(self, epoch: int, row: dict, model: nn.Module) -> bool:
         if self.stage == 1 and epoch >= self.cfg.freeze_base_epochs and self.n_top:
             self._unfreeze()
-            self.info["stage2_from_epoch"] = epoch + 1
+            self.stage2_from_epoch = epoch + 1
         return False
 
-    def warnings(self, stack, ctx: Context) -> list[str]:
-        if self.cfg.unfreeze_top != 0 and self.cfg.freeze_base_epochs >= ctx.cfg.trainer.max_epochs:
-            return [f"fine_tune: stage 2 never starts (freeze_base_epochs={self.cfg.freeze_base_epochs} >= "
-                    f"trainer.max_epochs={ctx.cfg.trainer.max_epochs}); set unfreeze_top=0 for a frozen base"]
-        return []
-
     def state_dict(self) -> dict:
-        return {"stage": self.stage, "stage2_from_epoch": self.info["stage2_from_epoch"]}
+        return {"stage": self.stage, "stage2_from_epoch": self.stage2_from_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("stage") == 2 and self.stage == 1:
             self._unfreeze()
-        self.info["stage2_from_epoch"] = state.get("stage2_from_epoch", self.info["stage2_from_epoch"])
+        self.stage2_from_epoch = state.get("stage2_from_epoch", self.stage2_from_epoch)

@@ -11,6 +11,7 @@ work through the group's ``weight_decay``; otherwise the rule is applied here, o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from regbench.errors import ConfigError
 from regbench.regularizers.base import Context, Regularizer, register
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class WeightDecayConfig:
@@ -29,7 +31,7 @@ class WeightDecayConfig:
 
 @register
 class WeightDecay(Regularizer):
-    name, schema, order = "weight_decay", WeightDecayConfig, 20
+    name, schema = "weight_decay", WeightDecayConfig
     needs_unscaled_grads = True
 
     def check(self, ctx: Context) -> None:
@@ -53,15 +55,25 @@ class WeightDecay(Regularizer):
                                f"set {self.key}.exclude_bias_and_norm=false, unfreeze weights, or drop weight_decay")
         native = (self.cfg.mode == "coupled") != (optimizer_cfg.name == "adamw")  # the optimizer does it itself
         self.manual = [] if native else decay
-        ctx.info[self.name] = {
-            "mode": self.cfg.mode, "rate": self.cfg.rate, "applied_by": "optimizer" if native else "regbench",
-            "decayed_tensors": len(decay), "decayed_elements": sum(p.numel() for p in decay),
-            "not_decayed_tensors": len(keep), "not_decayed_elements": sum(p.numel() for p in keep),
-        }
+        self.native, self.decay, self.keep = native, decay, keep
         groups = [{"params": decay, "weight_decay": self.cfg.rate if native else 0.0}]
         if keep:
             groups.append({"params": keep, "weight_decay": 0.0})
         return groups
+
+    def info(self) -> dict:
+        decay, keep = self.decay, self.keep
+        return {
+            "mode": self.cfg.mode, "rate": self.cfg.rate, "applied_by": "optimizer" if self.native else "regbench",
+            "decayed_tensors": len(decay), "decayed_elements": sum(p.numel() for p in decay),
+            "not_decayed_tensors": len(keep), "not_decayed_elements": sum(p.numel() for p in keep),
+        }
+
+    def log_info(self, model: nn.Module) -> None:
+        i = self.info()
+        log.info("weight decay (%s, %s): %s parameters in %d tensors decayed, %s in %d tensors not decayed",
+                 i["mode"], i["applied_by"], f"{i['decayed_elements']:,}", i["decayed_tensors"],
+                 f"{i['not_decayed_elements']:,}", i["not_decayed_tensors"])
 
     def before_step(self, model, optimizer: torch.optim.Optimizer, scaler) -> None:
         if not self.manual or self.cfg.rate == 0:
