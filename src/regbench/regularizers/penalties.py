@@ -23,6 +23,7 @@ from regbench.regularizers.base import Context, Regularizer, register
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class PenaltyConfig:
     lam: float = 1e-4  # λ, the penalty's strength

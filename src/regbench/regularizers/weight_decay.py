@@ -22,6 +22,7 @@ from regbench.regularizers.base import Context, Regularizer, register
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class WeightDecayConfig:
     rate: float = 5e-4  # wd
