@@ -224,7 +224,7 @@ def test_an_interrupted_run_resumed_in_stage_two_equals_the_uninterrupted_one(tm
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["resumed_from_epoch"] == 3 and s["regularizer_info"]["fine_tune"]["stage2_from_epoch"] == 2
     # the lower hidden layer stayed frozen through both stages: bitwise the initial weights
-    from regbench.logs import load_checkpoint
+    from regbench.checkpoint import load_checkpoint
 
     first = load_checkpoint(tmp_path / "ref" / "checkpoints" / "best.pt")["model"]
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from regbench.data import batches
 from regbench.errors import ConfigError, RegbenchError
-from regbench.logs import load_checkpoint
+from regbench.checkpoint import load_checkpoint
 from regbench.metrics import expected_calibration_error, summarize_probs
 from regbench.models import MLP, build_model
 from regbench.optim import build_optimizer

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from regbench.errors import RegbenchError
-from regbench.logs import LogWriteError, load_checkpoint, read_metrics
+from regbench.checkpoint import load_checkpoint
+from regbench.io import LogWriteError
+from regbench.logs import read_metrics
 from regbench.train import fit
 from tests.conftest import compose_cfg
 

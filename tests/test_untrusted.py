@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from regbench.cli import main
 from regbench.cli_saved import saved_config_dir
 from regbench.errors import RegbenchError
-from regbench.train import _git, fit
+from regbench.provenance import git_state
+from regbench.train import fit
 from tests.conftest import TINY, compose_cfg
 from tests.conftest import one_line_error as cli_error
 
@@ -148,13 +149,13 @@ def test_experimental_rerun_is_refused_without_unpickling(tmp_path, capsys):
 
 def test_git_provenance_ignores_git_variables_from_the_environment(tmp_path, monkeypatch):
     """hydra.job.env_set (or a shell) could set GIT_DIR or inject config (core.fsmonitor runs a command)."""
-    clean = _git()
+    clean = git_state()
     marker = tmp_path / "pwned"
     monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
     monkeypatch.setenv("GIT_CONFIG_KEY_0", "core.fsmonitor")
     monkeypatch.setenv("GIT_CONFIG_VALUE_0", f"touch {marker}; false")
     monkeypatch.setenv("GIT_DIR", str(tmp_path))
-    assert _git() == clean
+    assert git_state() == clean
     assert not marker.exists()
 
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
 import time
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from regbench.errors import RegbenchError
-from regbench.logs import LogWriteError, load_checkpoint, save_checkpoint
+from regbench.io import LogWriteError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,38 @@ def fault_point(name: str, epoch: int) -> None:
     pause = os.environ.get("REGBENCH_PAUSE", "").split(":")
     if name == "after_summary" and len(pause) == 2 and pause[0] == str(epoch):
         time.sleep(float(pause[1]))
+
+
+# -------------------------------------------------------------------------------------------- files
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with the safe unpickler only (tensors and primitives); never runs code from the file."""
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a raw pickle before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise RegbenchError(f"checkpoint {path}: no such file") from None
+    except pickle.UnpicklingError as e:  # the safe unpickler refused something: code, or a foreign object
+        path = Path(path)
+        if not zipfile.is_zipfile(path) and path.read_bytes()[:1] == b"\x80":  # a bare pickle stream (PROTO)
+            raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (it is a raw pickle file, not a "
+                                "torch.save checkpoint; regbench never unpickles files, which could run code); fix: "
+                                "use a checkpoint written by regbench") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[-1][:160]
+        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely ({what}, which the weights-only loader "
+                            "refuses; regbench never loads checkpoints unsafely); fix: use a checkpoint written by "
+                            "regbench from a source you trust") from None
+    except Exception as e:  # truncated or corrupt file
+        reason = str(e).strip().splitlines()[0].split(". This is an internal")[0][:160]
+        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (truncated or corrupt: {reason}); "
+                            "fix: delete it, or use another checkpoint written by regbench") from None
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -74,7 +109,7 @@ def restore_rng(state: dict[str, Any], order: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# -------------------------------------------------------------------------------------------- files
+# -------------------------------------------------------------------------------------------- folder
 
 
 class Checkpoints:
@@ -121,18 +156,18 @@ class Checkpoints:
 
     def load_latest(self, map_location) -> tuple[Optional[dict], list[str]]:
         """The newest checkpoint that loads, falling back to older ones; plus a warning per unreadable file."""
-        warnings = []
+        problems = []
         for epoch, path in self.epoch_files():
             try:
                 state = load_checkpoint(path, map_location)
             except RegbenchError as e:
-                warnings.append(f"{e} — falling back to the previous checkpoint")
+                problems.append(f"{e} — falling back to the previous checkpoint")
                 continue
             if not isinstance(state, dict) or state.get("epoch") != epoch:
-                warnings.append(f"checkpoint {path}: not a regbench checkpoint of epoch {epoch} — falling back")
+                problems.append(f"checkpoint {path}: not a regbench checkpoint of epoch {epoch} — falling back")
                 continue
-            return state, warnings
-        return None, warnings
+            return state, problems
+        return None, problems
 
 
 def config_differences(saved: dict, current: dict, ignore: tuple[str, ...], prefix: str = "") -> list[str]:

@@ -1,12 +1,10 @@
-"""What a run leaves behind: metrics.csv (one row per epoch), summary.json, TensorBoard events, checkpoints.
-
-Every file that is rewritten (summary.json, checkpoints) is written atomically: a temporary file in the same
-folder, flushed and fsynced, then renamed over the old one, so a crash never leaves a half-written file.
+"""What a run's epochs leave behind as logs: metrics.csv (one row per epoch), TensorBoard events (curves, the
+HParams session, the augmentation preview) and the run log's file handler. Files are written through
+:mod:`regbench.io` (atomically, never through a link); the row's columns are :class:`regbench.records.EpochRow`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import io
@@ -14,15 +12,14 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from regbench.errors import RegbenchError
+from regbench.io import LogWriteError, atomic_write, open_append
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_penalty", "train_acc", "clean_train_loss",
                   "clean_train_acc", "val_loss", "val_acc", "val_ece", "gap_loss", "gap_acc", "clean_gap_loss",
@@ -38,88 +35,6 @@ TB_TAGS = {
 # Which keys a sweep varies and the values they take, written by the sweep's pre-check (``sweep_hparams``) for
 # every job: TensorBoard's HParams tab shows the keys that differ, and every key of the sweep, in every job.
 SWEEP_HPARAMS_ENV = "REGBENCH_SWEEP_HPARAMS"
-# Files in a run folder are opened without following a symbolic link (where the platform can: not Windows).
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-
-
-class LogWriteError(RegbenchError):
-    """A log or checkpoint file could not be written (read-only folder, full disk...)."""
-
-
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` via a temp file in the same folder + fsync + rename (the old file survives any crash)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.unlink(missing_ok=True)  # a killed earlier process's (same PID), or a planted link: never written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            if os.environ.get("REGBENCH_FAULT") == f"during_write:{path.name}":  # crash-safety tests only
-                f.truncate(f.tell() // 2)
-                os.kill(os.getpid(), signal.SIGKILL)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)  # never leave a half-written file behind (a full disk stays full otherwise)
-        # torch.save reports a failed write (full disk...) as a RuntimeError around the OSError
-        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
-        if not isinstance(e, (OSError, RuntimeError)) or not isinstance(cause, OSError):
-            raise
-        raise LogWriteError(f"cannot write {path}: {cause.strerror or cause}; fix: make the run folder writable "
-                            "(or choose another with hydra.run.dir=...) and free disk space") from None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=_jsonable) + "\n").encode()))
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, Path):
-        return str(v)
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with the safe unpickler only (tensors and primitives); never runs code from the file."""
-    import pickle
-    import re
-    import warnings
-    import zipfile
-
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol of a raw pickle before refusing it
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise RegbenchError(f"checkpoint {path}: no such file") from None
-    except pickle.UnpicklingError as e:  # the safe unpickler refused something: code, or a foreign object
-        path = Path(path)
-        if not zipfile.is_zipfile(path) and path.read_bytes()[:1] == b"\x80":  # a bare pickle stream (PROTO)
-            raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (it is a raw pickle file, not a "
-                                "torch.save checkpoint; regbench never unpickles files, which could run code); fix: "
-                                "use a checkpoint written by regbench") from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[-1][:160]
-        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely ({what}, which the weights-only loader "
-                            "refuses; regbench never loads checkpoints unsafely); fix: use a checkpoint written by "
-                            "regbench from a source you trust") from None
-    except Exception as e:  # truncated or corrupt file
-        reason = str(e).strip().splitlines()[0].split(". This is an internal")[0][:160]
-        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (truncated or corrupt: {reason}); "
-                            "fix: delete it, or use another checkpoint written by regbench") from None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -432,12 +347,6 @@ def _csv_line(row: dict) -> str:
     buf = io.StringIO()
     csv.DictWriter(buf, fieldnames=METRIC_COLUMNS).writerow({k: row[k] for k in METRIC_COLUMNS})
     return buf.getvalue().removesuffix("\r\n")
-
-
-def open_append(path: Path, **kwargs):
-    """``open(path, "a")`` that never follows a symbolic link (a link planted in a run folder is refused)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW
-    return os.fdopen(os.open(path, flags, 0o644), "a", **kwargs)
 
 
 class RunLogHandler(logging.FileHandler):

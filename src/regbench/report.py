@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regbench.errors import RegbenchError
-from regbench.logs import LogWriteError, atomic_write, read_metrics
+from regbench.io import LogWriteError, atomic_write
+from regbench.logs import read_metrics
 
 # column -> (label, higher is better)
 METRICS = {

@@ -1,4 +1,5 @@
-"""One folder belongs to one run: claiming run and sweep folders atomically, locking live ones, undoing a start.
+"""One folder belongs to one run: claiming run and sweep folders atomically, locking live ones, undoing a start;
+whether a folder's records allow a new run or a resume, and the rows a resumed run continues from.
 
 A folder is claimed before anything is written into it: a time-stamped name (``${now:...}``, the default) is
 created with an exclusive ``mkdir`` (``_2``, ``_3``... on a collision), and every claimed folder gets a lock,
@@ -325,3 +326,59 @@ def claim(folder: Path, fresh: bool, kind: str = "run") -> Claim:
         _rmdirs(made)
         raise
     return Claim(folder, held, kind, made, names, summary, log_size)
+
+
+# ------------------------------------------------------------------------------------ the run's records
+# Keys that may differ between a run and its resumption (they do not change what is computed; the optimizer
+# implementation and compilation only its float rounding: resuming across them is exact to that, see
+# regbench.accel).
+RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar", "trainer.fused", "trainer.compile")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
+    """Refuse to overwrite an earlier run (or to write through a planted link); return True if this call resumes
+    one."""
+    refuse_links(run_dir)
+    summary_path = run_dir / "summary.json"
+    has_results = summary_path.exists() or (run_dir / "metrics.csv").exists()
+    if not has_results:
+        return False
+    status = None
+    try:
+        status = json.loads(summary_path.read_text()).get("status")
+    except (OSError, ValueError):
+        pass
+    if status == "completed":
+        raise RegbenchError(f"{run_dir} already holds the results of a completed run; refusing to overwrite them; "
+                            "fix: choose a new folder with hydra.run.dir=...")
+    if not resume:
+        raise RegbenchError(f"{run_dir} already holds the results of an unfinished run (status {status}); "
+                            "refusing to overwrite them; fix: continue it with trainer.resume=true "
+                            f"(or `regbench resume {run_dir}`), or choose a new folder with hydra.run.dir=...")
+    return True
+
+
+def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[dict]]]:
+    """(metrics rows of epochs 1..the checkpoint's, the rows to write back into metrics.csv or None to keep its
+    own). A checkpoint holds every row so far (metrics.csv may have lost some); one written by an older regbench
+    holds none, and then metrics.csv must hold them all, or the resumed run would have a gap."""
+    from regbench.logs import read_metrics
+
+    if "history" in state:
+        return list(state["history"]), list(state["history"])
+    epoch = state["epoch"]
+    rows = [{**r, "step": int(r["step"])} for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= epoch]
+    missing = sorted(set(range(1, epoch + 1)) - {r["epoch"] for r in rows})
+    if missing:
+        raise RegbenchError(f"cannot resume {run_dir}: metrics.csv lacks the rows of epochs "
+                            f"{', '.join(map(str, missing))} and its checkpoint (written by an older regbench) holds "
+                            "no copy of them; fix: put the rows back into metrics.csv, or start a new run folder")
+    return rows, None
+
+
+def last_row(run_dir: Path) -> Optional[dict]:
+    """The last complete row of the run's metrics.csv (None when it has none)."""
+    from regbench.logs import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.csv")
+    return rows[-1] if rows else None

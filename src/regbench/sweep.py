@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from regbench.errors import RegbenchError
-from regbench.logs import write_json
+from regbench.io import write_json
 
 log = logging.getLogger(__name__)
 

@@ -8,76 +8,35 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import platform
-import random
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from regbench import __version__, accel, provenance
+from regbench import accel, provenance
 from regbench.validation import validate
 from regbench.data import load_data, num_batches
 from regbench.errors import ConfigError, RegbenchError
 from regbench.augment import build_policy
 from regbench.checkpoint import Checkpoints, capture_rng, config_differences, fault_point, restore_rng
-from regbench.logs import RunLogger, write_json
-from regbench.metrics import calibration_error
+from regbench.io import write_json
+from regbench.logs import RunLogger
+from regbench.evaluation import evaluate, weight_norms
 from regbench.regularizers import Context, build_stack
 from regbench import conventions, lint
 from regbench.models import build_model, count_parameters
 from regbench.optim import build_optimizer, build_scheduler
+from regbench.rundir import RESUME_MAY_DIFFER, last_row, prepare_run_dir, resumed_rows
+from regbench.runtime import autocast_for, default_num_threads, resolve_device, seed_everything, set_determinism
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------- set-up
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", name, "a device this machine has: CUDA is not available here",
-                          "use trainer.device=cpu or trainer.device=auto")
-    return torch.device(name)
-
-
-def default_num_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and every CUDA device) from the run's one seed."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def autocast_for(device: torch.device, amp: str) -> tuple[Callable[[], ContextManager], Optional[torch.amp.GradScaler]]:
-    """(context factory, grad scaler) for ``trainer.amp``: none -> nullcontext; bf16/fp16 -> torch.autocast."""
-    if amp == "none":
-        return nullcontext, None
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("trainer.amp", amp, "bf16 or none on CPU (fp16 autocast needs CUDA)",
-                          "use trainer.amp=bf16 or trainer.device=cuda")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -151,132 +110,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     }
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             autocast: Callable[[], ContextManager] = nullcontext, bins: int = 15) -> dict[str, float]:
-    """Mean cross-entropy (NLL), accuracy and expected calibration error of ``model`` in eval mode."""
-    model.eval()
-    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    conf, correct = [], []
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        with autocast():
-            logits = model(xb)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-        c, pred = torch.softmax(logits, dim=1).max(dim=1)
-        conf.append(c)
-        correct.append(pred == yb)
-    conf_t, correct_t = torch.cat(conf), torch.cat(correct)
-    n = len(y)
-    return {"loss": loss_sum.item() / n, "acc": correct_t.double().mean().item(),
-            "ece": calibration_error(conf_t, correct_t, bins)}
-
-
-def weight_norms(model: nn.Module) -> tuple[float, float]:
-    """(Σ|w|, √Σw²) over the weights (parameters with >= 2 dimensions: dense and conv kernels)."""
-    ws = [p.detach() for p in model.parameters() if p.ndim >= 2]
-    l1 = torch.stack([w.abs().sum() for w in ws]).sum()
-    l2 = torch.stack([w.pow(2).sum() for w in ws]).sum().sqrt()
-    return l1.item(), l2.item()
-
-
 # -------------------------------------------------------------------------------------------- fit
-
-
-def _versions() -> dict[str, str]:
-    import torchvision
-
-    return {"regbench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "cuda": torch.version.cuda or "none", "python": platform.python_version()}
-
-
-def _git() -> dict[str, Any]:
-    """Commit and dirty flag of the source tree regbench runs from (null when it is not a git checkout).
-
-    git runs with an environment and config nothing else chose: no GIT_* variables (a config's
-    hydra.job.env_set, or the shell, could point git at another repository or inject config such as
-    core.fsmonitor, which git runs as a command), no system or global config, and the commands git could
-    run from config switched off; from the source folder, not the run folder."""
-    src = Path(__file__).resolve().parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, GIT_TERMINAL_PROMPT="0", LC_ALL="C")
-    git = ["git", "--no-optional-locks", "-c", "core.fsmonitor=false", "-c", f"core.hooksPath={os.devnull}",
-           "-c", "core.untrackedCache=false", "-c", "diff.external=", "-c", "core.pager=cat"]
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*git, *args], cwd=src, env=env, capture_output=True, text=True, timeout=10,
-                              stdin=subprocess.DEVNULL)
-
-    try:
-        commit = run("rev-parse", "HEAD")
-        if commit.returncode != 0:
-            return {"commit": None, "dirty": None}
-        status = run("status", "--porcelain", "--untracked-files=no")
-        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
-def _provenance(run_dir: Path, resuming: bool) -> dict:
-    """Which run this one came from: ``rerun_of`` (the folder whose saved config ``regbench rerun`` started it
-    from; kept when the rerun is later resumed) and ``resumed_from`` (the run folder continued in place)."""
-    rerun_of = provenance.rerun_of()
-    if resuming and rerun_of is None:
-        import json
-
-        try:  # the earlier attempt's record; a value that is not a path string is not carried over
-            earlier = json.loads((run_dir / "summary.json").read_text())["provenance"]["rerun_of"]
-            rerun_of = earlier if isinstance(earlier, str) else None
-        except (OSError, ValueError, TypeError, KeyError):
-            rerun_of = None
-    return {"rerun_of": rerun_of, "resumed_from": str(run_dir.resolve()) if resuming else None}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def set_determinism(on: bool) -> None:
-    """trainer.deterministic: torch's deterministic algorithms, CUBLAS workspace, no cudnn autotuning."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = on
-
-
-# Keys that may differ between a run and its resumption (they do not change what is computed; the optimizer
-# implementation and compilation only its float rounding: resuming across them is exact to that, see
-# regbench.accel).
-RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar", "trainer.fused", "trainer.compile")
-
-
-def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
-    """Refuse to overwrite an earlier run (or to write through a planted link); return True if this call resumes
-    one."""
-    from regbench.rundir import refuse_links
-
-    refuse_links(run_dir)
-    summary_path = run_dir / "summary.json"
-    has_results = summary_path.exists() or (run_dir / "metrics.csv").exists()
-    if not has_results:
-        return False
-    status = None
-    try:
-        import json
-
-        status = json.loads(summary_path.read_text()).get("status")
-    except (OSError, ValueError):
-        pass
-    if status == "completed":
-        raise RegbenchError(f"{run_dir} already holds the results of a completed run; refusing to overwrite them; "
-                            "fix: choose a new folder with hydra.run.dir=...")
-    if not resume:
-        raise RegbenchError(f"{run_dir} already holds the results of an unfinished run (status {status}); "
-                            "refusing to overwrite them; fix: continue it with trainer.resume=true "
-                            f"(or `regbench resume {run_dir}`), or choose a new folder with hydra.run.dir=...")
-    return True
 
 
 def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_threads: Optional[int] = None) -> float:
@@ -402,10 +236,10 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         "deterministic": t.deterministic, "steps_per_epoch": steps_per_epoch, "warnings": warnings,
         **speed,
         "regularizer_info": stack.info(), "convention": conventions.effective(cfg, model, optimizer),
-        "augmentation": policy.info(), "versions": _versions(), "git": _git(), "command": provenance.command() or sys.argv,
-        "provenance": _provenance(run_dir, resuming),
+        "augmentation": policy.info(), "versions": provenance.versions(), "git": provenance.git_state(), "command": provenance.command() or sys.argv,
+        "provenance": provenance.lineage(run_dir, resuming),
         "run_dir": str(run_dir.resolve()), "resumed_from_epoch": start_epoch if resuming else None,
-        "started": _now(), "finished": None, "time_s": None, "error": None,
+        "started": provenance.now(), "finished": None, "time_s": None, "error": None,
     }
     write_json(run_dir / "summary.json", summary)
 
@@ -488,7 +322,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
 
         bar.close()
         if summary["final"] is None:  # resumed after the last epoch had been checkpointed
-            summary["final"] = _last_row(run_dir)
+            summary["final"] = last_row(run_dir)
         chance = lint.chance_warning(summary["final"], data.info.num_classes, len(data.val_y))
         if chance:
             log.warning("warning: %s", chance)
@@ -503,7 +337,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         logger.log_hparams(test, extra)
         # The completion, one atomic step: summary.json says "completed" only once everything else is written.
         # The COMPLETED marker after it can be re-derived from it (sweeps do, if a kill fell in between).
-        summary.update(status="completed", finished=_now(), time_s=round(time.perf_counter() - started, 2))
+        summary.update(status="completed", finished=provenance.now(), time_s=round(time.perf_counter() - started, 2))
         write_json(run_dir / "summary.json", summary)
         fault_point("before_marker", summary["epochs_completed"])
         log.info("test loss %.4f acc %.4f ece %.4f; best epoch %d by %s", test["loss"], test["acc"], test["ece"],
@@ -513,7 +347,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
     except BaseException as e:
         bar.close()
         summary.update(status=_stopped_status(e), error=getattr(e, "regbench_reason", None)
-                       or (str(e).splitlines()[0] if str(e) else type(e).__name__), finished=_now(),
+                       or (str(e).splitlines()[0] if str(e) else type(e).__name__), finished=provenance.now(),
                        time_s=round(time.perf_counter() - started, 2))
         try:
             write_json(run_dir / "summary.json", summary)
@@ -540,22 +374,6 @@ def _divergence(what: str, epoch: int, step: int, steps_per_epoch: int, cfg: Dic
         "optimizer.lr, add a warmup (scheduler=warmup) or regularizer=[grad_clip]")
 
 
-def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[dict]]]:
-    """(metrics rows of epochs 1..the checkpoint's, the rows to write back into metrics.csv or None to keep its
-    own). A checkpoint holds every row so far (metrics.csv may have lost some); one written by an older regbench
-    holds none, and then metrics.csv must hold them all, or the resumed run would have a gap."""
-    from regbench.logs import read_metrics
-
-    if "history" in state:
-        return list(state["history"]), list(state["history"])
-    epoch = state["epoch"]
-    rows = [{**r, "step": int(r["step"])} for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= epoch]
-    missing = sorted(set(range(1, epoch + 1)) - {r["epoch"] for r in rows})
-    if missing:
-        raise RegbenchError(f"cannot resume {run_dir}: metrics.csv lacks the rows of epochs "
-                            f"{', '.join(map(str, missing))} and its checkpoint (written by an older regbench) holds "
-                            "no copy of them; fix: put the rows back into metrics.csv, or start a new run folder")
-    return rows, None
 
 
 def _log_through_bar(tqdm_class) -> ContextManager:
@@ -578,10 +396,3 @@ def _stopped_status(e: BaseException) -> str:
     if status is not None:
         return status
     return "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
-
-
-def _last_row(run_dir: Path) -> Optional[dict]:
-    from regbench.logs import read_metrics
-
-    rows = read_metrics(run_dir / "metrics.csv")
-    return rows[-1] if rows else None

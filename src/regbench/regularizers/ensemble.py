@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from regbench.errors import ConfigError
+from regbench.evaluation import probabilities
 from regbench.metrics import summarize_probs
 from regbench.regularizers.base import Context, Regularizer, register
 
@@ -62,7 +63,7 @@ class Ensemble(Regularizer):
         probs = None
         for _, _, state in self.snapshots:
             member.load_state_dict(state)
-            p = torch.cat([torch.softmax(member(x[i:i + 1000]).double(), 1) for i in range(0, len(y), 1000)])
+            p = probabilities(member, x, 1000)
             probs = p if probs is None else probs + p
         out = summarize_probs(probs / len(self.snapshots), y, self.cfg.bins)
         out["members"] = sorted(epoch for _, epoch, _ in self.snapshots)

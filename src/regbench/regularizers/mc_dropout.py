@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from regbench.errors import ConfigError, RegbenchError
+from regbench.evaluation import probabilities
 from regbench.metrics import summarize_probs
 from regbench.regularizers.base import Context, Regularizer, register
 
@@ -74,9 +75,12 @@ def mc_dropout_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: 
     fork = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(seed)
-        probs = torch.zeros(len(y), model(x[:1]).shape[1], device=x.device, dtype=torch.float64)
+        # One image's pass first: it once sized the sum, and its dropout masks are part of the seeded stream that
+        # every recorded MC-dropout result was drawn from (kept, so those results stay bitwise the same).
+        model(x[:1])
+        probs = None
         for _ in range(passes):
-            for i in range(0, len(y), batch_size):
-                probs[i:i + batch_size] += torch.softmax(model(x[i:i + batch_size]).double(), dim=1)
+            p = probabilities(model, x, batch_size)
+            probs = p if probs is None else probs + p
     model.train(was_training)
     return summarize_probs(probs / passes, y, bins)

@@ -14,7 +14,7 @@ from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from regbench.errors import ConfigError, RegbenchError
-from regbench.logs import load_checkpoint
+from regbench.checkpoint import load_checkpoint
 from regbench.regularizers.base import Context, Regularizer, register
 
 

@@ -1,0 +1,58 @@
+"""The process a run trains in: its device, CPU threads, determinism switches, seeds and mixed precision."""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from functools import partial
+from typing import Callable, ContextManager, Optional
+
+import numpy as np
+import torch
+
+from regbench.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", name, "a device this machine has: CUDA is not available here",
+                          "use trainer.device=cpu or trainer.device=auto")
+    return torch.device(name)
+
+
+def default_num_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def set_determinism(on: bool) -> None:
+    """trainer.deterministic: torch's deterministic algorithms, CUBLAS workspace, no cudnn autotuning."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = on
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) from the run's one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, amp: str) -> tuple[Callable[[], ContextManager], Optional[torch.amp.GradScaler]]:
+    """(context factory, grad scaler) for ``trainer.amp``: none -> nullcontext; bf16/fp16 -> torch.autocast."""
+    if amp == "none":
+        return nullcontext, None
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.amp", amp, "bf16 or none on CPU (fp16 autocast needs CUDA)",
+                          "use trainer.amp=bf16 or trainer.device=cuda")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
