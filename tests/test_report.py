@@ -13,7 +13,7 @@ import pytest
 
 from regbench import report as report_mod
 from regbench.cli import main
-from regbench.logs import METRIC_COLUMNS
+from regbench.records import METRIC_COLUMNS
 from regbench.report import report
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from regbench.data import batches, load_data
 from regbench.errors import ConfigError, RegbenchError
 from regbench.checkpoint import load_checkpoint
-from regbench.logs import METRIC_COLUMNS
+from regbench.records import METRIC_COLUMNS
 from regbench.models import build_model
 from regbench.train import evaluate, fit, train_one_epoch
 from tests.conftest import F32_REL, TINY, compose_cfg

@@ -102,7 +102,7 @@ def tensorboard_command() -> str:
 
 def _threads_per_job(hc) -> Optional[int]:
     """Torch threads for one job of a parallel sweep, so jobs together use the cores once (not n times)."""
-    from regbench.train import default_num_threads
+    from regbench.runtime import default_num_threads
 
     launcher = hc.launcher
     if "cpus_per_task" in launcher and launcher.cpus_per_task:
@@ -125,7 +125,7 @@ def claim_folder(cfg: DictConfig, multirun: bool):
     (``${now:...}``, the default) is always a new folder; any other may exist (a resume, a sweep run again), is
     locked, and is refused if it holds an earlier run's results (unless resumed)."""
     from regbench import rundir
-    from regbench.train import prepare_run_dir
+    from regbench.rundir import prepare_run_dir
 
     key, node = ("hydra.sweep.dir", cfg.hydra.sweep) if multirun else ("hydra.run.dir", cfg.hydra.run)
     try:

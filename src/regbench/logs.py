@@ -20,18 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from regbench.io import LogWriteError, atomic_write, open_append
+from regbench.records import METRIC_COLUMNS, EpochRow
 
-METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_penalty", "train_acc", "clean_train_loss",
-                  "clean_train_acc", "val_loss", "val_acc", "val_ece", "gap_loss", "gap_acc", "clean_gap_loss",
-                  "clean_gap_acc", "weight_l1", "weight_l2", "epoch_time_s"]
-# TensorBoard tag -> metrics.csv column
-TB_TAGS = {
-    "loss/train": "train_loss", "loss/train_clean": "clean_train_loss", "loss/val": "val_loss",
-    "loss/penalty": "train_penalty", "acc/train": "train_acc", "acc/train_clean": "clean_train_acc",
-    "acc/val": "val_acc", "calibration/val_ece": "val_ece", "gap/loss": "gap_loss", "gap/acc": "gap_acc",
-    "gap/loss_clean": "clean_gap_loss", "gap/acc_clean": "clean_gap_acc", "weights/l1": "weight_l1",
-    "weights/l2": "weight_l2", "lr": "lr",
-}
 # Which keys a sweep varies and the values they take, written by the sweep's pre-check (``sweep_hparams``) for
 # every job: TensorBoard's HParams tab shows the keys that differ, and every key of the sweep, in every job.
 SWEEP_HPARAMS_ENV = "REGBENCH_SWEEP_HPARAMS"
@@ -114,16 +104,15 @@ class RunLogger:
             }
         })
 
-    def log_epoch(self, row: dict) -> None:
+    def log_epoch(self, row: EpochRow) -> None:
         try:
-            self._csv.writerow({k: row[k] for k in METRIC_COLUMNS})
+            self._csv.writerow(row.to_dict())
             self._csv_file.flush()
         except OSError as e:
             raise LogWriteError(f"cannot write {self.metrics_path}: {e.strerror or e}") from None
-        step = self._last_epoch = row["epoch"]
-        for tag, key in TB_TAGS.items():
-            if row[key] is not None:
-                self.tb.add_scalar(tag, row[key], step)
+        step = self._last_epoch = row.epoch
+        for tag, value in row.scalars().items():
+            self.tb.add_scalar(tag, value, step)
         self.tb.flush()
 
     def log_images(self, before: torch.Tensor, after: torch.Tensor) -> None:

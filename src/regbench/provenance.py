@@ -77,12 +77,11 @@ def lineage(run_dir: Path, resuming: bool) -> dict:
     from; kept when the rerun is later resumed) and ``resumed_from`` (the run folder continued in place)."""
     origin = rerun_of()
     if resuming and origin is None:
-        import json
+        from regbench.records import Summary
 
         try:  # the earlier attempt's record; a value that is not a path string is not carried over
-            earlier = json.loads((run_dir / "summary.json").read_text())["provenance"]["rerun_of"]
-            origin = earlier if isinstance(earlier, str) else None
-        except (OSError, ValueError, TypeError, KeyError):
+            origin = Summary.load(run_dir / "summary.json").rerun_of()
+        except (OSError, ValueError):
             origin = None
     return {"rerun_of": origin, "resumed_from": str(run_dir.resolve()) if resuming else None}
 

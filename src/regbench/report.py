@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import io
 import math
 import os
@@ -17,8 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regbench.errors import RegbenchError
-from regbench.io import LogWriteError, atomic_write
+from regbench.io import LogWriteError, atomic_write, read_json
 from regbench.logs import read_metrics
+from regbench.records import Summary, monitor_sign
 
 # column -> (label, higher is better)
 METRICS = {
@@ -63,13 +63,6 @@ def _config_of(rel: Path) -> str:
     return config if config not in ("", ".") else "default"
 
 
-def _read_json(path: Path) -> Any:
-    """A JSON file of a run folder (data, never followed through a symlink)."""
-    if path.is_symlink():
-        raise ValueError(f"{path.name} is a symbolic link (not followed)")
-    return json.loads(path.read_text())
-
-
 def load_runs(sweep_dir: Path) -> tuple[list[dict], list[dict]]:
     """(completed runs, failed or unfinished jobs) below ``sweep_dir``.
 
@@ -88,14 +81,12 @@ def load_runs(sweep_dir: Path) -> tuple[list[dict], list[dict]]:
                                                                "training started (see its regbench.log)"})
             continue
         try:
-            summary = _read_json(run_dir / "summary.json")
-            if not isinstance(summary, dict):
-                raise ValueError("expected a JSON object")
+            summary = Summary.load(run_dir / "summary.json")
         except (OSError, ValueError) as e:
             failed.append({**entry, "status": "unreadable", "error": f"summary.json: {e}"})
             continue
-        entry.update(status=summary.get("status"), error=summary.get("error"))
-        if summary.get("status") != "completed":
+        entry.update(status=summary.status, error=summary.error)
+        if summary.status != "completed":
             failed.append(entry)
             continue
         try:
@@ -112,7 +103,7 @@ class _Unusable(Exception):
     """A completed run whose files the report cannot use (a bad metrics row, no epoch rows, a missing key)."""
 
 
-def _results(run_dir: Path, summary: dict) -> dict:
+def _results(run_dir: Path, summary: Summary) -> dict:
     """The report's numbers of one completed run (summary.json + metrics.csv)."""
     try:
         rows = read_metrics(run_dir / "metrics.csv")
@@ -121,19 +112,16 @@ def _results(run_dir: Path, summary: dict) -> dict:
     if not rows:
         raise _Unusable("metrics.csv has no epoch rows")
     try:
-        final = summary["final"]
+        final, test = _need(summary.final, "final"), _need(summary.test, "test")
         gap = final.get("clean_gap_loss")
         result = dict(
-            seed=summary.get("seed"), regularizers=list(summary.get("regularizers") or []), rows=rows,
-            best_val_loss=summary["best"]["val_loss"] if summary["monitor"] == "val_loss"
-            else min(r["val_loss"] for r in rows),
-            best_val_acc=summary["best"]["val_acc"] if summary["monitor"] == "val_acc"
-            else max(r["val_acc"] for r in rows),
+            seed=summary.seed, regularizers=list(summary.regularizers or []), rows=rows,
+            best_val_loss=_best(summary, rows, "val_loss"), best_val_acc=_best(summary, rows, "val_acc"),
             final_gap=gap if gap is not None else final["gap_loss"],
             min_val_loss_epoch=min(rows, key=lambda r: r["val_loss"])["epoch"],
-            test_acc=summary["test"]["acc"], test_nll=summary["test"]["loss"], test_ece=summary["test"]["ece"],
+            test_acc=test["acc"], test_nll=test["loss"], test_ece=test["ece"],
         )
-        for name, extra in (summary.get("test_extra") or {}).items():
+        for name, extra in (summary.test_extra or {}).items():
             for k in EXTRA:
                 if k in extra:
                     result[f"test_{name}_{k}"] = extra[k]
@@ -148,10 +136,24 @@ def _results(run_dir: Path, summary: dict) -> dict:
     return result
 
 
+def _need(value: Any, key: str) -> Any:
+    if value is None:
+        raise KeyError(key)
+    return value
+
+
+def _best(summary: Summary, rows: list[dict], column: str) -> float:
+    """The best value of ``column``: the best epoch's, when the run monitored it, else the best over its epochs
+    (in the column's own direction)."""
+    if _need(summary.monitor, "monitor") == column:
+        return _need(summary.best, "best")[column]
+    return min(rows, key=lambda r: monitor_sign(column) * r[column])[column]
+
+
 def _job_outcome(run_dir: Path) -> dict:
     """The sweep's record of one job (sweep_job.json), if it left one."""
     try:
-        outcome = _read_json(run_dir / "sweep_job.json")
+        outcome = read_json(run_dir / "sweep_job.json")
     except (OSError, ValueError):
         return {}
     return {k: outcome.get(k) for k in ("outcome", "reason")
@@ -161,7 +163,7 @@ def _job_outcome(run_dir: Path) -> dict:
 def _missing_jobs(sweep_dir: Path, known: set[str]) -> list[dict]:
     """Jobs sweep_status.json lists as failed or not run whose folder the walk did not find."""
     try:
-        status = _read_json(sweep_dir / "sweep_status.json")
+        status = read_json(sweep_dir / "sweep_status.json")
     except (OSError, ValueError):
         return []
     missing = []

@@ -345,7 +345,9 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
         return False
     status = None
     try:
-        status = json.loads(summary_path.read_text()).get("status")
+        from regbench.records import Summary  # lazy: the lock helpers stay free of torch
+
+        status = Summary.load(summary_path).status
     except (OSError, ValueError):
         pass
     if status == "completed":

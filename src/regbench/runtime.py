@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, ContextManager, Optional
 
@@ -56,3 +57,24 @@ def autocast_for(device: torch.device, amp: str) -> tuple[Callable[[], ContextMa
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
+
+
+@dataclass
+class Runtime:
+    """Where and how a run computes: its device, CPU threads, autocast context factory and AMP grad scaler."""
+
+    device: torch.device
+    threads: int
+    autocast: Callable[[], ContextManager]
+    scaler: Optional[torch.amp.GradScaler]
+
+
+def set_up(trainer, default_threads: Optional[int] = None) -> Runtime:
+    """Apply ``cfg.trainer``'s determinism and thread count to this process; its device and mixed precision.
+    ``default_threads`` replaces the all-cores default of ``trainer.num_threads=null`` (parallel sweep jobs)."""
+    set_determinism(trainer.deterministic)
+    device = resolve_device(trainer.device)
+    threads = trainer.num_threads or default_threads or default_num_threads()
+    torch.set_num_threads(threads)
+    autocast, scaler = autocast_for(device, trainer.amp)
+    return Runtime(device, threads, autocast, scaler)

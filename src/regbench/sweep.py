@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from regbench.errors import RegbenchError
 from regbench.io import write_json
+from regbench.records import Summary
 
 log = logging.getLogger(__name__)
 
@@ -172,17 +173,17 @@ def job_plan(run_dir: Path) -> tuple[str, str]:
     its COMPLETED marker gets the marker now, made from the summary, and is skipped like any completed one."""
     if (run_dir / MARKER).exists():
         return "skip", "completed earlier"
-    summary = run_dir / "summary.json"
+    path = run_dir / "summary.json"
     status = None
-    if summary.exists():
+    if path.exists():
         try:
-            record = json.loads(summary.read_text())
-            status = record.get("status")
-        except (OSError, ValueError, AttributeError):
+            summary = Summary.load(path)
+            status = summary.status
+        except (OSError, ValueError):
             status = "unreadable"
     if status == "completed":
         try:  # the same marker train.fit writes last
-            marker = {"finished": record["finished"], "best": record["best"][record["monitor"]]}
+            marker = summary.marker()
         except (KeyError, TypeError):
             return "retry", "its summary.json says completed but lacks the results"
         write_json(run_dir / MARKER, marker)
@@ -315,7 +316,7 @@ def record_outcome(run_dir: Path, outcome: str, reason: str, value: Optional[flo
 
 def _monitored(run_dir: Path, monitor: str) -> float:
     try:
-        return float(json.loads((run_dir / "summary.json").read_text())["best"][monitor])
+        return float(Summary.load(run_dir / "summary.json").best_value(monitor))
     except (OSError, ValueError, KeyError, TypeError):
         return math.nan
 

@@ -1,0 +1,105 @@
+"""The state of a run between two epochs, in one object: what a checkpoint holds and a resume restores.
+
+:class:`RunState` spells the checkpoint payload once (``state_dict``) and unpacks it once (``load_state_dict``);
+the payload's keys are those regbench has always written, so checkpoints of earlier versions resume and a
+checkpoint stays loadable with ``torch.load(weights_only=True)`` (tensors, primitives, dicts and lists only).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from regbench.checkpoint import Checkpoints, capture_rng, config_differences, restore_rng
+from regbench.errors import RegbenchError
+from regbench.records import monitor_sign
+from regbench.rundir import RESUME_MAY_DIFFER, resumed_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """Model, optimizer, schedule, AMP scaler, regularizer stack and data-order generator of a run, with its
+    position (epoch, step), its best epoch so far (by ``monitor``), every epoch's metrics row and the resolved
+    config it was started with."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LR scheduler, or None (a constant learning rate)
+    scaler: Optional[torch.amp.GradScaler]
+    stack: Any  # regbench.regularizers.Stack
+    order: torch.Generator  # the data order: shuffles every epoch's batches
+    config: dict  # the resolved config (a resume must be started with the same one)
+    monitor: str = "val_loss"
+    epoch: int = 0
+    step: int = 0
+    best_score: float = math.inf  # monitor_sign(monitor) * the best epoch's value: lower is better
+    best_row: Optional[dict] = None
+    history: list[dict] = field(default_factory=list)  # every epoch's metrics row (restores metrics.csv)
+
+    def end_epoch(self, row: dict) -> bool:
+        """Record a finished epoch's metrics row; True when it is the best epoch so far."""
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        score = monitor_sign(self.monitor) * row[self.monitor]
+        improved = score < self.best_score
+        if improved:
+            self.best_score, self.best_row = score, dict(row)
+        return improved
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint payload (its key order is the one earlier regbench versions wrote)."""
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "regularizers": self.stack.state_dict(), "rng": capture_rng(self.order),
+            "epoch": self.epoch, "step": self.step, "metrics": self.history[-1] if self.history else None,
+            "best_score": self.best_score, "best_row": self.best_row, "config": self.config,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint payload (``history``: the rows of every epoch up to its own)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.stack.load_state_dict(state["regularizers"])
+        restore_rng(state["rng"], self.order)
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_score, self.best_row = state["best_score"], state["best_row"]
+        self.history = list(state["history"])
+
+
+def restore_latest(state: RunState, ckpts: Checkpoints, run_dir: Path,
+           device: torch.device) -> tuple[Optional[list[dict]], list[str]]:
+    """Load the newest usable checkpoint of ``run_dir`` (onto ``device``) into ``state``. Returns (the rows metrics.csv gets back,
+    None to keep its own; a warning per checkpoint that could not be used). A checkpoint written with another
+    config is refused with one line; without any usable checkpoint the run starts from epoch 1."""
+    payload, warnings = ckpts.load_latest(device)
+    for w in warnings:
+        log.warning("warning: %s", w)
+    restore = None
+    if payload is not None:
+        differ = config_differences(payload["config"], state.config, RESUME_MAY_DIFFER)
+        if differ:
+            raise RegbenchError(f"cannot resume {run_dir}: its checkpoint was written with another config; keys "
+                                f"that differ: {'; '.join(differ)}; fix: resume with the run's own config "
+                                f"(`regbench resume {run_dir}`) or start a new run folder")
+        history, restore = resumed_rows(run_dir, payload)  # a checkpoint of an older regbench holds no rows
+        state.load_state_dict({**payload, "history": history})
+        log.info("resuming %s from epoch %d", run_dir, state.epoch)
+    else:
+        log.warning("warning: %s has no usable checkpoint; starting it from epoch 1", run_dir)
+    ckpts.clean_temporaries()  # only now: a refused resume leaves the folder as it was
+    return restore, warnings
