@@ -163,7 +163,7 @@ class Summary:
             if types is None or value is None:
                 continue
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                expected = " or ".join("a number" if t in _NUMBER else t.__name__ for t in types)
+                expected = "a number" if types == _NUMBER else " or ".join(t.__name__ for t in types)
                 raise ValueError(f"key {name!r} is {_short(value)}, expected {expected}")
         return cls(**{k: v for k, v in record.items() if k in _FIELDS})
 
