@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from regbench import report as report_mod
+from regbench import report_plots as plots_mod
 from regbench.cli import main
 from regbench.records import METRIC_COLUMNS
 from regbench.report import report
@@ -103,14 +103,14 @@ def test_gap_plot_says_clean_train_loss_and_epoch_ticks_are_integers(tmp_path, m
     completed(sweep / "regularizer=[]" / "seed=0")
     completed(sweep / "regularizer=[l2]" / "seed=0", stack=["l2"])
     axes = {}
-    save = report_mod._save
+    save = plots_mod._save
 
     def keep_axes(fig, path):
         fig.canvas.draw()  # ticks are placed at draw time
         axes[path.name] = (fig.axes[0].get_ylabel(), list(fig.axes[0].get_xticks()))
         return save(fig, path)
 
-    monkeypatch.setattr(report_mod, "_save", keep_axes)
+    monkeypatch.setattr(plots_mod, "_save", keep_axes)
     report(sweep)
     assert axes["gap.png"][0] == "val loss − clean train loss"
     for name in ("curves.png", "gap.png"):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from regbench.cli import check, main
-from regbench.report import CURVES_SIZE, BARS_SIZE, GAP_SIZE, report
+from regbench.report import report
+from regbench.report_plots import BARS_SIZE, CURVES_SIZE, GAP_SIZE
 from tests.conftest import TINY, compose_cfg, make_mnist_like
 
 pytestmark = pytest.mark.slow

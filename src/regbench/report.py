@@ -7,8 +7,6 @@ Reads every run's summary.json and metrics.csv below the sweep folder, groups th
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
 import sys
@@ -16,9 +14,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regbench.errors import RegbenchError
-from regbench.io import LogWriteError, atomic_write, read_json
+from regbench.io import read_json
 from regbench.logs import read_metrics
 from regbench.records import Summary, monitor_sign
+from regbench.report_files import split_overrides, write_csv, write_markdown
+from regbench.report_plots import mean_std, plot
 
 # column -> (label, higher is better)
 METRICS = {
@@ -32,9 +32,6 @@ METRICS = {
 }
 # Extra test evaluations (summary.json test_extra) get columns of their own when a sweep has them.
 EXTRA = {"acc": ("acc", True), "nll": ("NLL", False), "ece": ("ECE", False)}
-CURVES_SIZE = (1200, 600)  # pixels of each PNG (width, height) at 100 dpi
-GAP_SIZE = (1000, 600)
-BARS_SIZE = (1000, 600)
 
 
 def find_jobs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -178,41 +175,11 @@ def _missing_jobs(sweep_dir: Path, known: set[str]) -> list[dict]:
     return missing
 
 
-def _split_overrides(name: str) -> list[str]:
-    """Split an override_dirname ("a=1,b=[x,y]") at top-level commas (not those inside brackets or quotes)."""
-    parts, depth, quote, cur = [], 0, None, ""
-    for ch in name:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[({":
-            depth += 1
-        elif ch in "])}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-            continue
-        cur += ch
-    return parts + [cur]
-
-
 def short_labels(configs: list[str]) -> dict[str, str]:
     """Configuration names without the overrides every configuration shares (what differs is what matters)."""
-    split = {c: _split_overrides(c) for c in configs}
+    split = {c: split_overrides(c) for c in configs}
     common = set.intersection(*(set(p) for p in split.values())) if len(configs) > 1 else set()
     return {c: ",".join(p for p in parts if p not in common) or c for c, parts in split.items()}
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std; a NaN or inf among the values makes them NaN/inf instead of an exception
-    (the statistics module raises on non-finite floats)."""
-    n = len(values)
-    if not all(math.isfinite(v) for v in values):
-        return sum(values) / n, (math.nan if n > 1 else 0.0)
-    mean = math.fsum(values) / n
-    return mean, (math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
 
 
 def _missing(v: Optional[float]) -> bool:
@@ -243,7 +210,7 @@ def aggregate(runs: list[dict], sort: str = "best_val_loss") -> list[dict]:
                                "seeds": sorted((m["seed"] for m in members), key=str)}
         for m in columns:
             values = [x[m] for x in members if m in x]
-            row[m], row[f"{m}_std"] = _mean_std([float(v) for v in values]) if len(values) == len(members) \
+            row[m], row[f"{m}_std"] = mean_std([float(v) for v in values]) if len(values) == len(members) \
                 else (None, None)
         table.append(row)
     # The baseline is the one configuration without regularizers, when there is exactly one.
@@ -265,177 +232,6 @@ def aggregate(runs: list[dict], sort: str = "best_val_loss") -> list[dict]:
     return table
 
 
-def _fmt(mean: float, std: float, n: int, digits: int = 4) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
-
-
-def write_csv(table: list[dict], path: Path) -> None:
-    columns = table[0]["_columns"] if table else METRICS
-    cols = ["label", "config", "regularizers", "n"] + [c for m in columns for c in (m, f"{m}_std", f"{m}_delta")]
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    for row in table:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
-    _write(path, text.getvalue().encode())
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write one report file atomically (temp file + rename: never a half-written or 0-byte file). A symlink
-    planted at ``path`` is replaced by the new file, never written through (the rename replaces the link
-    itself, so a file outside the sweep is not touched)."""
-    try:
-        atomic_write(path, lambda f: f.write(data))
-    except LogWriteError as e:  # its fix names the run folder; here it is the report's folder
-        raise RegbenchError(f"{str(e).split('; fix:')[0]}; fix: free disk space or make {path.parent} writable, "
-                            "or write the report elsewhere with --out <folder>") from None
-
-
-def _cell(value: Any) -> str:
-    """Text for one Markdown table cell: newlines would end the row and pipes would split it."""
-    text = " ".join(str(value if value is not None else "").split())  # all whitespace runs (\n, \r, \t) -> " "
-    return text.replace("\\", "\\\\").replace("|", "\\|")
-
-
-def write_markdown(table: list[dict], failed: list[dict], links: list[Path], sweep_dir: Path, sort: str,
-                   path: Path, pngs: list[str]) -> None:
-    lines = [f"# Sweep report: {_cell(sweep_dir.name)}", ""]
-    if table:
-        columns = table[0]["_columns"]
-        lines += [f"{sum(r['n'] for r in table)} completed runs in {len(table)} configurations; mean ± sample std "
-                  f"over seeds (n per row); sorted by {columns[sort][0]}. Shared by every configuration: "
-                  f"{_shared(table) or 'nothing'}. Δ = difference from the baseline "
-                  "(the configuration without regularizers)" + ("." if any(r["baseline"] for r in table)
-                                                                else "; no single baseline in this sweep."), "",
-                  "| configuration | n | " + " | ".join(label for label, _ in columns.values()) + " |",
-                  "|---|---|" + "---|" * len(columns)]
-        for row in table:
-            cells = []
-            for m in columns:
-                if row[m] is None:
-                    cells.append("—")
-                    continue
-                digits = 1 if m == "min_val_loss_epoch" else 4
-                cell = _fmt(row[m], row[f"{m}_std"], row["n"], digits)
-                if row[f"{m}_delta"] is not None and not row["baseline"]:
-                    cell += f" (Δ {row[f'{m}_delta']:+.{digits}f})"
-                cells.append(cell)
-            name = f"**{_cell(row['label'])}** (baseline)" if row["baseline"] else _cell(row["label"])
-            lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
-        lines += ["", "## Overfitting curves", ""]
-        alt = {"curves.png": "train vs validation loss", "gap.png": "generalization gap over epochs",
-               "final_gap.png": "final gap per configuration"}
-        lines += [line for name in pngs for line in (f"![{alt[name]}]({name})", "")]
-    else:
-        lines += ["No completed run in this sweep: no table and no plots. The jobs below failed or did not "
-                  "finish; fix the cause (see each job's regbench.log) and re-run the sweep's command.", ""]
-    if failed:
-        lines += [f"## Failed or unfinished jobs ({len(failed)})", "",
-                  "Not in the table above: no summary.json means the job stopped before training started.", "",
-                  "| job | status | reason |", "|---|---|---|"]
-        lines += [f"| {_cell(f['run'])} | {_cell(f['status'])} | {_cell(f.get('error'))} |" for f in failed]
-        lines.append("")
-    if links:
-        lines += [f"## Symlinked folders not followed ({len(links)})", "",
-                  "The report does not follow symbolic links (a link could point outside the sweep, or at a "
-                  "configuration counted already); copy the folder in if it belongs to the sweep.", ""]
-        lines += [f"- `{_cell(link.relative_to(sweep_dir))}`" for link in links]
-        lines.append("")
-    _write(path, "\n".join(lines).encode())
-
-
-def _shared(table: list[dict]) -> str:
-    if len(table) < 2:
-        return ""
-    parts = [set(_split_overrides(row["config"])) for row in table]
-    return ", ".join(f"`{p}`" for p in sorted(set.intersection(*parts)))
-
-
-def _curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float]]:
-    """Mean and std over seeds of a per-epoch column (epochs that every seed reached)."""
-    n_epochs = min(len(r["rows"]) for r in runs)
-    epochs = [runs[0]["rows"][i]["epoch"] for i in range(n_epochs)]
-    values = [[r["rows"][i][key] for r in runs] for i in range(n_epochs)]
-    if any(v is None for vs in values for v in vs):
-        return epochs, [], []
-    stats = [_mean_std(vs) for vs in values]
-    return epochs, [m for m, _ in stats], [s for _, s in stats]
-
-
-def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    groups: dict[str, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(r["config"], []).append(r)
-    order = [row["config"] for row in table]
-    label_of = {row["config"]: row["label"] for row in table}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(CURVES_SIZE[0] / 100, CURVES_SIZE[1] / 100), dpi=100)
-    for i, config in enumerate(order):
-        c = colors[i % len(colors)]
-        train_key = "clean_train_loss" if groups[config][0]["rows"][0]["clean_train_loss"] is not None else "train_loss"
-        for key, style, label in ((train_key, "--", "train"), ("val_loss", "-", "val")):
-            ep, mean, std = _curve(groups[config], key)
-            if not mean:
-                continue
-            ax.plot(ep, mean, style, color=c, label=f"{label_of[config]} ({label})")
-            ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c,
-                            alpha=0.15, linewidth=0)
-    ax.set(xlabel="epoch", ylabel="cross-entropy loss",
-           title="Train (dashed, clean: eval mode, plain CE) vs validation (solid); mean ± std over seeds")
-    ax.legend(fontsize=7, loc="upper right")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    paths.append(_save(fig, out / "curves.png"))
-
-    fig, ax = plt.subplots(figsize=(GAP_SIZE[0] / 100, GAP_SIZE[1] / 100), dpi=100)
-    gap_keys = set()
-    for i, config in enumerate(order):
-        c = colors[i % len(colors)]
-        key = "clean_gap_loss" if groups[config][0]["rows"][0]["clean_gap_loss"] is not None else "gap_loss"
-        gap_keys.add(key)
-        ep, mean, std = _curve(groups[config], key)
-        if not mean:
-            continue
-        ax.plot(ep, mean, color=c, label=label_of[config])
-        ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c,
-                        alpha=0.15, linewidth=0)
-    ax.axhline(0, color="grey", linewidth=0.8)
-    # Say which train loss the gap subtracts: the clean one (eval mode, plain CE) unless a run has none.
-    ylabel = {frozenset({"clean_gap_loss"}): "val loss − clean train loss",
-              frozenset({"gap_loss"}): "val loss − train loss (as trained)"}.get(
-        frozenset(gap_keys), "val loss − clean train loss (as-trained train loss where no clean one)")
-    ax.set(xlabel="epoch", ylabel=ylabel, title="Generalization gap over epochs")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out / "gap.png"))
-
-    fig, ax = plt.subplots(figsize=(BARS_SIZE[0] / 100, BARS_SIZE[1] / 100), dpi=100)
-    ax.bar(range(len(table)), [r["final_gap"] for r in table], yerr=[r["final_gap_std"] for r in table], capsize=4,
-           color=[colors[i % len(colors)] for i in range(len(table))])
-    ax.set_xticks(range(len(table)), [r["label"] for r in table], rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel="final val loss − clean train loss", title="Final generalization gap (mean ± std over seeds)")
-    fig.subplots_adjust(bottom=0.22)
-    paths.append(_save(fig, out / "final_gap.png"))
-    return paths
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)  # no bbox_inches="tight": the size stays exactly figsize × dpi
-    plt.close(fig)
-    _write(path, buf.getvalue())
-    return path
-
-
 def report(sweep_dir: Path, sort: str = "best_val_loss", out: Optional[Path] = None) -> dict:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -451,7 +247,7 @@ def report(sweep_dir: Path, sort: str = "best_val_loss", out: Optional[Path] = N
         raise RegbenchError(f"--sort {sort!r}: expected one of {', '.join(METRICS)}")
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(runs, table, out) if runs else []
-    write_csv(table, out / "report.csv")
+    write_csv(table, out / "report.csv", table[0]["_columns"] if table else METRICS)
     write_markdown(table, failed, links, sweep_dir, sort, out / "report.md", [p.name for p in pngs])
     return {"table": table, "failed": failed, "links": links,
             "files": [out / "report.md", out / "report.csv", *pngs]}

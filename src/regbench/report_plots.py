@@ -1,0 +1,109 @@
+"""The report's plots: train vs validation loss curves, the generalization gap over epochs and the final gap per
+configuration (mean ± std over seeds), each a PNG of a fixed size."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from regbench.report_files import write_file
+
+CURVES_SIZE = (1200, 600)  # pixels of each PNG (width, height) at 100 dpi
+GAP_SIZE = (1000, 600)
+BARS_SIZE = (1000, 600)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std; a NaN or inf among the values makes them NaN/inf instead of an exception
+    (the statistics module raises on non-finite floats)."""
+    n = len(values)
+    if not all(math.isfinite(v) for v in values):
+        return sum(values) / n, (math.nan if n > 1 else 0.0)
+    mean = math.fsum(values) / n
+    return mean, (math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def _curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Mean and std over seeds of a per-epoch column (epochs that every seed reached)."""
+    n_epochs = min(len(r["rows"]) for r in runs)
+    epochs = [runs[0]["rows"][i]["epoch"] for i in range(n_epochs)]
+    values = [[r["rows"][i][key] for r in runs] for i in range(n_epochs)]
+    if any(v is None for vs in values for v in vs):
+        return epochs, [], []
+    stats = [mean_std(vs) for vs in values]
+    return epochs, [m for m, _ in stats], [s for _, s in stats]
+
+
+def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(r["config"], []).append(r)
+    order = [row["config"] for row in table]
+    label_of = {row["config"]: row["label"] for row in table}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(CURVES_SIZE[0] / 100, CURVES_SIZE[1] / 100), dpi=100)
+    for i, config in enumerate(order):
+        c = colors[i % len(colors)]
+        train_key = "clean_train_loss" if groups[config][0]["rows"][0]["clean_train_loss"] is not None else "train_loss"
+        for key, style, label in ((train_key, "--", "train"), ("val_loss", "-", "val")):
+            ep, mean, std = _curve(groups[config], key)
+            if not mean:
+                continue
+            ax.plot(ep, mean, style, color=c, label=f"{label_of[config]} ({label})")
+            ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c,
+                            alpha=0.15, linewidth=0)
+    ax.set(xlabel="epoch", ylabel="cross-entropy loss",
+           title="Train (dashed, clean: eval mode, plain CE) vs validation (solid); mean ± std over seeds")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    paths.append(_save(fig, out / "curves.png"))
+
+    fig, ax = plt.subplots(figsize=(GAP_SIZE[0] / 100, GAP_SIZE[1] / 100), dpi=100)
+    gap_keys = set()
+    for i, config in enumerate(order):
+        c = colors[i % len(colors)]
+        key = "clean_gap_loss" if groups[config][0]["rows"][0]["clean_gap_loss"] is not None else "gap_loss"
+        gap_keys.add(key)
+        ep, mean, std = _curve(groups[config], key)
+        if not mean:
+            continue
+        ax.plot(ep, mean, color=c, label=label_of[config])
+        ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c,
+                        alpha=0.15, linewidth=0)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    # Say which train loss the gap subtracts: the clean one (eval mode, plain CE) unless a run has none.
+    ylabel = {frozenset({"clean_gap_loss"}): "val loss − clean train loss",
+              frozenset({"gap_loss"}): "val loss − train loss (as trained)"}.get(
+        frozenset(gap_keys), "val loss − clean train loss (as-trained train loss where no clean one)")
+    ax.set(xlabel="epoch", ylabel=ylabel, title="Generalization gap over epochs")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "gap.png"))
+
+    fig, ax = plt.subplots(figsize=(BARS_SIZE[0] / 100, BARS_SIZE[1] / 100), dpi=100)
+    ax.bar(range(len(table)), [r["final_gap"] for r in table], yerr=[r["final_gap_std"] for r in table], capsize=4,
+           color=[colors[i % len(colors)] for i in range(len(table))])
+    ax.set_xticks(range(len(table)), [r["label"] for r in table], rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="final val loss − clean train loss", title="Final generalization gap (mean ± std over seeds)")
+    fig.subplots_adjust(bottom=0.22)
+    paths.append(_save(fig, out / "final_gap.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)  # no bbox_inches="tight": the size stays exactly figsize × dpi
+    plt.close(fig)
+    write_file(path, buf.getvalue())
+    return path
