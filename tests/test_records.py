@@ -130,6 +130,10 @@ def test_run_state_round_trips_its_checkpoint_payload(tmp_path):
     cfg = compose_cfg(*SMALL, "regularizer=[dropout,early_stopping]", "scheduler=cosine")
     fit(cfg, tmp_path)
     payload = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    # The keys checkpoints have always had: runs checkpointed by earlier versions resume through the same code.
+    assert list(payload) == ["model", "optimizer", "scheduler", "scaler", "regularizers", "rng", "epoch", "step",
+                             "metrics", "best_score", "best_row", "config", "history"]
+    assert payload["metrics"] == payload["history"][-1] and payload["metrics"]["epoch"] == 2
     exp = build_experiment(cfg, torch.device("cpu"), lambda *args: [])
     state = RunState(exp.model, exp.optimizer, exp.scheduler, None, exp.stack, torch.Generator().manual_seed(99),
                      config=payload["config"], monitor=cfg.trainer.monitor)
