@@ -496,7 +496,7 @@ def test_zca_matches_a_hand_computation():
 
 
 def test_tta_views_and_identity_only_equals_plain_evaluation(tmp_path):
-    from regbench.train import evaluate
+    from regbench.evaluation import evaluate
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     x, y = images(20), torch.arange(20) % 10

@@ -23,9 +23,10 @@ def batch_logits(model: nn.Module, x: torch.Tensor, batch_size: int,
         yield i, logits  # outside the autocast: what the caller computes from the logits runs in full precision
 
 
+@torch.no_grad()
 def probabilities(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """softmax(model(x)) in float64, ``batch_size`` images at a time, in the model's current mode (eval for an
-    ensemble member or a TTA view, dropout active for MC dropout); call it under ``torch.no_grad()``."""
+    ensemble member or a TTA view, dropout active for MC dropout)."""
     return torch.cat([torch.softmax(logits.double(), 1) for _, logits in batch_logits(model, x, batch_size)])
 
 

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from regbench.augment.functional import shifted_crop
+from regbench.evaluation import probabilities
 
 View = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,13 +29,6 @@ def views(cfg, flips_ok: bool) -> list[tuple[str, View]]:
                 return shifted_crop(b, k, "reflect", ox, oy)
             found.append((f"shift_{name}", shift))
     return found
-
-
-@torch.no_grad()
-def probabilities(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """softmax(model(x)) in float64, computed ``batch_size`` images at a time, in the model's current mode.
-    (Kept here until the shared helper of regbench.evaluation computes the same numbers.)"""
-    return torch.cat([torch.softmax(model(x[i:i + batch_size]).double(), 1) for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
