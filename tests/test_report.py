@@ -209,3 +209,16 @@ def test_a_nan_summary_value_is_reported_as_nan_and_sorted_last(tmp_path, capsys
     assert l2["test_acc"] == math.inf
     assert table[0]["test_acc"] == pytest.approx(0.8) and table[0]["test_acc_std"] == 0.0
     assert "| regularizer=[l2] | 2 | nan ± nan" in (sweep / "report.md").read_text()
+
+
+def test_a_summary_of_the_wrong_types_is_unreadable_data_not_a_traceback(tmp_path, capsys):
+    """summary.json is validated against the Summary type before any of it is used."""
+    sweep = tmp_path / "sweep"
+    completed(sweep / "regularizer=[]" / "seed=0")
+    job = completed(sweep / "regularizer=[l2]" / "seed=0", stack=["l2"])
+    summary = json.loads((job / "summary.json").read_text())
+    (job / "summary.json").write_text(json.dumps({**summary, "test": "__import__('os')"}))
+    run_report(capsys, sweep)
+    failed = report(sweep)["failed"]
+    assert [(f["run"], f["status"], f["error"]) for f in failed] == [
+        ("regularizer=[l2]/seed=0", "unreadable", "summary.json: key 'test' is \"__import__('os')\", expected dict")]
