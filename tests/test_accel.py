@@ -16,7 +16,7 @@ import torch
 from regbench import accel
 from regbench.cli import CONFIG_DIR
 from regbench.data import batches
-from regbench.logs import load_checkpoint
+from regbench.checkpoint import load_checkpoint
 from regbench.models import build_model
 from regbench.optim import build_optimizer
 from regbench.regularizers import Context, build_stack
