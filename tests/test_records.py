@@ -134,7 +134,7 @@ def test_run_state_round_trips_its_checkpoint_payload(tmp_path):
     assert list(payload) == ["model", "optimizer", "scheduler", "scaler", "regularizers", "rng", "epoch", "step",
                              "metrics", "best_score", "best_row", "config", "history"]
     assert payload["metrics"] == payload["history"][-1] and payload["metrics"]["epoch"] == 2
-    exp = build_experiment(cfg, torch.device("cpu"), lambda *args: [])
+    exp = build_experiment(cfg, torch.device("cpu"))
     state = RunState(exp.model, exp.optimizer, exp.scheduler, None, exp.stack, torch.Generator().manual_seed(99),
                      config=payload["config"], monitor=cfg.trainer.monitor)
     assert state.epoch == 0 and state.history == []

@@ -14,6 +14,7 @@ from torch import nn
 from regbench.errors import ConfigError
 from regbench.evaluation import probabilities
 from regbench.metrics import summarize_probs
+from regbench.records import monitor_sign
 from regbench.regularizers.base import Context, Regularizer, register
 
 
@@ -41,7 +42,7 @@ class Ensemble(Regularizer):
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
         self.monitor = ctx.cfg.trainer.monitor
-        self.sign = 1.0 if self.monitor == "val_loss" else -1.0
+        self.sign = monitor_sign(self.monitor)
 
     def on_epoch_end(self, epoch: int, row: dict, model: nn.Module) -> bool:
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
