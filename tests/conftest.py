@@ -59,6 +59,29 @@ def config_options(group: str) -> list[str]:
     return sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
 
 
+# Tests that loop over the model registry use these overrides to keep a family small and offline.
+SMALL_MODEL = {"torchvision": ["model.arch=mobilenet_v3_small", "model.weights=null", "model.input_size=32"],
+               "resnet": ["model.depth=8"]}
+NO_LAYER_SLOTS = {"torchvision"}  # the arch has its own layers: it refuses every layer slot (test_backbones.py)
+
+
+def model_options() -> list[str]:
+    """Every registered model family."""
+    from regbench.registry import MODELS, load_all
+
+    load_all()
+    return MODELS.names()
+
+
+def layered_models() -> list[str]:
+    """The families that apply regbench's layer slots (dropout, norms...) and so train under every member."""
+    return [m for m in model_options() if m not in NO_LAYER_SLOTS]
+
+
+def small_model(name: str) -> list[str]:
+    return [f"model={name}", *SMALL_MODEL.get(name, [])]
+
+
 # ------------------------------------------------------------------------ torchvision on-disk formats
 
 

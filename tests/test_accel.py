@@ -49,7 +49,7 @@ def _train(optimizer: str, fused: bool, overrides: list[str], scaler: bool = Fal
     cfg = _compose(f"optimizer={optimizer}", "model.hidden=[128,128,64]", *overrides)
     stack = build_stack(cfg, Context(cfg))
     torch.manual_seed(0)
-    model = build_model(cfg.model, (1, 28, 28), 10, **stack.model_hooks())
+    model = build_model(cfg.model, (1, 28, 28), 10, stack.slots())
     stack.setup(model)
     opt = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer), fused=fused)
     grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if scaler else None

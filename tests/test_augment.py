@@ -20,7 +20,7 @@ from regbench.augment.auto import _augmentation_space
 from regbench.data import DATASETS, Normalizer, load_data
 from regbench.errors import ConfigError
 from regbench.train import fit
-from tests.conftest import F32_REL, TINY, compose_cfg, config_options
+from tests.conftest import F32_REL, TINY, compose_cfg, config_options, layered_models, small_model
 
 MNIST, CIFAR = DATASETS["mnist5k"], DATASETS["cifar10"]
 SIMPLE = {"hflip": {}, "vflip": {}, "crop": {}, "affine": {"rotation": 20, "translate": 0.1, "zoom": 0.1, "shear": 5},
@@ -306,10 +306,10 @@ def test_mixup_run_counts_accuracy_against_the_dominant_label(tmp_path):
 # ------------------------------------------------------------------------------- policy and config
 
 
-@pytest.mark.parametrize("model", ["mlp", "lecture_cnn"])
+@pytest.mark.parametrize("model", layered_models())
 @pytest.mark.parametrize("preset", config_options("augmentation"))
 def test_every_preset_composes_and_trains_a_step(preset, model, tmp_path):
-    fit(compose_cfg(*TINY, f"augmentation={preset}", f"model={model}", "augmentation.allow_label_unsafe=true"),
+    fit(compose_cfg(*TINY, f"augmentation={preset}", *small_model(model), "augmentation.allow_label_unsafe=true"),
         tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["status"] == "completed" and s["augmentation"]["name"] == preset

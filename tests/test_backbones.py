@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from regbench.backbones import TorchvisionNet, hub_file, weights_enum
+from regbench.models.torchvision import TorchvisionNet, hub_file, weights_enum
 from regbench.validation import validate
 from regbench.errors import ConfigError, DataError, RegbenchError
 from regbench.optim import build_optimizer
@@ -125,7 +125,7 @@ def _stack_model_optimizer(*overrides):
     torch.manual_seed(0)
     from regbench.models import build_model
 
-    model = build_model(cfg.model, (1, 28, 28), 10, **stack.model_hooks())
+    model = build_model(cfg.model, (1, 28, 28), 10, stack.slots())
     stack.setup(model)
     optimizer = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer))
     return cfg, ctx, stack, model, optimizer

@@ -12,7 +12,7 @@ from regbench.cli import check, main
 from regbench.errors import ConfigError, RegbenchError
 from regbench.train import fit
 from regbench.validation import group_schemas, validate
-from tests.conftest import REPO, TINY, compose_cfg, config_options
+from tests.conftest import REPO, TINY, compose_cfg, config_options, layered_models, small_model
 
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "experiment"]
 
@@ -91,11 +91,11 @@ def test_every_option_composes_and_trains_a_step(group, option, tv_root, tmp_pat
     assert summary["status"] == "completed" and summary["epochs_completed"] == cfg.trainer.max_epochs
 
 
-@pytest.mark.parametrize("model", ["mlp", "lecture_cnn"])
+@pytest.mark.parametrize("model", layered_models())
 @pytest.mark.parametrize("dataset", ["mnist5k", "cifar10"])
 def test_each_model_trains_on_grey_and_rgb_data(model, dataset, tv_root, tmp_path):
     files = [f"data.root={tv_root}", "data.download=false"] if dataset != "mnist5k" else []
-    fit(compose_cfg(*TINY, f"model={model}", f"data={dataset}", *files), tmp_path)
+    fit(compose_cfg(*TINY, *small_model(model), f"data={dataset}", *files), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["data"]["input_shape"][0] == (1 if dataset == "mnist5k" else 3)
 
@@ -123,7 +123,7 @@ BAD = [
     (["optimizer=adam", "optimizer.momentum=0.9"], "optimizer.momentum: no such key", "betas"),
     (["trainer.max_epochs=ten"], "trainer.max_epochs: Value 'ten' of type 'str' could not be converted", ""),
     (["data.batch_size=1.5"], "data.batch_size: Value '1.5' of type 'float' could not be converted to Integer", ""),
-    (["model=resnet"], "model=resnet: no such option in config group 'model'", "available: lecture_cnn, mlp"),
+    (["model=vgg"], "model=vgg: no such option in config group 'model'", "available: lecture_cnn, mlp"),
     (["optimizer=adamm"], "optimizer=adamm: no such option", "did you mean optimizer=adam?"),
     (["model.hidden=[1,2"], "cannot parse override", "override_grammar"),
     (["optimizer.lr=0"], "optimizer.lr=0.0: expected a number > 0", "optimizer.lr=0.001"),

@@ -202,7 +202,7 @@ def case_rerun_foreign_key(tmp_path, monkeypatch, capsys):
 
 
 def case_rerun_foreign_model(tmp_path, monkeypatch, capsys):
-    return run_cli(capsys, "rerun", str(saved_config_with(tmp_path, model={"name": "resnet"})))
+    return run_cli(capsys, "rerun", str(saved_config_with(tmp_path, model={"name": "vgg"})))
 
 
 def case_yaml_syntax(tmp_path, monkeypatch, capsys):
@@ -339,7 +339,7 @@ CASES = [
     ("typo-key", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
     ("typo-top-key", ["sed=1"], "sed: no such key (valid keys here: seed, data, model"),
     ("wrong-type", ["trainer.max_epochs=ten"], "trainer.max_epochs: Value 'ten' of type 'str' could not be converted to Integer"),
-    ("unknown-option", ["model=resnet"], "model=resnet: no such option in config group 'model'; available: lecture_cnn, mlp, torchvision"),
+    ("unknown-option", ["model=vgg"], "model=vgg: no such option in config group 'model'; available: lecture_cnn, mlp, resnet, torchvision"),
     ("bad-syntax", ["model.hidden=[1,2"], "cannot parse override: no viable alternative at input '[1,2'"),
     ("lr-range", ["optimizer.lr=0"], "optimizer.lr=0.0: expected a number > 0"),
     ("batch-range", ["data.batch_size=0"], "data.batch_size=0: expected an integer >= 1"),
@@ -420,7 +420,7 @@ CASES = [
     ("rerun-foreign-key", case_rerun_foreign_key,
      "key 'hydra' is not part of a regbench config (a run saves only seed, data, model, optimizer, scheduler, trainer, "
      "regularizer, augmentation, convention); refusing it"),
-    ("rerun-not-regbench-config", case_rerun_foreign_model, "model is not a regbench model config (name 'resnet'"),
+    ("rerun-not-regbench-config", case_rerun_foreign_model, "model is not a regbench model config (name 'vgg'"),
     ("experimental-rerun", lambda t, m, c: run_cli(c, "--experimental-rerun", f"{t}/config.pickle"),
      "config.pickle: refused (it unpickles the file, which can run code); fix: regbench rerun <run dir>"),
     ("yaml-syntax", case_yaml_syntax, "experiment/broken.yaml, line 4, column 1: YAML syntax error: while parsing a "
@@ -461,6 +461,20 @@ CASES = [
      "whenever the learning rate changes); use trainer.compile=model, or scheduler=constant"),
     ("compile-step-fp16", ["trainer.amp=fp16", "trainer.compile=step"],
      "trainer.compile='step': expected model or none with trainer.amp=fp16 (the GradScaler steps the optimizer"),
+    # helper D: model families and the layer slots
+    ("stochastic-depth-no-residual", ["regularizer=[stochastic_depth]"],
+     "regularizer.stochastic_depth.rate=0.5: expected a model with residual branches to drop (model=mlp has none); "
+     "use model=resnet, or drop stochastic_depth from the stack"),
+    ("resnet-depth", ["model=resnet", "model.depth=21"],
+     "model.depth=21: expected 6n+2 with n >= 1: 8, 14, 20, 32, 44, 56, 110, ... (the paper's CIFAR ResNets)"),
+    ("resnet-norm-with-member", ["model=resnet", "model.norm=none", "regularizer=[group_norm]"],
+     "model.norm='none': expected to be left alone (batchnorm) with group_norm in the stack (the member sets the "
+     "ResNet's normalisation); drop model.norm or drop group_norm from the stack"),
+    ("transfer-freeze-layers-uncounted", ["model=torchvision", "model.weights=null", "regularizer=[transfer]",
+                                          "regularizer.transfer.init_from=/nonexistent/run",
+                                          "regularizer.transfer.freeze_layers=2"],
+     "regularizer.transfer.freeze_layers=2: expected 0 with model=torchvision (its layers are not counted from the "
+     "config); name the parameters to freeze with regularizer.transfer.freeze=[...]"),
 ]
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from regbench.config import ACTIVATIONS, INITS
-from regbench.errors import ConfigError
-from regbench.models import MLP, LectureCNN, build_model, count_parameters
-from tests.conftest import compose_cfg
+from regbench.errors import ConfigError, RegbenchError
+from regbench.models import MLP, MODELS, LayerSlots, LectureCNN, NormSpec, build_model, count_parameters, \
+    weight_layer_count
+from regbench.models.common import ACTIVATIONS, INITS, DropPath
+from tests.conftest import REPO, compose_cfg, config_options, layered_models, model_options, small_model
 
 
 def test_lecture_cnn_parameter_count_matches_the_lecture():
@@ -112,16 +113,75 @@ def test_every_init(init):
         assert w.abs().max().item() <= math.sqrt(6 / (fan_in + fan_out))
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "lecture_cnn"])
+def slots_with(**values) -> LayerSlots:
+    slots = LayerSlots()
+    for slot, value in values.items():
+        slots.set(slot, value, f"regularizer.test.{slot}")
+    return slots
+
+
+@pytest.mark.parametrize("model_name", layered_models())
 @pytest.mark.parametrize("norm", [None, "batchnorm", "layer_norm", "group_norm"])
 def test_every_parameter_gets_a_finite_gradient(model_name, norm):
-    cfg = compose_cfg(f"model={model_name}").model
-    hooks = {"norm": norm, "norm_groups": 4} if norm else {}
-    if model_name == "mlp":
-        hooks["dropout"] = 0.2
-    model = build_model(cfg, (3, 32, 32), 10, **hooks)
+    cfg = compose_cfg(*small_model(model_name)).model
+    slots = slots_with(dropout=0.2, **({"norm": NormSpec(norm, groups=4)} if norm else {}))
+    model = build_model(cfg, (3, 32, 32), 10, slots)
     x = torch.randn(4, 3, 32, 32)
     loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.2] * len(
+        [m for m in model.modules() if isinstance(m, nn.Dropout)]) != []
+
+
+# ------------------------------------------------------------------------------------ the registry
+
+
+def test_every_family_has_a_yaml_naming_its_schema_and_every_yaml_a_family():
+    assert sorted(model_options()) == config_options("model")
+    for name in model_options():
+        entry = MODELS[name]
+        text = (REPO / "configs" / "model" / f"{name}.yaml").read_text()
+        assert f"/schema/model/{name}@_here_" in text
+        assert compose_cfg(f"model={name}").model.name == name == entry.schema.name
+        for hook in ("from_config", "check_slots", "weight_layers"):
+            assert callable(getattr(entry.obj, hook)), (name, hook)
+
+
+@pytest.mark.parametrize("model_name", model_options())
+def test_every_family_builds_for_grey_and_rgb_and_counts_its_layers(model_name):
+    cfg = compose_cfg(*small_model(model_name)).model
+    torch.manual_seed(0)
+    for shape in [(1, 28, 28), (3, 32, 32)]:
+        model = build_model(cfg, shape, 7)
+        model.eval()
+        assert model(torch.zeros(2, *shape)).shape == (2, 7)
+    layers = weight_layer_count(cfg)
+    if layers is not None:  # what transfer's freeze_layers counts, from the config alone
+        assert layers == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
+
+
+# A filled slot and the layer it must put in the model (the proof it was applied).
+SLOT_LAYERS = {"dropout": (0.2, nn.Dropout), "spatial_dropout": (0.1, nn.Dropout2d),
+               "norm": (NormSpec("group_norm", groups=4), nn.GroupNorm), "drop_path": (0.1, DropPath)}
+
+
+@pytest.mark.parametrize("slot", sorted(SLOT_LAYERS))
+@pytest.mark.parametrize("model_name", model_options())
+def test_a_filled_slot_is_applied_or_refused_never_ignored(model_name, slot):
+    cfg = compose_cfg(*small_model(model_name)).model
+    value, layer = SLOT_LAYERS[slot]
+    try:
+        model = build_model(cfg, (3, 32, 32), 10, slots_with(**{slot: value}))
+    except ConfigError as e:  # refused before anything is built, naming the key that filled the slot
+        assert f"regularizer.test.{slot}=" in str(e) or str(e).startswith("regularizer=['test']"), str(e)
+        return
+    assert any(isinstance(m, layer) for m in model.modules()), f"{model_name} ignored the {slot} slot"
+
+
+def test_a_slot_filled_twice_is_an_error():
+    slots = slots_with(norm=NormSpec("batchnorm"))
+    with pytest.raises(ConfigError, match=r"regularizer=\['test', 'other'\]: expected members that configure "
+                       r"different parts of the model \('norm' is set twice\)"):
+        slots.set("norm", NormSpec("layer_norm"), "regularizer.other")

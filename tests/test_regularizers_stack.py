@@ -26,7 +26,7 @@ def built(*overrides):
     cfg = compose_cfg("model.hidden=[6]", *overrides)
     stack = build_stack(cfg, Context(cfg))
     torch.manual_seed(0)
-    model = build_model(cfg.model, (1, 2, 2), 10, **stack.model_hooks())
+    model = build_model(cfg.model, (1, 2, 2), 10, stack.slots())
     stack.setup(model)
     optimizer = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer))
     return stack, model, optimizer

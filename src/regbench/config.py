@@ -19,52 +19,6 @@ from regbench.errors import INT64, check, choice
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the YAML config groups shipped with the package
 CONFIG_NAME = "train"  # the primary config
 
-# -------------------------------------------------------------------------------------------- model
-
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "sigmoid", "tanh")
-INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "glorot_uniform",
-         "he_normal")
-BIAS_INITS = ("zeros", "torch")
-POOLINGS = ("max", "avg", "none")
-
-
-@dataclass
-class MLPConfig:
-    name: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [256, 128])  # widths of the hidden layers
-    activation: str = "relu"  # relu | leaky_relu | elu | sigmoid | tanh
-    negative_slope: float = 0.01  # slope of leaky_relu for x < 0 (used only by leaky_relu)
-    init: str = "default"  # default (torch's) | xavier_uniform | xavier_normal | kaiming_uniform | kaiming_normal
-    #                        | glorot_uniform (Keras' default) | he_normal (Keras': truncated normal)
-    bias_init: Optional[str] = None  # zeros | torch (uniform ±1/√fan_in); null = torch's with init=default, else zeros
-
-
-@dataclass
-class LectureCNNConfig:
-    name: str = "lecture_cnn"
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # channels of each conv block
-    convs_per_block: int = 2  # 3x3 'same' convs per block
-    dense: int = 64  # width of the hidden dense layer of the head
-    pooling: str = "max"  # after each block: max | avg | none (max pooling is one of the lecture's regularizers)
-    global_pool: str = "max"  # before the head: max | avg
-    activation: str = "relu"
-    negative_slope: float = 0.01
-    init: str = "default"
-    bias_init: Optional[str] = None
-
-
-@dataclass
-class TorchvisionModelConfig:
-    """A torchvision classification model with a new head (regbench/backbones.py)."""
-
-    name: str = "torchvision"
-    arch: str = "resnet18"  # any of torchvision.models.list_models(module=torchvision.models) with fc or features
-    weights: Optional[str] = "DEFAULT"  # DEFAULT | IMAGENET1K_V1 | ... | null (random init) | path of a state dict
-    head_hidden: Optional[int] = None  # width of a Dense+ReLU between global pooling and the classes; null = none
-    input_size: Optional[int] = None  # resize inputs to this square size; null = the weights' size (none if null)
-    download: bool = "${oc.decode:${oc.env:REGBENCH_DOWNLOAD,true}}"  # fetch missing weights into torch hub's cache
-
-
 # ------------------------------------------------------------------------------------- augmentation
 
 
@@ -154,35 +108,3 @@ def check_root(cfg: DictConfig) -> None:
           "are 64-bit)")
     check(cfg.convention in ("torch", "keras"), "convention", cfg.convention, "torch or keras",
           "pick it with convention=torch or convention=keras")
-
-
-# The model checks below move into the model package with the model schemas (issue 13, item 5).
-def _check(ok: bool, key: str, value: Any, expected: str, fix: str | None = None) -> None:
-    check(ok, key, value, expected, fix)
-
-
-def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
-    choice(cfg[key.rsplit(".", 1)[-1]], key, choices)
-
-
-def _validate_own_model(m: DictConfig) -> None:
-    """regbench's own families (mlp, lecture_cnn)."""
-    _choice(m, "model.activation", ACTIVATIONS)
-    _choice(m, "model.init", INITS)
-    _check(m.bias_init is None or m.bias_init in BIAS_INITS, "model.bias_init", m.bias_init,
-           "zeros, torch or null (torch's with model.init=default, zeros otherwise)")
-    _check(m.negative_slope >= 0, "model.negative_slope", m.negative_slope, "a number >= 0")
-    _check(m.activation == "leaky_relu" or m.negative_slope == 0.01, "model.negative_slope", m.negative_slope,
-           "to be left alone unless model.activation=leaky_relu (it is only used there)",
-           "add model.activation=leaky_relu")
-    if m.name == "mlp":
-        _check(all(h >= 1 for h in m.hidden), "model.hidden", list(m.hidden), "a list of widths >= 1")
-    elif m.name == "lecture_cnn":
-        _check(len(m.widths) >= 1 and all(w >= 1 for w in m.widths), "model.widths", list(m.widths),
-               "a non-empty list of channel counts >= 1")
-        _check(m.convs_per_block >= 1, "model.convs_per_block", m.convs_per_block, "an integer >= 1")
-        _check(m.dense >= 1, "model.dense", m.dense, "an integer >= 1")
-        _choice(m, "model.pooling", POOLINGS)
-        _choice(m, "model.global_pool", ("max", "avg"))
-    else:
-        _check(False, "model.name", m.name, "one of mlp, lecture_cnn, torchvision")

@@ -64,7 +64,7 @@ def build_experiment(cfg: DictConfig, device: torch.device) -> Experiment:
     ctx = Context(cfg, num_classes=data.info.num_classes, device=device)
     stack = build_stack(cfg, ctx)
     torch.manual_seed(cfg.seed)  # model init does not depend on how much randomness data loading used
-    model = build_model(cfg.model, data.input_shape, data.info.num_classes, **stack.model_hooks()).to(device)
+    model = build_model(cfg.model, data.input_shape, data.info.num_classes, stack.slots()).to(device)
     stack.setup(model)
     params = count_parameters(model)
     optimizer = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer), fused=cfg.trainer.fused)

@@ -23,10 +23,6 @@ FIXED: dict[str, registry.Entry] = {
     "augmentation": registry.Entry("policy", config.AugmentationConfig, None, config.check_augmentation),
 }
 
-# regbench's own model families until they register in registry.MODELS (issue 13, item 5).
-_MODEL_SCHEMAS = {"mlp": config.MLPConfig, "lecture_cnn": config.LectureCNNConfig,
-                  "torchvision": config.TorchvisionModelConfig}
-
 
 def group_schemas() -> dict[str, dict[str, type]]:
     """group -> ConfigStore name -> schema: the tables' options, the fixed groups, the regularizer members."""
@@ -34,8 +30,6 @@ def group_schemas() -> dict[str, dict[str, type]]:
     from regbench.regularizers import REGISTRY
 
     schemas = {group: table.schemas() for group, table in registry.GROUPS.items()}
-    if not registry.MODELS:
-        schemas["model"] = dict(_MODEL_SCHEMAS)
     schemas.update({group: {entry.name: entry.schema} for group, entry in FIXED.items()})
     schemas["regularizer"] = {name: cls.schema for name, cls in REGISTRY.items()}
     return schemas
@@ -55,8 +49,6 @@ def option_names() -> dict[str, list[str]]:
     options, then the fixed groups), in the root schema's order."""
     registry.load_all()
     names = {group: table.names() for group, table in registry.GROUPS.items()}
-    if not registry.MODELS:
-        names["model"] = list(_MODEL_SCHEMAS)
     names.update({group: [entry.name] for group, entry in FIXED.items()})
     return names
 
@@ -67,8 +59,6 @@ def schema_name(group: str, option: object) -> Optional[str]:
     if group in FIXED:
         return FIXED[group].schema_name
     table = registry.GROUPS[group]
-    if group == "model" and not table:
-        return option if option in _MODEL_SCHEMAS else None
     return table[option].schema_name if isinstance(option, str) and option in table else None
 
 
@@ -77,10 +67,7 @@ def validate(cfg: DictConfig) -> None:
     registry.load_all()
     config.check_root(cfg)
     for group, table in registry.GROUPS.items():
-        if group == "model" and not table:
-            _check_model(cfg)
-        else:
-            table.check(cfg[group], cfg)
+        table.check(cfg[group], cfg)
     for group, entry in FIXED.items():
         entry.check(cfg[group], cfg)
     from regbench.augment import build_policy
@@ -91,18 +78,3 @@ def validate(cfg: DictConfig) -> None:
     from regbench.regularizers import Context, build_stack
 
     build_stack(cfg, Context(cfg))  # each member checks its own keys and whether it fits the model/optimizer
-
-
-def _check_model(cfg: DictConfig) -> None:
-    """regbench's model families until their checks register in registry.MODELS (issue 13, item 5)."""
-    m, d = cfg.model, cfg.data
-    if m.name == "torchvision":
-        from regbench.backbones import check_config
-        from regbench.errors import check
-
-        check_config(m)
-        check(m.weights is None or d.normalize == "none", "data.normalize", d.normalize,
-              f"none with pretrained weights (model.weights={m.weights}): the model normalises [0, 1] pixels with "
-              "the weights' own mean/std", "add data.normalize=none")
-    else:
-        config._validate_own_model(m)

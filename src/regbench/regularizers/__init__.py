@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from regbench.errors import ConfigError
+from regbench.models.slots import LayerSlots
 from regbench.regularizers.base import REGISTRY, Context, Regularizer
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ ORDER = [
     "l2",
     "weight_decay",  # param groups of the trainable parameters; its coupled term reaches the gradient before
     #                  grad_clip clips it
-    "dropout",  # model-shaping members (builder arguments): independent of each other, kept where they were
+    "dropout",  # model-shaping members (layer slots): independent of each other, kept where they were
+    "stochastic_depth",  # the drop-path slot (model=resnet); new, so it moves no existing run
     "batchnorm",  # the three normalisations were tied and sorted by name (at most one is allowed)
     "group_norm",
     "layer_norm",
@@ -96,15 +98,16 @@ class Stack:
         return next((r for r in self.members if r.name == name), None)
 
     # --- construction ---------------------------------------------------------------------------
-    def model_hooks(self) -> dict[str, Any]:
-        hooks: dict[str, Any] = {}
+    def slots(self) -> LayerSlots:
+        """The layer slots the members fill, checked against the model family (which refuses what it cannot
+        apply); a slot filled by two members is an error."""
+        from regbench.models import check_slots
+
+        slots = LayerSlots()
         for r in self.members:
-            for k, v in r.model_hooks(self.ctx).items():
-                if k in hooks:
-                    raise ConfigError("regularizer", self.names, f"members that configure different parts of the "
-                                      f"model ('{k}' is set twice)")
-                hooks[k] = v
-        return hooks
+            r.fill_slots(slots, self.ctx)
+        check_slots(self.ctx.cfg.model, slots)
+        return slots
 
     def setup(self, model: nn.Module) -> None:
         for r in self.members:
@@ -210,4 +213,5 @@ def build_stack(cfg: DictConfig, ctx: Context) -> Stack:
     stack = Stack(members, ctx)
     for r in stack.members:
         r.check(ctx)
+    stack.slots()  # the model refuses, before anything is built, the layers it has no place for
     return stack

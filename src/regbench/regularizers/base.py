@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from regbench.errors import RegbenchError
+from regbench.models.slots import LayerSlots
 from torch import nn
 
 REGISTRY: dict[str, type["Regularizer"]] = {}
@@ -57,9 +58,9 @@ class Regularizer:
         Pure: it only reads (config validation builds and checks a stack that is then thrown away); state
         belongs in ``__init__`` or :meth:`setup`."""
 
-    def model_hooks(self, ctx: Context) -> dict[str, Any]:
-        """Keyword arguments for the model builder (dropout rates, normalisation layers...)."""
-        return {}
+    def fill_slots(self, slots: LayerSlots, ctx: Context) -> None:
+        """Ask for layers in the model with ``slots.set(slot, value, key)`` (dropout rates, a normalisation,
+        drop-path...); the model applies them or refuses with a ConfigError naming ``key``."""
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
         """Called once the model exists (load pretrained weights, freeze layers...)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from regbench.errors import ConfigError
+from regbench.models.slots import LayerSlots, NormSpec
 from regbench.regularizers.base import Context, Regularizer, register
 
 
@@ -41,10 +42,6 @@ class _Norm(Regularizer):
             raise ConfigError("regularizer", norms, "at most one normalisation (batchnorm, group_norm, layer_norm)")
         if not self.eps() > 0:
             raise ConfigError(f"{self.key}.eps", self.cfg.eps, "a number > 0")
-        if ctx.cfg.model.name == "mlp" and not ctx.cfg.model.hidden:
-            raise self.nothing("model.hidden=[] has no hidden layer to normalise (the head is never normalised)",
-                               f"give the MLP hidden layers (e.g. model.hidden=[256]) or drop {self.name} from "
-                               "the stack")
 
     def eps(self) -> float:
         return self.cfg.eps
@@ -77,8 +74,8 @@ class BatchNorm(_Norm):
     def info(self) -> dict[str, Any]:
         return {"convention": self.cfg.convention, "torch_momentum": self.torch_momentum(), "eps": self.eps()}
 
-    def model_hooks(self, ctx: Context) -> dict[str, Any]:
-        return {"norm": "batchnorm", "norm_momentum": self.torch_momentum(), "norm_eps": self.eps()}
+    def fill_slots(self, slots: LayerSlots, ctx: Context) -> None:
+        slots.set("norm", NormSpec("batchnorm", momentum=self.torch_momentum(), eps=self.eps()), self.key)
 
 
 @register
@@ -90,13 +87,13 @@ class GroupNorm(_Norm):
         if self.cfg.groups < 1:
             raise ConfigError(f"{self.key}.groups", self.cfg.groups, "an integer >= 1")
 
-    def model_hooks(self, ctx: Context) -> dict[str, Any]:
-        return {"norm": "group_norm", "norm_groups": self.cfg.groups, "norm_eps": self.cfg.eps}
+    def fill_slots(self, slots: LayerSlots, ctx: Context) -> None:
+        slots.set("norm", NormSpec("group_norm", eps=self.cfg.eps, groups=self.cfg.groups), self.key)
 
 
 @register
 class LayerNorm(_Norm):
     name, schema = "layer_norm", LayerNormConfig
 
-    def model_hooks(self, ctx: Context) -> dict[str, Any]:
-        return {"norm": "layer_norm", "norm_eps": self.cfg.eps}
+    def fill_slots(self, slots: LayerSlots, ctx: Context) -> None:
+        slots.set("norm", NormSpec("layer_norm", eps=self.cfg.eps), self.key)

@@ -15,6 +15,7 @@ from torch import nn
 
 from regbench.errors import ConfigError, RegbenchError
 from regbench.checkpoint import load_checkpoint
+from regbench.models import weight_layer_count
 from regbench.regularizers.base import Context, Regularizer, register
 
 
@@ -35,13 +36,6 @@ def _list(values) -> str:
     return "[" + ",".join(values) + "]"
 
 
-def weight_layer_count(model_cfg) -> int:
-    """Dense and conv layers of the configured model (what freeze_layers counts), from its config alone."""
-    if model_cfg.name == "mlp":
-        return len(model_cfg.hidden) + 1
-    return len(model_cfg.widths) * model_cfg.convs_per_block + 2  # convs, then the head's two dense layers
-
-
 @register
 class Transfer(Regularizer):
     name, schema = "transfer", TransferConfig
@@ -54,9 +48,14 @@ class Transfer(Regularizer):
             raise ConfigError(f"{self.key}.checkpoint", self.cfg.checkpoint, "best or last")
         if self.cfg.freeze_layers < 0:
             raise ConfigError(f"{self.key}.freeze_layers", self.cfg.freeze_layers, "an integer >= 0")
-        layers = weight_layer_count(ctx.cfg.model)
+        layers = weight_layer_count(ctx.cfg.model)  # the model family counts its own layers
+        if layers is None and self.cfg.freeze_layers:
+            raise ConfigError(f"{self.key}.freeze_layers", self.cfg.freeze_layers, f"0 with model="
+                              f"{ctx.cfg.model.name} (its layers are not counted from the config)",
+                              f"name the parameters to freeze with {self.key}.freeze=[...]")
         norms = {"batchnorm", "group_norm", "layer_norm"} & set(ctx.cfg.regularizer)
-        if self.cfg.freeze_layers > layers or (self.cfg.freeze_layers == layers and not norms):
+        if layers is not None and (self.cfg.freeze_layers > layers or (self.cfg.freeze_layers == layers
+                                                                         and not norms)):
             raise ConfigError(f"{self.key}.freeze_layers", self.cfg.freeze_layers,
                               f"fewer than the model's {layers} dense/conv layers (freezing all of them leaves "
                               "nothing to train)", "lower it, or leave the last layers (the head) trainable")

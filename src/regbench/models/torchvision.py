@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -30,6 +31,20 @@ from omegaconf import DictConfig
 from torch import nn
 
 from regbench.errors import ConfigError, DataError, RegbenchError
+from regbench.models.slots import SLOT_NAMES, LayerSlots
+from regbench.registry import MODELS
+
+
+@dataclass
+class TorchvisionModelConfig:
+    """A torchvision classification model with a new head (regbench/models/torchvision.py)."""
+
+    name: str = "torchvision"
+    arch: str = "resnet18"  # any of torchvision.models.list_models(module=torchvision.models) with fc or features
+    weights: Optional[str] = "DEFAULT"  # DEFAULT | IMAGENET1K_V1 | ... | null (random init) | path of a state dict
+    head_hidden: Optional[int] = None  # width of a Dense+ReLU between global pooling and the classes; null = none
+    input_size: Optional[int] = None  # resize inputs to this square size; null = the weights' size (none if null)
+    download: bool = "${oc.decode:${oc.env:REGBENCH_DOWNLOAD,true}}"  # fetch missing weights into torch hub's cache
 
 
 def _models():
@@ -63,8 +78,17 @@ def hub_file(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
+def check(m: DictConfig, cfg: DictConfig) -> None:
+    """The family's keys, and the data's normalisation that pretrained weights need."""
+    check_config(m)
+    if m.weights is not None and cfg.data.normalize != "none":
+        raise ConfigError("data.normalize", cfg.data.normalize, f"none with pretrained weights (model.weights="
+                          f"{m.weights}): the model normalises [0, 1] pixels with the weights' own mean/std",
+                          "add data.normalize=none")
+
+
 def check_config(m: DictConfig) -> None:
-    """The family's keys (called by config.validate): arch known, weights resolvable, offline weights present."""
+    """The family's keys: arch known, weights resolvable, offline weights present."""
     archs = architectures()
     if m.arch not in archs:
         hint = difflib.get_close_matches(m.arch, archs, n=1)
@@ -159,6 +183,7 @@ def load_state(arch: str, weights: str, download: bool) -> dict[str, torch.Tenso
         raise missing_weights(arch, weights, w, f"download failed: {str(e).splitlines()[0][:160] if str(e) else e}")
 
 
+@MODELS.register("torchvision", schema=TorchvisionModelConfig, check=check)
 class TorchvisionNet(nn.Module):
     """Input adapter -> torchvision base -> new head. ``blocks`` lists the base's blocks (for fine-tuning)."""
 
@@ -243,11 +268,26 @@ class TorchvisionNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.base(self.adapt(x)))
 
+    @staticmethod
+    def check_slots(m: DictConfig, slots: LayerSlots) -> None:
+        """The arch has its own layers: regbench's layer slots have no place in them."""
+        if slots.filled("drop_path"):
+            raise ConfigError(slots.key("drop_path"), slots.drop_path, "a model with residual branches regbench "
+                              f"builds (model=torchvision: {m.arch}'s blocks are torchvision's own; efficientnet, "
+                              "convnext and swin draw their own stochastic depth)",
+                              f"use model=resnet, or drop {slots.member('drop_path')} from the stack")
+        members = sorted({slots.member(s) for s in SLOT_NAMES if slots.filled(s)})
+        if members:
+            raise ConfigError("regularizer", members, "no member that changes the model's layers with "
+                              "model=torchvision (the torchvision arch has its own)", "drop dropout/norm members")
 
-def build(cfg: DictConfig, input_shape: Sequence[int], num_classes: int, **hooks) -> TorchvisionNet:
-    if hooks:
-        raise ConfigError("regularizer", sorted(hooks), "no member that changes the model's layers with "
-                          "model=torchvision (the torchvision arch has its own)", "drop dropout/norm members")
-    check_config(cfg)
-    return TorchvisionNet(cfg.arch, num_classes, input_shape, cfg.weights, cfg.head_hidden, cfg.input_size,
-                          cfg.download)
+    @classmethod
+    def from_config(cls, m: DictConfig, input_shape: Sequence[int], num_classes: int,
+                    slots: LayerSlots) -> "TorchvisionNet":
+        check_config(m)
+        return cls(m.arch, num_classes, input_shape, m.weights, m.head_hidden, m.input_size, m.download)
+
+    @staticmethod
+    def weight_layers(m: DictConfig) -> Optional[int]:
+        """Unknown from the config alone (the arch's layers): transfer's freeze_layers cannot count them."""
+        return None
