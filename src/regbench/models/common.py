@@ -77,6 +77,13 @@ def make_norm(kind: Optional[str], features: int, dims: int, momentum: float = 0
     raise ValueError(f"unknown norm {kind!r}")
 
 
+def norm_kwargs(norm: Any) -> dict[str, Any]:
+    """A :class:`~regbench.models.slots.NormSpec` (or None) as the ``norm*`` keyword arguments of the MLP and CNN."""
+    if norm is None:
+        return {"norm": None}
+    return {"norm": norm.kind, "norm_momentum": norm.momentum, "norm_eps": norm.eps, "norm_groups": norm.groups}
+
+
 def rates(rate: Rates, n: int, key: str) -> list[float]:
     """``rate`` as one rate per layer (a number is repeated ``n`` times); ConfigError naming ``key`` otherwise."""
     out = [float(rate)] * n if isinstance(rate, (int, float)) else [float(r) for r in rate]

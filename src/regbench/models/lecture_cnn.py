@@ -10,7 +10,7 @@ from torch import nn
 
 from regbench.errors import ConfigError
 from regbench.models.common import Rates, check_activation, check_init, expect, expect_choice, init_weights, \
-    make_activation, make_norm, rates
+    make_activation, make_norm, norm_kwargs, rates
 from regbench.models.slots import LayerSlots, refuse_drop_path
 from regbench.registry import MODELS
 
@@ -116,14 +116,11 @@ class LectureCNN(nn.Module):
     @classmethod
     def from_config(cls, m: Any, input_shape: Sequence[int], num_classes: int, slots: LayerSlots) -> "LectureCNN":
         c, h, w = input_shape
-        norm = slots.norm
         return cls(c, min(h, w), num_classes, list(m.widths), m.convs_per_block, m.dense, m.pooling, m.global_pool,
                    m.activation, m.negative_slope, m.init, m.bias_init,
                    head_dropout=0.0 if slots.dropout is None else slots.dropout,
                    spatial_dropout=slots.spatial_dropout, dropout_placement=slots.dropout_placement,
-                   norm=None if norm is None else norm.kind,
-                   **({} if norm is None else {"norm_momentum": norm.momentum, "norm_eps": norm.eps,
-                                               "norm_groups": norm.groups}))
+                   **norm_kwargs(slots.norm))
 
     @staticmethod
     def weight_layers(m: Any) -> int:

@@ -10,7 +10,7 @@ from torch import nn
 
 from regbench.errors import ConfigError
 from regbench.models.common import Rates, check_activation, check_init, expect, init_weights, make_activation, \
-    make_norm, rates
+    make_norm, norm_kwargs, rates
 from regbench.models.slots import LayerSlots, applies_to_nothing, refuse, refuse_drop_path
 from regbench.registry import MODELS
 
@@ -95,12 +95,9 @@ class MLP(nn.Module):
     @classmethod
     def from_config(cls, m: Any, input_shape: Sequence[int], num_classes: int, slots: LayerSlots) -> "MLP":
         c, h, w = input_shape
-        norm = slots.norm
         return cls(c * h * w, num_classes, list(m.hidden), m.activation, m.negative_slope, m.init, m.bias_init,
                    dropout=0.0 if slots.dropout is None else slots.dropout,
-                   dropout_placement=slots.dropout_placement, norm=None if norm is None else norm.kind,
-                   **({} if norm is None else {"norm_momentum": norm.momentum, "norm_eps": norm.eps,
-                                               "norm_groups": norm.groups}))
+                   dropout_placement=slots.dropout_placement, **norm_kwargs(slots.norm))
 
     @staticmethod
     def weight_layers(m: Any) -> int:
