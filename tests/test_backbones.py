@@ -256,3 +256,12 @@ def test_rerun_of_a_torchvision_run_types_its_saved_config_and_repeats_it_bitwis
     with pytest.raises(SystemExit) as e:  # the saved config is typed: a typo'd key of the family fails
         main(["rerun", str(tmp_path / "a"), "model.head_hiden=4", f"hydra.run.dir={tmp_path}/c"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("stack", ["[dropout]", "[batchnorm,dropout]", "[layer_norm]"])
+def test_layer_members_are_refused_before_anything_is_built(stack):
+    # The arch has its own layers: the layer slots have no place in them (validation, not the first step).
+    members = sorted(stack.strip("[]").split(","))
+    with pytest.raises(ConfigError, match=rf"regularizer={members!r}: expected no member that changes the model's "
+                       r"layers with model=torchvision \(the torchvision arch has its own\)".replace("[", r"\[")):
+        validate(compose_cfg(*TINY, *SMALL, f"regularizer={stack}"))

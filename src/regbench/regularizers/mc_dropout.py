@@ -44,7 +44,7 @@ class MCDropout(Regularizer):
     def check(self, ctx: Context) -> None:
         if self.cfg.passes < 1 or self.cfg.bins < 1:
             raise ConfigError(self.key, {"passes": self.cfg.passes, "bins": self.cfg.bins}, "integers >= 1")
-        if "dropout" not in ctx.cfg.regularizer:  # neither model family has dropout of its own
+        if "dropout" not in ctx.cfg.regularizer:  # no model builds dropout layers unless the member fills its slot
             raise RegbenchError(f"{_stack(ctx)}: expected dropout in the model for mc_dropout; add it to the stack, "
                                 "e.g. regularizer=[dropout,mc_dropout]")
         d = ctx.cfg.regularizer.dropout
