@@ -86,7 +86,7 @@ def _variance(w: torch.Tensor) -> float:
     return w.double().pow(2).mean().item()  # about zero mean: the second moment is the variance
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "lecture_cnn"])
+@pytest.mark.parametrize("model_name", [f.removeprefix("keras_") for f in config_options("convention/model")])
 def test_keras_init_glorot_kernels_and_zero_biases(model_name):
     torch.manual_seed(0)
     width = "model.hidden=[512]" if model_name == "mlp" else "model.dense=512"
