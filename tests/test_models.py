@@ -185,3 +185,17 @@ def test_a_slot_filled_twice_is_an_error():
     with pytest.raises(ConfigError, match=r"regularizer=\['test', 'other'\]: expected members that configure "
                        r"different parts of the model \('norm' is set twice\)"):
         slots.set("norm", NormSpec("layer_norm"), "regularizer.other")
+
+
+def test_a_family_refuses_every_slot_it_does_not_list():
+    # A slot a family does not apply is refused by default (a new slot kind cannot be silently ignored), naming
+    # the key that filled it; modifiers (spatial rate, placement, rule) only when they differ from their default.
+    from regbench.models.slots import SLOT_NAMES, refuse_unapplied
+
+    slots = slots_with(drop_path=0.0, spatial_dropout=0.0, dropout_placement="after_activation")
+    with pytest.raises(ConfigError, match=r"regularizer.test.drop_path=0.0: expected a model with residual branches "
+                       r"to drop \(model=toy has none\); use model=resnet, or drop test from the stack"):
+        refuse_unapplied(slots, "toy", set())
+    refuse_unapplied(slots, "toy", {"drop_path"})  # the unchanged modifiers ask nothing
+    refuse_unapplied(slots_with(), "toy", set())  # nothing filled, nothing refused
+    assert set(SLOT_NAMES) == {"dropout", "dropout_placement", "spatial_dropout", "norm", "drop_path", "drop_path_rule"}

@@ -105,7 +105,8 @@ def test_the_stack_sets_dropout_norm_and_drop_path():
 
 @pytest.mark.parametrize("overrides,match", [
     (["regularizer=[dropout]", "regularizer.dropout.spatial=0.2"],
-     r"regularizer.dropout.spatial=0.2: expected 0 with model=resnet \(its dropout sits between the pooling"),
+     r"regularizer.dropout.spatial=0.2: expected 0 with model=resnet \(spatial dropout drops conv feature maps; "
+     r"model=resnet has no place for it\); use model=lecture_cnn or drop the key"),
     (["regularizer=[dropout]", "regularizer.dropout.placement=before_activation"],
      "regularizer.dropout.placement='before_activation': expected after_activation with model=resnet"),
     (["regularizer=[dropout]", "regularizer.dropout.rate=[0.1,0.2]"],

@@ -11,7 +11,7 @@ from torch import nn
 from regbench.errors import ConfigError
 from regbench.models.common import Rates, check_activation, check_init, expect, expect_choice, init_weights, \
     make_activation, make_norm, norm_kwargs, rates
-from regbench.models.slots import LayerSlots, refuse_drop_path
+from regbench.models.slots import LayerSlots, refuse_unapplied
 from regbench.registry import MODELS
 
 POOLINGS = ("max", "avg", "none")
@@ -107,11 +107,10 @@ class LectureCNN(nn.Module):
     @staticmethod
     def check_slots(m: Any, slots: LayerSlots) -> None:
         """Refuse what the CNN has no place for (before anything is built)."""
+        refuse_unapplied(slots, "lecture_cnn", {"dropout", "dropout_placement", "spatial_dropout", "norm"})
         if len(slots.rate_list()) > 1:
             raise ConfigError(slots.key("dropout"), slots.rate_list(), "one rate for the CNN's single dense hidden "
                               "layer")
-        if slots.filled("drop_path"):
-            raise refuse_drop_path(slots, "lecture_cnn")
 
     @classmethod
     def from_config(cls, m: Any, input_shape: Sequence[int], num_classes: int, slots: LayerSlots) -> "LectureCNN":

@@ -11,7 +11,7 @@ from torch import nn
 from regbench.errors import ConfigError
 from regbench.models.common import Rates, check_activation, check_init, expect, init_weights, make_activation, \
     make_norm, norm_kwargs, rates
-from regbench.models.slots import LayerSlots, applies_to_nothing, refuse, refuse_drop_path
+from regbench.models.slots import LayerSlots, applies_to_nothing, refuse_unapplied
 from regbench.registry import MODELS
 
 
@@ -82,11 +82,8 @@ class MLP(nn.Module):
             member = slots.member("norm")
             raise applies_to_nothing(member, no_hidden.format("normalise (the head is never normalised)"),
                                      fix.format(member))
-        if slots.spatial_dropout > 0:
-            raise refuse(slots, "spatial_dropout", "mlp", "spatial dropout drops conv feature maps; the MLP has none",
-                         "use model=lecture_cnn or drop the key")
-        if slots.filled("drop_path"):
-            raise refuse_drop_path(slots, "mlp")
+        refuse_unapplied(slots, "mlp", {"dropout", "dropout_placement", "norm"},
+                         why={"spatial_dropout": "the MLP has none"})
         ps = slots.rate_list()
         if len(ps) > 1 and len(ps) != len(m.hidden):
             raise ConfigError(slots.key("dropout"), ps, f"one rate or {len(m.hidden)} (one per hidden layer of "

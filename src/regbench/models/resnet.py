@@ -22,7 +22,7 @@ from torch import nn
 
 from regbench.errors import ConfigError
 from regbench.models.common import DropPath, check_init, expect, expect_choice, init_weights, make_norm
-from regbench.models.slots import LayerSlots, NormSpec, drop_path_rates, refuse
+from regbench.models.slots import LayerSlots, NormSpec, drop_path_rates, refuse_unapplied
 from regbench.registry import MODELS
 
 WIDTHS = (16, 32, 64)
@@ -124,12 +124,9 @@ class ResNet(nn.Module):
     @staticmethod
     def check_slots(m: Any, slots: LayerSlots) -> None:
         """Refuse what a ResNet has no place for (before anything is built)."""
-        if slots.spatial_dropout > 0:
-            raise refuse(slots, "spatial_dropout", "resnet", "its dropout sits between the pooling and the head",
-                         "use model=lecture_cnn or drop the key")
-        if slots.dropout_placement != "after_activation":
-            raise refuse(slots, "dropout_placement", "resnet", "its dropout sits between the pooling and the head, "
-                         "after the last activation", "drop the key")
+        refuse_unapplied(slots, "resnet", {"dropout", "norm", "drop_path", "drop_path_rule"},
+                         why={"dropout_placement": "its dropout sits between the pooling and the head, after the last "
+                                                   "activation"})
         if len(slots.rate_list()) > 1:
             raise ConfigError(slots.key("dropout"), slots.rate_list(), "one rate for the ResNet's single dropout "
                               "(between the pooling and the head)")

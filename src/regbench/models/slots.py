@@ -64,6 +64,7 @@ class LayerSlots:
 
 
 SLOT_NAMES = tuple(f.name for f in fields(LayerSlots) if f.name != "keys")
+DEFAULTS = {f.name: f.default for f in fields(LayerSlots) if f.name != "keys"}
 
 
 def member_of(key: str) -> str:
@@ -77,21 +78,43 @@ def applies_to_nothing(member: str, why: str, fix: str) -> RegbenchError:
     return RegbenchError(f"regularizer member '{member}' applies to nothing: {why}; fix: {fix}")
 
 
-def refuse(slots: LayerSlots, slot: str, model: str, why: str, fix: str) -> ConfigError:
-    """The error for a filled slot ``model`` cannot apply: names the key that filled it and its value."""
-    return ConfigError(slots.key(slot), _value(getattr(slots, slot)), f"{_unset(slot)} with model={model} ({why})",
-                       fix)
+# Slots whose filling alone asks for layers; the others modify those layers and only ask when they differ from
+# their default (dropout's spatial rate 0 or placement after_activation ask nothing of an MLP).
+ASKS_WHEN_FILLED = {"dropout", "norm", "drop_path"}
+
+# How a model refuses a slot it has no place for: (expected, why, fix), formatted with model=, why=, member=.
+REFUSALS = {
+    "dropout": ("a model with a place for dropout (model={model}: {why})", "it has none", "drop {member} from the stack"),
+    "dropout_placement": ("after_activation with model={model} ({why})", "its dropout has no activation after it",
+                          "drop the key"),
+    "spatial_dropout": ("0 with model={model} (spatial dropout drops conv feature maps; {why})",
+                        "model={model} has no place for it", "use model=lecture_cnn or drop the key"),
+    "norm": ("a model with a place for normalisation (model={model}: {why})", "it has none",
+             "drop {member} from the stack"),
+    "drop_path": ("a model with residual branches to drop (model={model} has none)", "", "use model=resnet, or "
+                  "drop {member} from the stack"),
+    "drop_path_rule": ("to be left alone with model={model} (no residual branches to drop)", "", "drop the key"),
+}
+
+if set(REFUSALS) != set(SLOT_NAMES):  # a new slot needs its refusal text
+    raise RuntimeError(f"slots without a refusal in REFUSALS: {sorted(set(SLOT_NAMES) - set(REFUSALS))}")
 
 
-def refuse_drop_path(slots: LayerSlots, model: str) -> ConfigError:
-    """Stochastic depth on a model without residual branches."""
-    return ConfigError(slots.key("drop_path"), slots.drop_path, f"a model with residual branches to drop "
-                       f"(model={model} has none)", f"use model=resnet, or drop {slots.member('drop_path')} "
-                       "from the stack")
-
-
-def _unset(slot: str) -> str:
-    return {"dropout_placement": "after_activation", "norm": "no normalisation member"}.get(slot, "0")
+def refuse_unapplied(slots: LayerSlots, model: str, applies: set[str], why: Optional[dict[str, str]] = None) -> None:
+    """Raise ConfigError for the first slot that asks for layers ``model`` has no place for (``applies`` lists the
+    slots it does apply; ``why`` overrides the reason given for a slot). A new slot is refused by every model that
+    does not list it: never silently ignored."""
+    for slot in SLOT_NAMES:
+        if slot in applies or not slots.filled(slot):
+            continue
+        value = getattr(slots, slot)
+        if slot not in ASKS_WHEN_FILLED and value == DEFAULTS[slot]:
+            continue
+        expected, reason, fix = REFUSALS[slot]
+        reason = (why or {}).get(slot, reason).format(model=model)
+        member = slots.member(slot)
+        raise ConfigError(slots.key(slot), _value(value), expected.format(model=model, why=reason),
+                          fix.format(member=member))
 
 
 def _value(value: Any) -> Any:
