@@ -202,6 +202,7 @@ SYNC_FREE_STACKS = [
     ["model=lecture_cnn", "augmentation=keras_lecture", "regularizer=[elastic_net,group_norm]", "optimizer=rmsprop"],
     ["augmentation.ops=[{op:mixup_cutmix}]", "regularizer=[layer_norm,dropout,mc_dropout]", "optimizer=adagrad",
      "data.train_size=70"],  # a short last batch
+    ["model=resnet", "model.depth=8", "augmentation=standard", "regularizer=[dropout,stochastic_depth]"],
 ]
 
 
