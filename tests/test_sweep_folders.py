@@ -9,7 +9,7 @@ import pytest
 
 from regbench.cli import check
 from regbench.errors import RegbenchError
-from regbench.sweep import canonical_name, naming, sweep_jobs
+from regbench.sweep_names import canonical_name, naming, sweep_jobs
 
 LADDER_QUICK = ["sweep=cifar10_ladder", "data=mnist5k", "data.train_size=1000", "data.batch_size=50",
                 "trainer.max_epochs=10", "augmentation=none,digits"]
@@ -114,7 +114,8 @@ def test_a_failed_download_leaves_no_empty_data_root(tmp_path, monkeypatch):
 
 
 def test_the_retry_hint_is_the_exact_command_with_the_sweep_folder(tmp_path, monkeypatch):
-    from regbench.sweep import NAMING_KEY, retry_command
+    from regbench.sweep import retry_command
+    from regbench.sweep_names import NAMING_KEY
 
     sweep = tmp_path / "outputs" / "sweeps" / "2026-01-01" / "10-00-00"  # an ad-hoc sweep's timestamped folder
     monkeypatch.setattr("sys.argv", ["regbench", "-m", "regularizer=[],[l2]", "optimizer.lr=0.1",

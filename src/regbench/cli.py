@@ -30,12 +30,12 @@ __all__ = ["CONFIG_DIR", "CONFIG_NAME", "app", "check", "claim_folder", "main", 
 
 register_configs()
 # Sweep sub-folders are named after the overrides that differ between the sweep's jobs (seed excluded, so the
-# seeds of one configuration sit side by side below it; see regbench.sweep.naming), the stack in its fixed
+# seeds of one configuration sit side by side below it; see regbench.sweep_names.naming), the stack in its fixed
 # order; a sweep that varies nothing else gets "default".
 
 
 def _run_name(name: str) -> str:
-    from regbench.sweep import canonical_name
+    from regbench.sweep_names import canonical_name
 
     return canonical_name(name)
 

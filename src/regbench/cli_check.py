@@ -103,7 +103,7 @@ def _regbench_names(cfg: DictConfig) -> bool:
 
 def _check_sweep(overrides: Sequence[str], cfgs: list[DictConfig]) -> None:
     """Before any job of a sweep starts: one folder per job, no earlier command's job taken over."""
-    from regbench.sweep import check_folders
+    from regbench.sweep_names import check_folders
 
     if _regbench_names(cfgs[0]):
         check_folders(list(overrides), _sweep_params(cfgs[0]), Path(cfgs[0].hydra.sweep.dir), cfgs[0].seed)
@@ -127,8 +127,8 @@ def _check_data(cfgs: list[DictConfig]) -> None:
 
 
 def naming_overrides(overrides: Sequence[str], cfgs: list[DictConfig]) -> list[str]:
-    """The override that names a sweep's job folders by what its jobs vary (regbench.sweep.naming)."""
-    from regbench.sweep import naming_override
+    """The override that names a sweep's job folders by what its jobs vary (regbench.sweep_names.naming)."""
+    from regbench.sweep_names import naming_override
 
     extra = naming_override(list(overrides), _sweep_params(cfgs[0])) if cfgs and _regbench_names(cfgs[0]) else None
     return [extra] if extra else []

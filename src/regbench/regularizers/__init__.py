@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ORDER", "REGISTRY", "Context", "Regularizer", "Stack", "build_stack", "rank"]
 
 # The one order every hook runs in (setup, param groups, penalties summed, before_step, epoch ends, final
-# evaluations), whatever the command-line order. Run folders are named by it (sweep.canonical_name) and
+# evaluations), whatever the command-line order. Run folders are named by it (sweep_names.canonical_name) and
 # bitwise tests pin it: moving a member changes what runs compute and where they are filed.
 ORDER = [
     "transfer",  # first: loads the source weights and freezes layers before anyone selects trainable parameters
