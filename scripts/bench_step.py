@@ -109,7 +109,6 @@ def _regbench_data(threads: int):
 
 def minimal(cfg, data, epochs: int, fused: bool) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from regbench.models import build_model
 
@@ -117,18 +116,14 @@ def minimal(cfg, data, epochs: int, fused: bool) -> dict:
     model = build_model(cfg.model, data.input_shape, 10)
     o = cfg.optimizer
     opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_loop import minimal_epoch  # the same minimal loop bench_loop.py measures
+
     x, y, bs, g = data.train_x, data.train_y, cfg.data.batch_size, torch.Generator().manual_seed(0)
     times, start = [], time.perf_counter()
     for _ in range(epochs):
         t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), bs):
-            idx = perm[i:i + bs]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        minimal_epoch(model, opt, x, y, bs, g)
         times.append(time.perf_counter() - t0)
     return {"epochs": times, "run_s": time.perf_counter() - start}
 
