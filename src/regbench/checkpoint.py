@@ -125,13 +125,19 @@ class Checkpoints:
         found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := EPOCH_FILE.match(p.name))]
         return sorted(found, reverse=True)
 
-    def save(self, epoch: int, state: dict, best: bool) -> None:
+    def save(self, epoch: int, state: dict, best: bool, prune: bool = True) -> None:
+        """Write epoch ``epoch``'s checkpoint, link last.pt (and best.pt); with ``prune``, drop the epochs beyond
+        keep_last (a stack prunes only once every member has written the epoch: :meth:`prune`)."""
         path = self.folder / f"epoch_{epoch:04d}.pt"
         save_checkpoint(path, state)
         fault_point("after_checkpoint", epoch)
         self._link(path, "last.pt")
         if best:
             self._link(path, "best.pt")
+        if prune:
+            self.prune()
+
+    def prune(self) -> None:
         for _, old in self.epoch_files()[self.keep_last:]:
             old.unlink(missing_ok=True)  # best.pt keeps its own link to the data
 
@@ -154,10 +160,13 @@ class Checkpoints:
         for p in self.folder.glob(".*.tmp-*"):
             p.unlink(missing_ok=True)
 
-    def load_latest(self, map_location) -> tuple[Optional[dict], list[str]]:
-        """The newest checkpoint that loads, falling back to older ones; plus a warning per unreadable file."""
+    def load_latest(self, map_location, at_most: Optional[int] = None) -> tuple[Optional[dict], list[str]]:
+        """The newest checkpoint that loads (not after epoch ``at_most`` when given), falling back to older ones;
+        plus a warning per unreadable file."""
         problems = []
         for epoch, path in self.epoch_files():
+            if at_most is not None and epoch > at_most:
+                continue
             try:
                 state = load_checkpoint(path, map_location)
             except RegbenchError as e:

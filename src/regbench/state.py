@@ -82,11 +82,11 @@ class RunState:
 
 
 def restore_latest(state: RunState, ckpts: Checkpoints, run_dir: Path,
-           device: torch.device) -> tuple[Optional[list[dict]], list[str]]:
+           device: torch.device, at_most_epoch: Optional[int] = None) -> tuple[Optional[list[dict]], list[str]]:
     """Load the newest usable checkpoint of ``run_dir`` (onto ``device``) into ``state``. Returns (the rows metrics.csv gets back,
     None to keep its own; a warning per checkpoint that could not be used). A checkpoint written with another
     config is refused with one line; without any usable checkpoint the run starts from epoch 1."""
-    payload, warnings = ckpts.load_latest(device)
+    payload, warnings = ckpts.load_latest(device, at_most_epoch)
     for w in warnings:
         log.warning("warning: %s", w)
     restore = None

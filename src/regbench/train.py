@@ -136,12 +136,23 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
     t = cfg.trainer
     resuming = prepare_run_dir(run_dir, t.resume if resume is None else resume)
     rt = runtime.set_up(t, default_threads)
+    return prepare_run(cfg, run_dir, resuming, rt).run()
+
+
+def prepare_run(cfg: DictConfig, run_dir: Path, resuming: bool, rt: runtime.Runtime, *,
+                data_map: Optional[Callable] = None, at_most_epoch: Optional[int] = None) -> "_Run":
+    """A run's experiment, state (restored from its newest checkpoint when resuming — with ``at_most_epoch``, the
+    newest not after it), logger and first summary.json: everything before its first epoch. ``data_map`` replaces
+    the experiment's data (a bagging member's bootstrap resample). Also what a stacked member is made of."""
     exp = build_experiment(cfg, rt.device)
+    if data_map is not None:
+        exp.data = data_map(exp.data)
     state = RunState(exp.model, exp.optimizer, exp.scheduler, rt.scaler, exp.stack,
                      order=torch.Generator(device=rt.device).manual_seed(cfg.seed),  # data order, on the data's device
-                     config=OmegaConf.to_container(cfg, resolve=True), monitor=t.monitor)
-    ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last)
-    restore, load_warnings = restore_latest(state, ckpts, run_dir, rt.device) if resuming else (None, [])
+                     config=OmegaConf.to_container(cfg, resolve=True), monitor=cfg.trainer.monitor)
+    ckpts = Checkpoints(run_dir / "checkpoints", cfg.trainer.keep_last)
+    restore, load_warnings = (restore_latest(state, ckpts, run_dir, rt.device, at_most_epoch) if resuming
+                              else (None, []))
     _log_start(cfg, exp, rt)
     logger = RunLogger(run_dir, cfg, resume_epoch=state.epoch if resuming else None, rows=restore)
     preview = None if resuming else exp.policy.preview(exp.data, cfg.augmentation.preview)
@@ -149,7 +160,7 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
         logger.log_images(*preview)
     summary = _start_summary(cfg, exp, rt, state, run_dir, resuming, exp.warnings + load_warnings)
     summary.write(run_dir / "summary.json")
-    return _Run(cfg, run_dir, exp, rt, state, ckpts, logger, summary).run()
+    return _Run(cfg, run_dir, exp, rt, state, ckpts, logger, summary)
 
 
 def _log_start(cfg: DictConfig, exp: Experiment, rt: runtime.Runtime) -> None:
@@ -192,11 +203,12 @@ class _Run:
     logger: RunLogger
     summary: Summary
     bar: Any = field(default=None, init=False)  # the progress bar, while the epochs run
+    improved: bool = field(default=False, init=False)  # the last recorded epoch is the best so far
 
     def run(self) -> float:
         """The epochs and the end; summary.json records how the run ended, however it ended. Returns the best
         value of trainer.monitor."""
-        t, summary = self.cfg.trainer, self.summary
+        t = self.cfg.trainer
         started = time.perf_counter()
         self.bar, redirect = _progress_bar(t, self.exp.steps_per_epoch, self.state.epoch)
         redirect.__enter__()
@@ -210,20 +222,27 @@ class _Run:
             self.finish(started)
         except BaseException as e:
             self.bar.close()
-            summary.update(status=_stopped_status(e), error=getattr(e, "regbench_reason", None)
-                           or (str(e).splitlines()[0] if str(e) else type(e).__name__), finished=provenance.now(),
-                           time_s=round(time.perf_counter() - started, 2))
-            try:
-                summary.write(self.run_dir / "summary.json")
-            except RegbenchError:
-                pass  # the original error is the one to report
+            self.fail(e, started)
             raise
         finally:
             redirect.__exit__(None, None, None)
             self.logger.close()
-        # The completion marker, written last: sweeps skip a run folder that has it.
-        write_json(self.run_dir / "COMPLETED", summary.marker())
-        return summary.best_value()
+        return self.complete()
+
+    def fail(self, e: BaseException, started: float) -> None:
+        """summary.json says how the run ended when ``e`` ended it (the caller re-raises or reports it)."""
+        self.summary.update(status=_stopped_status(e), error=getattr(e, "regbench_reason", None)
+                            or (str(e).splitlines()[0] if str(e) else type(e).__name__), finished=provenance.now(),
+                            time_s=round(time.perf_counter() - started, 2))
+        try:
+            self.summary.write(self.run_dir / "summary.json")
+        except RegbenchError:
+            pass  # the original error is the one to report
+
+    def complete(self) -> float:
+        """The completion marker, written last: sweeps skip a run folder that has it. Returns the best value."""
+        write_json(self.run_dir / "COMPLETED", self.summary.marker())
+        return self.summary.best_value()
 
     def epoch(self, epoch: int) -> bool:
         """Train, measure, log and checkpoint one epoch; True when a member (early stopping) stops the run."""
@@ -234,10 +253,17 @@ class _Run:
             exp.model, exp.optimizer, exp.train_batches(state.order), loss_fn=exp.loss_fn,
             penalty_fn=exp.penalty_fn, before_step=exp.before_step, scheduler=exp.scheduler,
             autocast=self.rt.autocast, scaler=self.rt.scaler, on_step=self.bar.update)
+        return self.record(epoch, out, epoch_start)
+
+    def record(self, epoch: int, out: dict, epoch_start: float, save: bool = True) -> bool:
+        """Everything after an epoch's training (``out``: train_one_epoch's sums): measure, log, the stack's epoch
+        end, checkpoint (unless ``save`` is False: the caller saves, see :meth:`checkpoint_due`), summary.json.
+        True when a member (early stopping) stops the run."""
+        t, exp, state = self.cfg.trainer, self.exp, self.state
         state.step += exp.steps_per_epoch
         row = self.measure(epoch, out, epoch_start)
         self.logger.log_epoch(row)
-        improved = state.end_epoch(row.to_dict())
+        self.improved = state.end_epoch(row.to_dict())
         fault_point("after_metrics", epoch)
         self.bar.set_postfix(train_loss=f"{row.train_loss:.4f}", val_loss=f"{row.val_loss:.4f}",
                              val_acc=f"{row.val_acc:.4f}")
@@ -248,8 +274,8 @@ class _Run:
                  row.val_loss, row.val_acc, row.clean_gap_loss if has_clean else row.gap_loss, row.lr,
                  row.epoch_time_s)
         stopped = exp.stack.on_epoch_end(epoch, state.history[-1], exp.model)
-        if t.save_checkpoints and (epoch % t.checkpoint_every == 0 or epoch == t.max_epochs or stopped):
-            self.ckpts.save(epoch, state.state_dict(), best=improved)
+        if save and self.checkpoint_due(epoch, stopped):
+            self.ckpts.save(epoch, state.state_dict(), best=self.improved)
         self.summary.update(epochs_completed=epoch, final=state.history[-1], best=state.best_row,
                             regularizer_info=exp.stack.info())
         self.summary.write(self.run_dir / "summary.json")
@@ -257,6 +283,10 @@ class _Run:
         if stopped:
             log.info("early stopping after epoch %d", epoch)
         return stopped
+
+    def checkpoint_due(self, epoch: int, stopped: bool) -> bool:
+        t = self.cfg.trainer
+        return t.save_checkpoints and (epoch % t.checkpoint_every == 0 or epoch == t.max_epochs or stopped)
 
     def measure(self, epoch: int, out: dict, epoch_start: float) -> EpochRow:
         """The epoch's row from its training sums and the evaluations; a non-finite loss or weight is an error."""
