@@ -130,13 +130,15 @@ class Summary:
     time_s: Optional[float] = _kind(*_NUMBER)
     error: Optional[str] = _kind(str)
     test_extra: Optional[dict] = _kind(dict)
+    stacked: Optional[dict] = _kind(dict)  # trained in a stack (hydra/launcher=stacked): its group, index, size
 
     # --------------------------------------------------------------------------- writing (fit)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if out["test_extra"] is None:
-            del out["test_extra"]
+        for optional in ("test_extra", "stacked"):  # absent, not null, where they do not apply
+            if out[optional] is None:
+                del out[optional]
         return out
 
     def write(self, path: Path) -> None:

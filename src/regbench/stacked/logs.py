@@ -1,0 +1,98 @@
+"""Each stack member's log lines in its own ``<run>/regbench.log``; on the console, prefixed by the member.
+
+While the stack works on member k (``logs.member(k)``), what is logged goes to member k's file only; lines of
+the stack as a whole go to every member's file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from regbench.logs import RunLogHandler
+
+_CURRENT: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("regbench_stack_member", default=None)
+
+
+class _OnlyMember(logging.Filter):
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = _CURRENT.get()
+        return current is None or current == self.k
+
+
+class _Prefix(logging.Filter):
+    """Console lines of a member start with its name in the stack (the record is copied, not changed)."""
+
+    def __init__(self, names: Sequence[str]):
+        super().__init__()
+        self.names = names
+
+    def filter(self, record: logging.LogRecord) -> logging.LogRecord | bool:
+        current = _CURRENT.get()
+        if current is None:
+            return True
+        record = logging.makeLogRecord(record.__dict__)
+        record.msg, record.args = f"[{self.names[current]}] {record.getMessage()}", None
+        return record
+
+
+class MemberLogs:
+    def __init__(self, run_dirs: Sequence[Path]):
+        self.run_dirs = [Path(d) for d in run_dirs]
+        self.added: list[logging.Handler] = []
+        self.filtered: list[tuple[logging.Handler, logging.Filter]] = []
+
+    def open(self) -> None:
+        root = logging.getLogger()
+        files = {Path(h.baseFilename).resolve(): h for h in root.handlers if isinstance(h, logging.FileHandler)}
+        for k, d in enumerate(self.run_dirs):
+            path = (d / "regbench.log").resolve()
+            handler = files.pop(path, None)
+            if handler is None:
+                handler = RunLogHandler(str(path), encoding="utf-8")
+                handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+                root.addHandler(handler)
+                self.added.append(handler)
+            self._filter(handler, _OnlyMember(k))
+        names = [d.name if d.name not in ("", ".") else str(k) for k, d in enumerate(self.run_dirs)]
+        names = [f"{d.parent.name}/{n}" if n.startswith("seed=") else n for d, n in zip(self.run_dirs, names)]
+        for h in root.handlers:
+            if h not in self.added and not any(h is f for f, _ in self.filtered):
+                self._filter(h, _Prefix(names))  # the console, and any other file the launcher opened
+
+    def _filter(self, handler: logging.Handler, f: logging.Filter) -> None:
+        handler.addFilter(f)
+        self.filtered.append((handler, f))
+
+    def close(self) -> None:
+        root = logging.getLogger()
+        for handler, f in self.filtered:
+            handler.removeFilter(f)
+        for handler in self.added:
+            root.removeHandler(handler)
+            handler.close()
+
+    @contextlib.contextmanager
+    def member(self, k: int) -> Iterator[None]:
+        token = _CURRENT.set(k)
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def member_logs(run_dirs: Sequence[Path]) -> Iterator[MemberLogs]:
+    logs = MemberLogs(run_dirs)
+    logs.open()
+    try:
+        yield logs
+    finally:
+        logs.close()
