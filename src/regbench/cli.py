@@ -77,11 +77,38 @@ def app(cfg: DictConfig) -> float:
 
         return run_job(cfg, run_dir, fit, _threads_per_job(hc))
     try:
-        value = fit(cfg, run_dir)
+        value = _fit_stacked_member(cfg, run_dir) if _stacked_origin() else fit(cfg, run_dir)
     except RegbenchError as e:
         fail(e)
     print(f"run dir: {run_dir.resolve()}")
     print(f"view it: {tensorboard_command()} --logdir {run_dir.resolve()}")
+    return value
+
+
+def _stacked_origin() -> bool:
+    """``regbench rerun|resume`` of a run trained in a stack (hydra/launcher=stacked): it runs as a stack of one,
+    so it computes what the stack computed for it (a member does not depend on its group-mates)."""
+    from regbench import provenance
+    from regbench.records import Summary
+
+    source = provenance.origin_dir()
+    try:
+        return source is not None and Summary.load(source / "summary.json").stacked is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _fit_stacked_member(cfg: DictConfig, run_dir: Path) -> float:
+    import math
+
+    from regbench.records import Summary
+    from regbench.stacked.engine import fit_stack
+
+    value = fit_stack([cfg], [run_dir], resume=bool(cfg.trainer.resume))[0]
+    if math.isnan(value):
+        error = Summary.load(run_dir / "summary.json").error
+        if error:
+            raise RegbenchError(error)
     return value
 
 

@@ -25,6 +25,11 @@ def clear() -> None:
     _origin.clear()
 
 
+def origin_dir() -> Optional[Path]:
+    """The run folder this process reruns or resumes (``regbench rerun|resume <run dir>``), else None."""
+    return Path(_origin["run_dir"]) if "run_dir" in _origin else None
+
+
 def command() -> Optional[list[str]]:
     """The command as the user typed it, when a subcommand rewrote it; else None (sys.argv is the command)."""
     return _origin.get("command")

@@ -1,0 +1,343 @@
+"""``fit_stack``: the epochs of K runs trained as one stack, each member writing the run folder an ordinary run
+writes (.hydra/ comes from the launcher; tb/, metrics.csv, summary.json, checkpoints/ from here).
+
+Every member is an ordinary run prepared by :func:`regbench.train.prepare_run` (its experiment, state, logger,
+summary; a resume restores its own checkpoint). Only the training steps are shared: the members' models become
+one :class:`StackedModel`, their torch optimizers (driven by their own schedulers) one
+:class:`StackedOptimizer`. After every epoch each member's weights go back into its own model and its own
+``_Run.record`` does the rest (evaluation, logs, early stopping, summary.json); checkpoints are written in the
+ordinary format, for every member of the epoch before any is pruned, so a killed stack resumes every member
+from one common epoch. A member that stops early or fails (divergence) leaves the stack; the others go on.
+
+Random draws: each member owns a torch RNG state, swapped in around its batch (augmentation) and its dropout
+masks, in the order its single run draws them; its data order has its own generator (RunState.order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from regbench import runtime
+from regbench.errors import RegbenchError
+from regbench.stacked.logs import member_logs
+from regbench.stacked.model import StackedModel
+from regbench.stacked.optim import StackedOptimizer
+from regbench.stacked.step import StepRules
+
+log = logging.getLogger(__name__)
+
+
+def fit_stack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resume: bool | Sequence[bool] = False,
+              default_threads: Optional[int] = None, *, observer: Any = None,
+              member_data: Optional[Sequence[Optional[Callable]]] = None, group: Optional[str] = None) -> list[float]:
+    """Train the runs ``cfgs`` (one architecture, see regbench.stacked.grouping) as one stack into ``run_dirs``.
+
+    Returns each member's best value of trainer.monitor (NaN for a failed member: its summary.json says why);
+    one member's failure never stops the others. A config error of the stack as a whole raises RegbenchError
+    before anything is trained.
+    """
+    from regbench.rundir import claim
+
+    run_dirs = [Path(d) for d in run_dirs]
+    resume = [resume] * len(cfgs) if isinstance(resume, bool) else list(resume)
+    group = group or f"{zlib.crc32('|'.join(str(d.resolve()) for d in run_dirs).encode()):08x}"
+    held = [claim(d, fresh=False).lock for d in run_dirs]
+    try:
+        return _fit_stack(list(cfgs), run_dirs, resume, default_threads, observer,
+                          list(member_data) if member_data else [None] * len(cfgs), group)
+    finally:
+        for lock in held:
+            if lock is not None:
+                lock.release()
+
+
+def _fit_stack(cfgs, run_dirs, resume, default_threads, observer, member_data, group) -> list[float]:
+    from regbench.rundir import prepare_run_dir
+    from regbench.train import prepare_run
+    from regbench.validation import validate
+
+    for cfg in cfgs:
+        validate(cfg)
+        if cfg.trainer.amp != "none" or cfg.trainer.compile != "none":
+            raise RegbenchError(f"trainer.amp={cfg.trainer.amp} / trainer.compile={cfg.trainer.compile}: a stack "
+                                "trains in float32, uncompiled; fix: trainer.amp=none trainer.compile=none, or the "
+                                "basic launcher")
+    _check_same(cfgs)
+    resuming = [prepare_run_dir(d, r) for d, r in zip(run_dirs, resume)]
+    rt = runtime.set_up(cfgs[0].trainer, default_threads)
+    common = _common_epoch(cfgs, run_dirs, resuming)
+    runs, rngs, values = [], [], [math.nan] * len(cfgs)
+    with member_logs(run_dirs) as logs:
+        for k, cfg in enumerate(cfgs):
+            with logs.member(k):
+                runs.append(prepare_run(cfg, run_dirs[k], resuming[k], rt, data_map=member_data[k],
+                                        at_most_epoch=common if resuming[k] else None))
+            rngs.append(_capture(rt.device))  # the member's own draws continue from here, as its single run's
+            runs[k].summary.update(stacked={"group": group, "index": k, "members": len(cfgs)})
+        # Members that resumed from different epochs (a checkpoint missing) cannot share steps: one stack each epoch.
+        by_epoch: dict[int, list[int]] = {}
+        for k, run in enumerate(runs):
+            by_epoch.setdefault(run.state.epoch, []).append(k)
+        for ks in by_epoch.values():
+            stack = Stack([runs[k] for k in ks], [rngs[k] for k in ks], rt, logs, ks, observer)
+            for k, value in zip(ks, stack.train()):
+                values[k] = value
+            if observer is not None:
+                observer.on_end(stack)
+    return values
+
+
+# What every member of one stack must share: they take their steps together (regbench.stacked.grouping keeps the
+# jobs of a sweep that differ in these apart).
+_SHARED = ("trainer.max_epochs", "data", "model", "optimizer.name", "augmentation.ops", "trainer.device",
+           "trainer.amp", "trainer.deterministic")
+
+
+def _check_same(cfgs) -> None:
+    from omegaconf import OmegaConf
+
+    for key in _SHARED:
+        values = [OmegaConf.select(c, key) for c in cfgs]
+        values = [OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in values]
+        if any(v != values[0] for v in values[1:]):
+            raise RegbenchError(f"the members of one stack differ in {key} ({values[0]!r} vs "
+                                f"{next(v for v in values if v != values[0])!r}); fix: train them in separate stacks "
+                                "(hydra/launcher=stacked groups a sweep's jobs by what they share)")
+
+
+def _common_epoch(cfgs, run_dirs, resuming) -> Optional[int]:
+    """The newest epoch every resuming member has a checkpoint of (a stack killed while it wrote one epoch's
+    checkpoints resumes all members from the previous one, which is pruned only after every member wrote)."""
+    from regbench.checkpoint import Checkpoints
+
+    newest = [max((e for e, _ in Checkpoints(d / "checkpoints", c.trainer.keep_last).epoch_files()), default=0)
+              for c, d, r in zip(cfgs, run_dirs, resuming) if r]
+    return min(newest) if newest else None
+
+
+def _capture(device: torch.device) -> tuple:
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _restore(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class _NoBar:
+    """What a member's _Run calls on its progress bar; the stack has one bar for all."""
+
+    def set_description(self, *a, **k):
+        pass
+
+    set_postfix = update = close = set_description
+
+
+class Stack:
+    """Members (prepared runs, all at the same epoch) trained together until each has finished."""
+
+    def __init__(self, runs: list, rngs: list[tuple], rt, logs, ids: list[int], observer: Any = None):
+        self.runs, self.rngs, self.rt, self.logs, self.ids, self.observer = runs, rngs, rt, logs, ids, observer
+        self.exps = [r.exp for r in runs]
+        self.members = list(range(len(runs)))  # runs still training, in slot order
+        for r in runs:
+            r.bar = _NoBar()
+            r.exp.optimizer._opt_called = True  # stepped through the stack: its scheduler must not warn
+        self.model = StackedModel([r.exp.model for r in runs], input_shape=tuple(runs[0].exp.data.input_shape))
+        self.optimizer = StackedOptimizer(self.model.params, [self.model.member_params(k) for k in self.members],
+                                          [r.exp.optimizer for r in runs])
+        for k in self.members:
+            self.optimizer.import_member(k)  # a resumed member's optimizer state (fresh: nothing)
+        self.rules = StepRules([r.exp.stack for r in runs], [self.model.member_params(k) for k in self.members],
+                               rt.device)
+
+    @contextlib.contextmanager
+    def member_rng(self, k: int):
+        """Member k's torch RNG state as the global one while its draws happen."""
+        _restore(self.rngs[k], self.rt.device)
+        try:
+            yield
+        finally:
+            self.rngs[k] = _capture(self.rt.device)
+
+    # ------------------------------------------------------------------------------------ epochs
+    def train(self) -> list[float]:
+        """Every epoch until each member has finished; each member's best monitored value (NaN: failed)."""
+        from regbench.train import _progress_bar
+
+        values = [math.nan] * len(self.runs)
+        t = self.runs[0].cfg.trainer
+        started = time.perf_counter()
+        self.bar, redirect = _progress_bar(t, self.exps[0].steps_per_epoch, self.runs[0].state.epoch)
+        try:
+            with redirect:
+                self._epochs(values, started)
+        except BaseException as e:  # Ctrl-C, a SLURM preemption, a bug: every member still training says so
+            for k in self.members:
+                self.runs[k].fail(e, started)
+                self.runs[k].logger.close()
+            raise
+        finally:
+            self.bar.close()
+        return values
+
+    def _epochs(self, values: list[float], started: float) -> None:
+        t = self.runs[0].cfg.trainer
+        for k in list(self.members):
+            if self.runs[k].exp.stack.stopped:  # resumed after its early stop: only its end is left
+                values[k] = self._finish(k, started)
+        self._select([k for k in self.members if not self.runs[k].exp.stack.stopped])
+        epoch = self.runs[0].state.epoch
+        while self.members and epoch < t.max_epochs:
+            epoch += 1
+            self.bar.set_description(f"stack of {len(self.members)}: epoch {epoch}/{t.max_epochs}")
+            done = self.epoch(epoch, started)
+            if epoch == t.max_epochs:
+                done = list(self.members)
+            for k in done:
+                if self.runs[k].summary.status == "running":
+                    values[k] = self._finish(k, started)
+            self._select([k for k in self.members if k not in done])
+        for k in self.members:  # resumed after the last epoch had been checkpointed: only the end is left
+            if self.runs[k].summary.status == "running":
+                values[k] = self._finish(k, started)
+        self.members = []
+
+    def epoch(self, epoch: int, started: float) -> list[int]:
+        """Train one epoch, then each member's own epoch end; the members that finished (stopped or failed)."""
+        epoch_start = time.perf_counter()
+        outs = self.train_epoch()
+        self.export()
+        done, saving = [], []
+        for slot, k in enumerate(self.members):
+            run = self.runs[k]
+            with self.logs.member(self.ids[k]):
+                try:
+                    stopped = run.record(epoch, outs[slot], epoch_start, save=False)
+                except Exception as e:  # noqa: BLE001 - one member's failure (divergence) must not end the others
+                    self._failed(k, e, started)
+                    done.append(k)
+                    continue
+            if run.checkpoint_due(epoch, stopped):
+                saving.append((slot, k))
+            if stopped:
+                done.append(k)
+        for slot, k in saving:  # every member's checkpoint of this epoch first, then the pruning
+            self.optimizer.export_member(slot)
+            with self.member_rng(k):
+                self.runs[k].ckpts.save(epoch, self.runs[k].state.state_dict(), best=self.runs[k].improved,
+                                        prune=False)
+        for _, k in saving:
+            self.runs[k].ckpts.prune()
+        if self.observer is not None:
+            self.observer.on_epoch_end(epoch, self)
+        return done
+
+    def train_epoch(self) -> list[dict]:
+        """One pass of every member over its own batches; per member the sums train_one_epoch returns."""
+        K, device = len(self.members), self.rt.device
+        iters = [self.runs[k].exp.train_batches(self.runs[k].state.order) for k in self.members]
+        self.model.train()
+        losses, pens, preds, targets, sizes = [], [], [], [], []
+        on_step = self.bar.update
+        while True:
+            batch = self._next_batch(iters)
+            if batch is None:
+                break
+            x, y, noise = batch
+            logits = self.model(x, noise)
+            loss = self.rules.loss(logits, y)
+            penalty = self.rules.penalty(self.model.params)
+            objective = (loss if penalty is None else loss + penalty).sum()
+            self.optimizer.zero_grad()
+            objective.backward()
+            self.rules.before_step(self.model.params, self.optimizer)
+            self.optimizer.step()
+            for k in self.members:
+                if self.runs[k].exp.scheduler is not None:
+                    self.runs[k].exp.scheduler.step()
+            losses.append(loss.detach())
+            if penalty is not None:
+                pens.append(penalty.detach())
+            preds.append(logits.detach().argmax(-1))
+            targets.append(y.argmax(-1) if y.ndim == 3 else y)
+            sizes.append(y.shape[1])
+            on_step()
+        return self._sums(losses, pens, preds, targets, sizes, device)
+
+    def _next_batch(self, iters):
+        """The next batch of every member, drawn under its own RNG (augmentation, then its dropout masks), or None
+        at the end of the epoch."""
+        xs, ys, noise = [], [], []
+        for slot, (k, it) in enumerate(zip(self.members, iters)):
+            with self.member_rng(k):
+                try:
+                    xb, yb = next(it)
+                except StopIteration:
+                    return None
+                noise.append(self.model.dropout_noise(slot, yb.shape[0]))
+            xs.append(xb)
+            ys.append(yb)
+        return torch.stack(xs), torch.stack(ys), noise
+
+    def _sums(self, losses, pens, preds, targets, sizes, device) -> list[dict]:
+        K = len(self.members)
+        if not losses:
+            zero = torch.zeros((), device=device)
+            return [{"loss": zero, "penalty": None, "correct": zero.long(), "seen": 0} for _ in range(K)]
+        weights = torch.tensor(sizes, dtype=torch.float32, device=device).view(-1, 1)
+        loss = (torch.stack(losses).float() * weights).sum(0)
+        pen = (torch.stack(pens).float() * weights).sum(0) if pens else None
+        correct = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1)
+        return [{"loss": loss[s], "correct": correct[s], "seen": sum(sizes),
+                 "penalty": pen[s] if pen is not None and self.rules.has_penalty[s] else None} for s in range(K)]
+
+    # ------------------------------------------------------------------------------------ members
+    def export(self) -> None:
+        """Every training member's weights and statistics into its own model."""
+        for slot in range(len(self.members)):
+            self.model.export_member(slot)
+
+    def _select(self, keep: list[int]) -> None:
+        if keep == self.members:
+            return
+        slots = [self.members.index(k) for k in keep]
+        if keep:
+            self.model.select(slots)
+            self.optimizer.select(slots, self.model.params)
+            self.rules.select(slots)
+        self.members = keep
+
+    def _finish(self, k: int, started: float) -> float:
+        """Member k's end (the stack's end, test evaluations, completion), as its single run's."""
+        run = self.runs[k]
+        with self.logs.member(self.ids[k]):
+            try:
+                run.finish(started)
+                value = run.complete()
+            except Exception as e:  # noqa: BLE001
+                self._failed(k, e, started)
+                return math.nan
+            finally:
+                run.logger.close()
+        return value
+
+    def _failed(self, k: int, e: BaseException, started: float) -> None:
+        run = self.runs[k]
+        run.fail(e, started)
+        run.logger.close()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        with self.logs.member(self.ids[k]):
+            log.error("member %d of the stack failed: %s", self.ids[k], first)
+        if not isinstance(e, RegbenchError):
+            log.exception("member %d: unexpected error", self.ids[k])

@@ -1,0 +1,200 @@
+"""StackedModel: K members of one architecture as one batched model (parameters and buffers [K, ...]).
+
+torch.func.stack_module_state + vmap(functional_call): the member dimension is vmapped, so a Linear becomes a
+batched matrix product and a Conv2d a grouped convolution, for every architecture regbench builds (MLP, lecture
+CNN, ResNet) without a hand-written stacked layer per module type. BatchNorm keeps per-member running statistics
+(its buffers are stacked and updated in place under vmap). Dropout layers are replaced in the template by a layer
+that multiplies by noise drawn outside the vmapped call, per member, exactly as the member's own layer draws it
+(``dropout_noise``), so masks come from the member's own RNG stream and its own rate.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+_DROPOUTS = (nn.Dropout, nn.Dropout2d)
+
+
+class _NoiseDropout(nn.Module):
+    """Train mode: x · noise (the member's mask, scaled by 1/(1−p)); eval mode: identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("noise", torch.ones(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.noise if self.training else x
+
+
+def _dropouts(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _DROPOUTS)]
+
+
+def _check_randomness(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if type(m).__name__ in ("DropPath", "StochasticDepth") or isinstance(m, (nn.AlphaDropout, nn.Dropout1d,
+                                                                                 nn.Dropout3d, nn.FeatureAlphaDropout)):
+            raise ValueError(f"layer {name} ({type(m).__name__}) draws randomness a stack cannot reproduce per member")
+
+
+class StackedModel:
+    def __init__(self, members: list[nn.Module], input_shape: Optional[tuple[int, ...]] = None):
+        if not members:
+            raise ValueError("a stack needs at least one member")
+        for m in members:
+            _check_randomness(m)
+        self.members = list(members)
+        counts = [len(_dropouts(m)) for m in members]
+        template_src = members[max(range(len(members)), key=lambda k: counts[k])]
+        kinds = [type(d) for d in _dropouts(template_src)]
+        for k, m in enumerate(members):
+            if counts[k] and [type(d) for d in _dropouts(m)] != kinds:
+                raise ValueError(f"member {k} has other dropout layers than member 0 ({counts[k]} vs {len(kinds)})")
+        self.rates = [[d.p for d in _dropouts(m)] if counts[k] else [0.0] * len(kinds)
+                      for k, m in enumerate(members)]
+        self.kinds = kinds
+        self.template = copy.deepcopy(template_src)
+        self._replace_dropouts(self.template)
+        self.noise_names = [f"{n}.noise" for n, mod in self.template.named_modules() if isinstance(mod, _NoiseDropout)]
+        self.param_names = [n for n, p in self.template.named_parameters() if p.requires_grad]
+        self.buffer_names = [n for n, _ in self.template.named_buffers() if not n.endswith(".noise")]
+        self._check_shapes()
+        self.params = [torch.stack([ps[i].detach() for ps in self._member_params_all()]).requires_grad_()
+                       for i in range(len(self.param_names))]
+        self.buffers = [torch.stack([bs[i].detach() for bs in self._member_buffers_all()])
+                        for i in range(len(self.buffer_names))]
+        self.template.to("meta")
+        self.training = True
+        self.shapes = self._probe(input_shape) if kinds else []
+
+    # ------------------------------------------------------------------------------------ structure
+    @staticmethod
+    def _replace_dropouts(model: nn.Module) -> None:
+        for name, child in list(model.named_children()):
+            if isinstance(child, _DROPOUTS):
+                setattr(model, name, _NoiseDropout())
+            else:
+                StackedModel._replace_dropouts(child)
+
+    def _own_params(self, m: nn.Module) -> list[nn.Parameter]:
+        return [p for p in m.parameters() if p.requires_grad]
+
+    def _own_buffers(self, m: nn.Module) -> list[torch.Tensor]:
+        return list(m.buffers())
+
+    def _member_params_all(self):
+        return [self._own_params(m) for m in self.members]
+
+    def _member_buffers_all(self):
+        return [self._own_buffers(m) for m in self.members]
+
+    def _check_shapes(self) -> None:
+        tp = [p.shape for n, p in self.template.named_parameters() if p.requires_grad]
+        tb = [b.shape for n, b in self.template.named_buffers() if not n.endswith(".noise")]
+        for k, m in enumerate(self.members):
+            mp, mb = [p.shape for p in self._own_params(m)], [b.shape for b in self._own_buffers(m)]
+            if mp != tp or mb != tb:
+                raise ValueError(f"member {k} has another architecture than the stack's (parameter or buffer shapes "
+                                 "differ)")
+
+    def _probe(self, input_shape) -> list[tuple[int, ...]]:
+        """Per dropout layer, the shape of one sample's noise (Dropout: the input's; Dropout2d: [C, 1, 1])."""
+        if input_shape is None:
+            raise ValueError("a stack with dropout needs the input shape")
+        src = copy.deepcopy(self.members[0]).cpu().eval()
+        layers = _dropouts(src)
+        if not layers:  # member 0 has none: probe one that has them
+            src = copy.deepcopy(next(m for m in self.members if _dropouts(m))).cpu().eval()
+            layers = _dropouts(src)
+        shapes: dict[int, tuple] = {}
+        hooks = [d.register_forward_hook(lambda mod, inp, out, i=i: shapes.__setitem__(i, tuple(inp[0].shape[1:])))
+                 for i, d in enumerate(layers)]
+        with torch.no_grad():
+            src(torch.zeros(2, *input_shape))
+        for h in hooks:
+            h.remove()
+        return [(s[0], *[1] * (len(s) - 1)) if kind is nn.Dropout2d else s
+                for s, kind in zip((shapes[i] for i in range(len(layers))), self.kinds)]
+
+    @property
+    def K(self) -> int:
+        return len(self.members)
+
+    def member_params(self, k: int) -> list[nn.Parameter]:
+        return self._own_params(self.members[k])
+
+    # ------------------------------------------------------------------------------------ forward
+    def train(self, mode: bool = True) -> "StackedModel":
+        self.training = mode
+        self.template.train(mode)
+        return self
+
+    def eval(self) -> "StackedModel":
+        return self.train(False)
+
+    def dropout_noise(self, k: int, batch_size: int) -> list[torch.Tensor]:
+        """Member k's masks for one step, from torch's global RNG, as its own layers draw them in its forward:
+        torch's dropout draws ``empty_like(x).bernoulli_(1 − p)`` and divides by 1 − p (Dropout2d: one value per
+        sample and channel); nothing when p = 0."""
+        device = self.params[0].device
+        out = []
+        for rate, shape in zip(self.rates[k], self.shapes):
+            if rate == 0:
+                out.append(torch.ones((batch_size, *shape), device=device))
+            else:
+                out.append(torch.empty((batch_size, *shape), device=device).bernoulli_(1 - rate).div_(1 - rate))
+        return out
+
+    def _call(self, params, buffers, noise, x):
+        state = dict(zip(self.param_names, params))
+        state.update(zip(self.buffer_names, buffers))
+        state.update(zip(self.noise_names, noise))
+        return functional_call(self.template, state, (x,))
+
+    def __call__(self, x: torch.Tensor, noise: Optional[list[list[torch.Tensor]]] = None) -> torch.Tensor:
+        """Logits [K, B, C] of the members' batches x [K, B, ...]; in train mode with their dropout noise."""
+        if self.shapes and self.training:
+            stacked_noise = [torch.stack([n[i] for n in noise]) for i in range(len(self.shapes))]
+        else:
+            stacked_noise = [torch.ones(self.K, device=x.device) for _ in self.noise_names]
+        return vmap(self._call, randomness="error")(self.params, self.buffers, stacked_noise, x)
+
+    def evaluate(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Eval-mode logits [K, N, C] of one input x [N, ...] shared by every member, in batches, without autograd."""
+        was = self.training
+        self.eval()
+        ones = [torch.ones(self.K, device=x.device) for _ in self.noise_names]
+        try:
+            with torch.no_grad():
+                fn = vmap(self._call, in_dims=(0, 0, 0, None), randomness="error")
+                return torch.cat([fn(self.params, self.buffers, ones, x[i:i + batch_size])
+                                  for i in range(0, len(x), batch_size)], dim=1)
+        finally:
+            self.train(was)
+
+    # ------------------------------------------------------------------------------------ members
+    @torch.no_grad()
+    def export_member(self, k: int) -> None:
+        for p, s in zip(self.member_params(k), self.params):
+            p.copy_(s[k])
+        for b, s in zip(self._own_buffers(self.members[k]), self.buffers):
+            b.copy_(s[k])
+
+    @torch.no_grad()
+    def import_member(self, k: int) -> None:
+        for p, s in zip(self.member_params(k), self.params):
+            s[k].copy_(p)
+        for b, s in zip(self._own_buffers(self.members[k]), self.buffers):
+            s[k].copy_(b)
+
+    def select(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, device=self.params[0].device)
+        self.params = [p.detach()[idx].clone().requires_grad_() for p in self.params]
+        self.buffers = [b[idx].clone() for b in self.buffers]
+        self.members = [self.members[k] for k in keep]
+        self.rates = [self.rates[k] for k in keep]
