@@ -53,11 +53,13 @@ class Experiment:
         return self.policy.train_batches(self.data, self.cfg.data.batch_size, order, self.drop_last)
 
 
-def build_experiment(cfg: DictConfig, device: torch.device) -> Experiment:
+def build_experiment(cfg: DictConfig, device: torch.device, data: Any = None) -> Experiment:
     """Data, policy, stack, model, optimizer and schedule of ``cfg`` on ``device``; the warnings of the
-    config/model combination are logged here and kept for summary.json."""
+    config/model combination are logged here and kept for summary.json. ``data``: the data ``cfg.data`` loads,
+    loaded already (the members of a stack share one copy; loading draws nothing from the global RNG)."""
     seed_everything(cfg.seed)
-    data = load_data(cfg.data, device, keep_raw=bool(cfg.augmentation.ops))
+    if data is None:
+        data = load_data(cfg.data, device, keep_raw=bool(cfg.augmentation.ops))
     policy = build_policy(cfg.augmentation, data.info, data.pixel_mean)
     # The regularizer stack shapes the model (dropout, norms), its weights (transfer), the optimizer's
     # parameter groups (weight decay), the loss (penalties, smoothing) and the end of training.

@@ -140,11 +140,13 @@ def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads
 
 
 def prepare_run(cfg: DictConfig, run_dir: Path, resuming: bool, rt: runtime.Runtime, *,
-                data_map: Optional[Callable] = None, at_most_epoch: Optional[int] = None) -> "_Run":
+                data_map: Optional[Callable] = None, at_most_epoch: Optional[int] = None, data: Any = None) -> "_Run":
     """A run's experiment, state (restored from its newest checkpoint when resuming — with ``at_most_epoch``, the
     newest not after it), logger and first summary.json: everything before its first epoch. ``data_map`` replaces
-    the experiment's data (a bagging member's bootstrap resample). Also what a stacked member is made of."""
-    exp = build_experiment(cfg, rt.device)
+    the experiment's data (a bagging member's bootstrap resample); ``data``: the data, loaded already (a stack's
+    members share it). Also what a stacked member is made of."""
+    exp = build_experiment(cfg, rt.device, data)
+    loaded = exp.data
     if data_map is not None:
         exp.data = data_map(exp.data)
     state = RunState(exp.model, exp.optimizer, exp.scheduler, rt.scaler, exp.stack,
@@ -160,7 +162,9 @@ def prepare_run(cfg: DictConfig, run_dir: Path, resuming: bool, rt: runtime.Runt
         logger.log_images(*preview)
     summary = _start_summary(cfg, exp, rt, state, run_dir, resuming, exp.warnings + load_warnings)
     summary.write(run_dir / "summary.json")
-    return _Run(cfg, run_dir, exp, rt, state, ckpts, logger, summary)
+    run = _Run(cfg, run_dir, exp, rt, state, ckpts, logger, summary)
+    run.data_loaded = loaded  # as loaded (before data_map): what the next member of a stack can share
+    return run
 
 
 def _log_start(cfg: DictConfig, exp: Experiment, rt: runtime.Runtime) -> None:
@@ -204,6 +208,7 @@ class _Run:
     summary: Summary
     bar: Any = field(default=None, init=False)  # the progress bar, while the epochs run
     improved: bool = field(default=False, init=False)  # the last recorded epoch is the best so far
+    data_loaded: Any = field(default=None, init=False)
 
     def run(self) -> float:
         """The epochs and the end; summary.json records how the run ended, however it ended. Returns the best

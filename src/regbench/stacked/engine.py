@@ -75,12 +75,13 @@ def _fit_stack(cfgs, run_dirs, resume, default_threads, observer, member_data, g
     resuming = [prepare_run_dir(d, r) for d, r in zip(run_dirs, resume)]
     rt = runtime.set_up(cfgs[0].trainer, default_threads)
     common = _common_epoch(cfgs, run_dirs, resuming)
-    runs, rngs, values = [], [], [math.nan] * len(cfgs)
+    runs, rngs, values, shared = [], [], [math.nan] * len(cfgs), None
     with member_logs(run_dirs) as logs:
         for k, cfg in enumerate(cfgs):
             with logs.member(k):
                 runs.append(prepare_run(cfg, run_dirs[k], resuming[k], rt, data_map=member_data[k],
-                                        at_most_epoch=common if resuming[k] else None))
+                                        at_most_epoch=common if resuming[k] else None, data=shared))
+            shared = runs[0].data_loaded
             rngs.append(_capture(rt.device))  # the member's own draws continue from here, as its single run's
             runs[k].summary.update(stacked={"group": group, "index": k, "members": len(cfgs)})
         # Members that resumed from different epochs (a checkpoint missing) cannot share steps: one stack each epoch.
@@ -132,6 +133,25 @@ def _restore(state: tuple, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+class _Gathered:
+    """Batches of one shared training set gathered for every member at once (no augmentation)."""
+
+    def __init__(self, x, y, perms, batch_size, stop):
+        self.x, self.y, self.perms, self.bs, self.stop, self.i = x, y, perms, batch_size, stop, 0
+
+    def next_batch(self, stack):
+        if self.i >= self.stop:
+            return None
+        idx = self.perms[:, self.i:self.i + self.bs]
+        self.i += self.bs
+        noise = []
+        if stack.model.shapes:
+            for slot, k in enumerate(stack.members):
+                with stack.member_rng(k):
+                    noise.append(stack.model.dropout_noise(slot, idx.shape[1]))
+        return self.x[idx], self.y[idx], noise
 
 
 class _NoBar:
@@ -246,7 +266,7 @@ class Stack:
     def train_epoch(self) -> list[dict]:
         """One pass of every member over its own batches; per member the sums train_one_epoch returns."""
         K, device = len(self.members), self.rt.device
-        iters = [self.runs[k].exp.train_batches(self.runs[k].state.order) for k in self.members]
+        iters = self._batch_source()
         self.model.train()
         losses, pens, preds, targets, sizes = [], [], [], [], []
         on_step = self.bar.update
@@ -275,7 +295,23 @@ class Stack:
             on_step()
         return self._sums(losses, pens, preds, targets, sizes, device)
 
+    def _batch_source(self):
+        """Every member's batches of this epoch: from one shared training set without augmentation, one gather
+        [K, B] per step from the members' own permutations (drawn as regbench.data.batches draws them); else each
+        member's own policy iterator."""
+        exps = [self.runs[k].exp for k in self.members]
+        data = exps[0].data
+        if not all(e.policy.identity and e.data.train_x is data.train_x for e in exps):
+            return [e.train_batches(self.runs[k].state.order) for e, k in zip(exps, self.members)]
+        n, bs, drop_last = len(data.train_y), exps[0].cfg.data.batch_size, exps[0].drop_last
+        perms = torch.stack([torch.randperm(n, generator=self.runs[k].state.order, device=data.train_x.device)
+                             for k in self.members])
+        stop = n - n % bs if drop_last else n
+        return _Gathered(data.train_x, data.train_y, perms, bs, stop)
+
     def _next_batch(self, iters):
+        if isinstance(iters, _Gathered):
+            return iters.next_batch(self)
         """The next batch of every member, drawn under its own RNG (augmentation, then its dropout masks), or None
         at the end of the epoch."""
         xs, ys, noise = [], [], []

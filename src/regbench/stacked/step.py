@@ -168,8 +168,8 @@ class StepRules:
         return total
 
     def before_step(self, params: list[torch.Tensor], optimizer) -> None:
-        """Between backward and the optimizer step, in the single run's member order: regbench's weight decay,
-        then gradient clipping."""
+        """Between backward and the optimizer step, on the stacked parameters [K, ...] and their gradients, in the
+        single run's member order: regbench's weight decay, then gradient clipping."""
         from regbench.stacked.optim import clip_grad_norm_, clip_grad_value_
 
         if self.decay_mode is not None:
@@ -178,11 +178,11 @@ class StepRules:
                 for p in ps:
                     p.grad.add_(p.detach() * self.decay_rate.view(-1, *[1] * (p.ndim - 1)))
             else:  # decoupled: w ← w·(1 − lr·wd), this step's lr (the first group's, as the single run)
-                factor = 1 - optimizer.hyper("lr", 0).to(self.decay_rate) * self.decay_rate
+                factor = 1 - optimizer.hyper("lr", 0) * self.decay_rate
                 with torch.no_grad():
                     for p in ps:
                         p.mul_(factor.view(-1, *[1] * (p.ndim - 1)))
-        grads = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
         if self.clip_norm is not None:
             clip_grad_norm_(grads, self.clip_norm, self.norm_type)
         if self.clip_value is not None:
