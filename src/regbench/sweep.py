@@ -181,10 +181,11 @@ def _tag(e: BaseException, status: str, reason: str) -> None:
     e.regbench_reason = reason  # type: ignore[attr-defined]
 
 
-def record_outcome(run_dir: Path, outcome: str, reason: str, value: Optional[float]) -> None:
+def record_outcome(run_dir: Path, outcome: str, reason: str, value: Optional[float],
+                   stack: Optional[dict] = None) -> None:
     """The outcome of a job as the sweep's status table shows it (also for the launcher: a job that ended
-    without a result)."""
-    _record(run_dir, outcome, reason, value)
+    without a result); ``stack``: its stack and place in it (hydra/launcher=stacked)."""
+    _record(run_dir, outcome, reason, value, stack)
 
 
 def _monitored(run_dir: Path, monitor: str) -> float:
@@ -199,11 +200,14 @@ def _monitored(run_dir: Path, monitor: str) -> float:
 SWEEP_ID = "REGBENCH_SWEEP_ID"
 
 
-def _record(run_dir: Path, outcome: str, reason: str, value: Optional[float]) -> None:
+def _record(run_dir: Path, outcome: str, reason: str, value: Optional[float], stack: Optional[dict] = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / OUTCOME, {"outcome": outcome, "reason": reason,
-                                   "value": value if value is not None and math.isfinite(value) else None,
-                                   "sweep_id": os.environ.get(SWEEP_ID)})
+    record = {"outcome": outcome, "reason": reason,
+              "value": value if value is not None and math.isfinite(value) else None,
+              "sweep_id": os.environ.get(SWEEP_ID)}
+    if stack is not None:
+        record["stack"] = stack
+    write_json(run_dir / OUTCOME, record)
 
 
 def collect(sweep_dir: Path, sweep_id: Optional[str] = None, since: Optional[float] = None) -> list[dict[str, Any]]:
@@ -219,6 +223,10 @@ def collect(sweep_dir: Path, sweep_id: Optional[str] = None, since: Optional[flo
             record = json.loads((run_dir / OUTCOME).read_text())
             if isinstance(record, dict):
                 info.update({k: record.get(k) for k in ("outcome", "reason", "value", "sweep_id") if k in record})
+                stack = record.get("stack")
+                if isinstance(stack, dict) and all(isinstance(stack.get(k), t) for k, t in
+                                                   (("group", str), ("index", int), ("members", int))):
+                    info["stack"] = {k: stack[k] for k in ("group", "index", "members")}
         except (OSError, ValueError):
             pass
         info["current"] = sweep_id is None or _belongs(run_dir, info.get("sweep_id"), sweep_id, since)
@@ -242,12 +250,22 @@ def _belongs(run_dir: Path, recorded: Optional[str], sweep_id: str, since: Optio
 
 def status_table(jobs: list[dict[str, Any]]) -> str:
     width = max([len(j["run"]) for j in jobs] + [3])
-    lines = [f"{'run':<{width}}  {'status':<9}  reason"]
+    stacked = any("stack" in j for j in jobs)  # hydra/launcher=stacked: which stack, which member
+    lines = [f"{'run':<{width}}  {'status':<9}  " + ("stack      " if stacked else "") + "reason"]
     for j in jobs:
-        lines.append(f"{j['run']:<{width}}  {j['outcome']:<9}  {j['reason']}")
+        where = ""
+        if stacked:
+            s = j.get("stack")
+            where = f"{s['group'].removeprefix('stack-')}:{s['index'] + 1}/{s['members']}" if s else "-"
+            where = f"{where:<11}"
+        lines.append(f"{j['run']:<{width}}  {j['outcome']:<9}  {where}{j['reason']}")
     counts = {k: sum(j["outcome"] == k for j in jobs) for k in ("ok", "resumed", "skipped", "failed")}
     counts.update({k: n for k in STOPPED if (n := sum(j["outcome"] == k for j in jobs))})
     lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+    if stacked:
+        groups = {j["stack"]["group"] for j in jobs if "stack" in j}
+        members = sum(1 for j in jobs if "stack" in j)
+        lines.append(f"{len(groups)} stacks, {members} members, {len(jobs) - members} jobs not in a stack")
     return "\n".join(lines)
 
 

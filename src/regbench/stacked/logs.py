@@ -27,20 +27,18 @@ class _OnlyMember(logging.Filter):
         return current is None or current == self.k
 
 
-class _Prefix(logging.Filter):
-    """Console lines of a member start with its name in the stack (the record is copied, not changed)."""
+class _Prefix(logging.Formatter):
+    """Console lines of a member start with its name in the stack (wraps the handler's own formatter; the record
+    itself is not changed, so the member's file gets the plain line)."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, inner: Optional[logging.Formatter], names: Sequence[str]):
         super().__init__()
-        self.names = names
+        self.inner, self.names = inner or logging.Formatter(), names
 
-    def filter(self, record: logging.LogRecord) -> logging.LogRecord | bool:
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.inner.format(record)
         current = _CURRENT.get()
-        if current is None:
-            return True
-        record = logging.makeLogRecord(record.__dict__)
-        record.msg, record.args = f"[{self.names[current]}] {record.getMessage()}", None
-        return record
+        return line if current is None else f"[{self.names[current]}] {line}"
 
 
 class MemberLogs:
@@ -48,6 +46,7 @@ class MemberLogs:
         self.run_dirs = [Path(d) for d in run_dirs]
         self.added: list[logging.Handler] = []
         self.filtered: list[tuple[logging.Handler, logging.Filter]] = []
+        self.formatted: list[tuple[logging.Handler, Optional[logging.Formatter]]] = []
 
     def open(self) -> None:
         root = logging.getLogger()
@@ -65,7 +64,8 @@ class MemberLogs:
         names = [f"{d.parent.name}/{n}" if n.startswith("seed=") else n for d, n in zip(self.run_dirs, names)]
         for h in root.handlers:
             if h not in self.added and not any(h is f for f, _ in self.filtered):
-                self._filter(h, _Prefix(names))  # the console, and any other file the launcher opened
+                self.formatted.append((h, h.formatter))  # the console, and any other file the launcher opened
+                h.setFormatter(_Prefix(h.formatter, names))
 
     def _filter(self, handler: logging.Handler, f: logging.Filter) -> None:
         handler.addFilter(f)
@@ -75,6 +75,8 @@ class MemberLogs:
         root = logging.getLogger()
         for handler, f in self.filtered:
             handler.removeFilter(f)
+        for handler, formatter in self.formatted:
+            handler.setFormatter(formatter)
         for handler in self.added:
             root.removeHandler(handler)
             handler.close()

@@ -24,7 +24,9 @@ from regbench.regularizers.base import Regularizer
 # (stochastic depth), cannot be stacked and is refused by name.
 _ALLOWED = {"l1": ("setup", "penalty"), "l2": ("setup", "penalty"), "elastic_net": ("setup", "penalty"),
             "weight_decay": ("param_groups", "before_step"), "label_smoothing": ("loss_options",),
-            "grad_clip": ("before_step",)}
+            "grad_clip": ("before_step",),
+            # epoch-level members whose setup only reads the config / checks the model:
+            "ensemble": ("setup",), "mc_dropout": ("setup",), "early_stopping": ("setup",)}
 _STEP_HOOKS = ("setup", "penalty", "loss_options", "before_step", "param_groups")
 _NOT_STACKABLE = {"stochastic_depth": "it draws its own per-sample randomness inside the forward pass"}
 
