@@ -475,6 +475,8 @@ CASES = [
                                           "regularizer.transfer.freeze_layers=2"],
      "regularizer.transfer.freeze_layers=2: expected 0 with model=torchvision (its layers are not counted from the "
      "config); name the parameters to freeze with regularizer.transfer.freeze=[...]"),
+    ("stack-max-members", ["-m", "hydra/launcher=stacked", "hydra.launcher.max_members=0", "seed=0,1"],
+     "hydra.launcher.max_members=0: expected an integer >= 1"),
 ]
 
 

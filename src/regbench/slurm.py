@@ -139,7 +139,13 @@ def _fix_for(message: str) -> str:
 
 
 def check_launcher(launcher) -> None:
-    """The resource check for a composed ``hydra.launcher`` that submits to SLURM (before anything is written)."""
+    """The checks of a composed ``hydra.launcher`` before anything is written: SLURM's resources, the stacked
+    launcher's size."""
+    if "_target_" in launcher and str(launcher._target_).endswith("StackedLauncher"):
+        m = launcher.get("max_members")
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise RegbenchError(f"hydra.launcher.max_members={m!r}: expected an integer >= 1 (members per stack); "
+                                "fix: e.g. hydra.launcher.max_members=16")
     if "_target_" in launcher and str(launcher._target_).endswith("SlurmLauncher"):
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
         if missing:
