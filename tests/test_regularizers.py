@@ -662,6 +662,7 @@ APPLIES_TO_NOTHING = {
                          "(model=mlp has none)"),  # the model refuses it (docs/errors.md stochastic-depth-no-residual)
     "label_smoothing": "changes the training targets of every model",
     "ensemble": "evaluates snapshots of every model",
+    "bagging": "trains k members of every model",
 }
 
 
@@ -673,11 +674,11 @@ def test_every_member_says_when_it_applies_to_nothing():
 def test_a_member_that_applies_to_nothing_is_an_error_naming_it(name, source_run, tmp_path):
     case = APPLIES_TO_NOTHING[name]
     if isinstance(case, str):  # applies to every model: even with no hidden layer the run differs from the plain one
-        extra = ["regularizer.ensemble.k=1"] if name == "ensemble" else []
+        extra = {"ensemble": ["regularizer.ensemble.k=1"], "bagging": ["regularizer.bagging.members=2"]}.get(name, [])
         fit(compose_cfg(*TINY, "model.hidden=[]", f"regularizer=[{name}]", *extra), tmp_path / "m")
         fit(compose_cfg(*TINY, "model.hidden=[]"), tmp_path / "plain")
         a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("m", "plain"))
-        assert (a["final"]["train_loss"], a["test_extra"]) != (b["final"]["train_loss"], b["test_extra"])
+        assert (a["final"]["train_loss"], a.get("test_extra")) != (b["final"]["train_loss"], b.get("test_extra"))
         return
     overrides, expected = case
     cfg = compose_cfg(*TINY, *(o.format(source=source_run) for o in overrides))

@@ -131,12 +131,13 @@ class Summary:
     error: Optional[str] = _kind(str)
     test_extra: Optional[dict] = _kind(dict)
     stacked: Optional[dict] = _kind(dict)  # trained in a stack (hydra/launcher=stacked): its group, index, size
+    bagging: Optional[dict] = _kind(dict)  # regularizer=[bagging]: the members' seeds, folders, bootstrap
 
     # --------------------------------------------------------------------------- writing (fit)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for optional in ("test_extra", "stacked"):  # absent, not null, where they do not apply
+        for optional in ("test_extra", "stacked", "bagging"):  # absent, not null, where they do not apply
             if out[optional] is None:
                 del out[optional]
         return out

@@ -132,6 +132,10 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
 
 def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads: Optional[int]) -> float:
     """The pipeline: the experiment, its state (new, or resumed from the newest checkpoint), the epochs, the end."""
+    if "bagging" in cfg.regularizer:  # an ensemble trained as one stack, its members in run_dir/members/
+        from regbench.stacked.bagging import fit_bagging
+
+        return fit_bagging(cfg, run_dir, resume, default_threads)
     validate(cfg)
     t = cfg.trainer
     resuming = prepare_run_dir(run_dir, t.resume if resume is None else resume)

@@ -47,6 +47,7 @@ ORDER = [
     "early_stopping",  # ends training and restores the best weights before the final evaluations
     "mc_dropout",  # final evaluations last, on the restored model; test_extra lists them in this order
     "ensemble",
+    "bagging",  # a run of its own kind (regbench.stacked.bagging); placed last, it changes no other member's order
 ]
 
 
