@@ -109,3 +109,25 @@ def test_a_diverging_member_fails_alone_in_the_status_table(tmp_path):
     assert "regbench: error: training diverged: non-finite" in proc.stderr and "Traceback" not in proc.stderr
     status = {e["run"]: e["outcome"] for e in json.loads((sweep / "sweep_status.json").read_text())}
     assert sorted(status.values()) == ["failed", "ok"]
+
+
+@pytest.mark.slow
+def test_rerun_of_a_member_trains_it_as_a_stack_of_one(tmp_path):
+    """`regbench rerun <member>` computes what its stack computed for it (a member does not depend on its
+    group-mates: equal to 1e-6 relative; bitwise on this machine, every member's slice of a batched product being
+    computed alike)."""
+    import csv
+
+    sweep = tmp_path / "sweep"
+    proc = regbench(["-m", "hydra/launcher=stacked", "seed=0,1", "regularizer=[dropout]", *SMALL,
+                     f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    member = next(sweep.rglob("seed=1"))
+    again = regbench(["rerun", str(member), f"hydra.run.dir={tmp_path / 'again'}"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = (list(csv.DictReader(open(d / "metrics.csv"))) for d in (member, tmp_path / "again"))
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for c in ("train_loss", "val_loss", "clean_train_loss", "weight_l2"):
+            assert float(x[c]) == pytest.approx(float(y[c]), rel=1e-6), c
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["stacked"]["members"] == 1
