@@ -182,3 +182,13 @@ def test_member_independent_of_group_mates():
     y1, y5 = alone(x[:1]), group(x)
     # bitwise on the CPU this was written on; a tolerance because bmm kernels may differ by K elsewhere
     assert close(y1[0], y5[0], factor=10)
+
+
+def test_dropout_masks_bitwise_equal_f_dropout():
+    """Same RNG state: the noise equals what F.dropout of the member's layers applies (ones in, mask out)."""
+    s = StackedModel(mlps(1, dropout=0.3), input_shape=(20,))
+    torch.manual_seed(3)
+    noise = s.dropout_noise(0, 6)
+    torch.manual_seed(3)
+    ref = [nn.functional.dropout(torch.ones(6, w), 0.3, True) for w in (16, 12)]
+    assert all(torch.equal(a, b) for a, b in zip(noise, ref))
