@@ -64,6 +64,21 @@ def mlp_step_flops(widths: list[int], batch: int) -> int:
     return 3 * sum(2 * batch * a * b for a, b in zip(widths, widths[1:]))
 
 
+def scenario_config(overrides: list[str]):
+    """The first job's composed config of a scenario (its batch size, training-set size)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import compose_cfg
+
+    return compose_cfg(*[_first(o) for o in overrides])
+
+
+def _first(override: str) -> str:
+    """A sweep override's first value (``seed=0,1`` -> ``seed=0``; a list ``[a,b]`` is one value)."""
+    key, _, value = override.partition("=")
+    return override if value.startswith("[") else f"{key}={value.split(',')[0]}"
+
+
 def model_step_flops(overrides: list[str], batch: int) -> int:
     """The matmul/conv FLOPs of one training step of the scenario's model (torch.utils.flop_counter on one
     forward + backward of a member, built by regbench from the scenario's config)."""
@@ -75,7 +90,7 @@ def model_step_flops(overrides: list[str], batch: int) -> int:
     from regbench.experiment import build_experiment
     from tests.conftest import compose_cfg
 
-    cfg = compose_cfg(*[o.split(",")[0] for o in overrides])
+    cfg = compose_cfg(*[_first(o) for o in overrides])
     exp = build_experiment(cfg, torch.device("cpu"))
     x = exp.data.train_x[:batch]
     with FlopCounterMode(display=False) as counter:
@@ -96,6 +111,13 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / statistics.median(times)
 
 
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def rng(values: list[float], fmt: str = "{:.2f}") -> str:
     return fmt.format(min(values)) if len(values) == 1 else f"{fmt.format(min(values))}–{fmt.format(max(values))}"
 
@@ -113,7 +135,7 @@ def main(argv=None) -> None:
         args.repeats, extra = 1, ["trainer.max_epochs=1", "data.train_size=512"]
     import torch
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}")
     peak = matmul_peak()
     print(f"large float32 matmul: {peak / 1e9:.1f} GFLOP/s\n")
@@ -140,11 +162,11 @@ def main(argv=None) -> None:
               f"| {rng(ratios)}× | {rng([r['rss'] for r in basic], '{:.0f}')} / {rng([r['rss'] for r in stacked], '{:.0f}')} "
               f"| {rng([r['epoch'] for r in basic], '{:.3f}')} / {rng([r['epoch'] for r in stacked], '{:.3f}')} |")
     for name, what, basic, stacked, ratios in rows:
-        overrides = SCENARIOS[name][0]
-        cfg_batch = 32 if "experiment=mnist_mlp_dropout" in overrides else (32 if "experiment=mnist_cnn" in overrides
-                                                                            else 128)
+        overrides = SCENARIOS[name][0] + (["data.train_size=512"] if args.quick else [])
+        cfg = scenario_config(overrides)
+        cfg_batch = cfg.data.batch_size
         flops = model_step_flops(overrides, cfg_batch)
-        n_train = 512 if args.quick else {"cnn4": 1000}.get(name, 4000)
+        n_train = cfg.data.train_size or round(4000 * (1 - cfg.data.val_fraction))  # mnist5k: 4,000 train + val
         steps = -(-n_train // cfg_batch)
         members = stacked[0]["runs"]
         achieved = [flops * steps * members / r["epoch"] for r in stacked if r["epoch"]]
