@@ -21,7 +21,7 @@ import torch
 
 from regbench.stacked.engine import fit_stack
 from regbench.train import fit
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import F32_REL, REPO, compose_cfg
 
 BASE = ["data.train_size=256", "data.batch_size=32", "data.val_fraction=0.05", "data.test_size=100",
         "trainer.progress_bar=false", "trainer.clean_subset=64"]
@@ -126,13 +126,13 @@ def test_weight_decay_members(tmp_path):
 
 
 def test_a_member_does_not_depend_on_its_group_mates(tmp_path):
-    """The same configuration stacked alone and with 3 others gives the same metrics (bitwise here: every member's
+    """The same configuration stacked alone and with 3 others gives the same metrics (bitwise on this machine, tested to 64 float32 eps at epoch 1 for other CPUs: every member's
     slice of a batched product is computed by the same kernel; the tolerance covers other CPUs)."""
     me = ["seed=5", "regularizer=[dropout]", "trainer.max_epochs=2"]
     alone, _ = stacked(tmp_path, "alone", [me])
     two = "trainer.max_epochs=2"
     crowd, _ = stacked(tmp_path, "crowd", [["seed=1", two], me, ["seed=2", "optimizer.lr=0.01", two], ["seed=3", two]])
-    assert_close_rows(alone[0], crowd[1], rel_first=1e-6, rel_later=1e-6)
+    assert_close_rows(alone[0], crowd[1], rel_first=F32_REL, rel_later=1e-5)
 
 
 def test_stacked_sweep_reruns_bitwise(tmp_path):
@@ -169,7 +169,7 @@ def test_a_diverging_member_fails_alone(tmp_path):
     without, _ = stacked(tmp_path, "without", good)
     for d, w in zip([dirs[0], dirs[2], dirs[3]], without):
         assert summary(d)["status"] == "completed"
-        assert_close_rows(d, w, rel_first=1e-6, rel_later=1e-6)
+        assert_close_rows(d, w, rel_first=F32_REL, rel_later=1e-5)
 
 
 KILLED = """
@@ -207,3 +207,14 @@ def test_sigkill_of_a_stack_resumes_every_member_bitwise(tmp_path):
         wa = torch.load(tmp_path / "whole" / str(k) / "checkpoints" / "last.pt", weights_only=True)["model"]
         wb = torch.load(tmp_path / "killed" / str(k) / "checkpoints" / "last.pt", weights_only=True)["model"]
         assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+@pytest.mark.parametrize("augmentation", ["digits", "mixup"])
+def test_members_with_augmentation_equal_their_single_runs(tmp_path, augmentation):
+    """Augmented batches come from each member's own policy under its own RNG stream (swapped in around its
+    draws): per-image affine ops, MixUp partners and λ are drawn as in its single run."""
+    members = [[f"augmentation={augmentation}", "trainer.max_epochs=2", "seed=0", "regularizer=[dropout]"],
+               [f"augmentation={augmentation}", "trainer.max_epochs=2", "seed=1", "optimizer.lr=0.002"]]
+    dirs, _ = stacked(tmp_path, "stack", members)
+    for k, m in enumerate(members):
+        assert_close_rows(dirs[k], single(tmp_path, f"single{k}", *m))

@@ -107,7 +107,8 @@ def _finished(run_dir: Path) -> bool:
 def subcommand(argv: list[str]) -> Optional[list[str]]:
     """``rerun <run> [overrides]`` / ``resume <run> [overrides]`` -> plain Hydra arguments (None: nothing to do)."""
     verb, rest = argv[0], argv[1:]
-    if not rest or "=" in rest[0]:
+    # a run folder of a sweep has "=" in its name (seed=0): an existing path is a run folder, not an override
+    if not rest or ("=" in rest[0] and not Path(rest[0]).expanduser().exists()):
         raise RegbenchError(f"usage: regbench {verb} <run dir> [overrides...]")
     run_dir = Path(rest[0]).expanduser().resolve()
     if verb == "resume" and _finished(run_dir):

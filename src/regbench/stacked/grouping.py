@@ -60,7 +60,7 @@ def stack_key(cfg: DictConfig) -> tuple[Optional[str], str]:
     c["regularizer"] = {name: _structural(name, member) for name, member in (c.get("regularizer") or {}).items()}
     c["regularizer"] = {name: v for name, v in c["regularizer"].items() if v is not None}
     aug = c.get("augmentation") or {}
-    c["augmentation"] = sorted(str(op.get("name", op) if isinstance(op, dict) else op) for op in (aug.get("ops") or []))
+    c["augmentation"] = sorted(str(op.get("op", op) if isinstance(op, dict) else op) for op in (aug.get("ops") or []))
     return json.dumps(c, sort_keys=True, default=str), ""
 
 
