@@ -477,6 +477,8 @@ CASES = [
      "config); name the parameters to freeze with regularizer.transfer.freeze=[...]"),
     ("stack-max-members", ["-m", "hydra/launcher=stacked", "hydra.launcher.max_members=0", "seed=0,1"],
      "hydra.launcher.max_members=0: expected an integer >= 1"),
+    ("bagging-members", ["regularizer=[bagging]", "regularizer.bagging.members=1"],
+     "regularizer.bagging.members=1: expected an integer in 2..64 (models in the ensemble)"),
 ]
 
 
