@@ -6,12 +6,15 @@ stream (augmentation draws, dropout masks: drawn exactly as its single run would
 state and hyperparameters, its own regularizer strengths.
 
 Modules (one owner each):
-- ``model.py``     StackedModel: members' models stacked (torch.func.stack_module_state + vmap(functional_call)),
-                   per-member dropout rates and masks, per-member BatchNorm statistics, export/import of a member.
-- ``optim.py``     StackedOptimizer: the vectorised update rules of every regbench optimizer with per-member
-                   hyperparameters (read from the members' own torch optimizers, which their schedulers drive);
-                   per-member gradient clipping.
+- ``model.py``     StackedModel: members' parameters stacked into leaves [K, ...], one vmap(functional_call) for
+                   MLPs (member by member over views for conv models), per-member dropout rates and masks,
+                   per-member BatchNorm statistics, export/import of a member.
+- ``optim.py``     StackedOptimizer: each member's own torch optimizer stepping its rows (one shared optimizer while
+                   their hyperparameters agree); per-member gradient clipping.
+- ``step.py``      per-member loss (label smoothing), penalties, regbench's weight decay, clipping.
 - ``grouping.py``  which sweep jobs may share a stack (what may differ inside one), the stack key.
 - ``engine.py``    fit_stack: the epochs of a stack; every member writes the run folder an ordinary run writes.
 - ``launcher.py``  hydra/launcher=stacked (registered from hydra_plugins.regbench_launcher).
+- ``bagging.py``   regularizer=[bagging]: an ensemble trained as one stack, its members in <run>/members/<j>/.
+- ``logs.py``      each member's own regbench.log; console lines prefixed by the member.
 """
