@@ -12,7 +12,12 @@ one stacked epoch's time goes (torch.profiler, grouped).
 
     python scripts/bench_sweep.py                 # every scenario, 3 repetitions, the experiments' own epochs
     python scripts/bench_sweep.py --quick         # smoke: 1 epoch, 1 repetition, small data
-    python scripts/bench_sweep.py --scenarios seeds8 grid16 --repeats 5 --profile
+    python scripts/bench_sweep.py --scenarios seeds8 grid16 --repeats 5
+    python scripts/bench_sweep.py --scenarios seeds8 --profile   # where one stacked epoch's time goes, only
+    python scripts/bench_sweep.py --launchers basic basic         # an A/A run: the machine's noise
+
+The members' ``epoch_time_s`` runs from the start of the stack's epoch to that member's own record (after the
+evaluations of the members recorded before it), so the achieved FLOP/s below is a conservative figure.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ SCENARIOS = {
 
 def run(overrides: list[str], launcher: str, sweep_dir: Path, extra: list[str]) -> dict:
     """One ``regbench -m`` command: wall clock, peak RSS (MiB), and the members' mean epoch_time_s."""
+    replaced = {e.partition("=")[0] for e in extra}  # --quick / --epochs replace a scenario's own value
+    overrides = [o for o in overrides if o.partition("=")[0] not in replaced]
     cmd = [sys.executable, "-m", "regbench", "-m", f"hydra/launcher={launcher}", *overrides, *extra,
            "trainer.progress_bar=false", f"hydra.sweep.dir={sweep_dir}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -79,7 +86,7 @@ def _first(override: str) -> str:
     return override if value.startswith("[") else f"{key}={value.split(',')[0]}"
 
 
-def model_step_flops(overrides: list[str], batch: int) -> int:
+def model_step_flops(overrides: list[str], batch: int, with_size: bool = False):
     """The matmul/conv FLOPs of one training step of the scenario's model (torch.utils.flop_counter on one
     forward + backward of a member, built by regbench from the scenario's config)."""
     import torch
@@ -95,7 +102,64 @@ def model_step_flops(overrides: list[str], batch: int) -> int:
     x = exp.data.train_x[:batch]
     with FlopCounterMode(display=False) as counter:
         exp.model(x).sum().backward()
-    return counter.get_total_flops()
+    flops = counter.get_total_flops()
+    return (flops, len(exp.data.train_y)) if with_size else flops  # the training-set size as loaded
+
+
+def alternate(launchers: list[str], repeats: int, measure) -> tuple[list, list]:
+    """Both sides' measurements, taking turns (the order flips every repetition), kept by side — so an A/A run
+    (``--launchers basic basic``) gives two separate lists."""
+    res: tuple[list, list] = ([], [])
+    for rep in range(repeats):
+        for side in ((0, 1) if rep % 2 == 0 else (1, 0)):
+            res[side].append(measure(launchers[side]))
+    return res
+
+
+def profile_epoch(overrides: list[str], extra: list[str]) -> str:
+    """torch.profiler over the second epoch of one stack of the scenario's jobs (in this process), grouped."""
+    import torch
+    from torch.profiler import profile
+
+    sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT))
+    import regbench.stacked.engine as engine
+    from tests.conftest import compose_cfg
+
+    replaced = {e.partition("=")[0] for e in extra}
+    jobs = _jobs([o for o in overrides if o.partition("=")[0] not in replaced] + extra)
+    seen, out = [0], {}
+    original = engine.Stack.train_epoch
+
+    def train_epoch(self):
+        seen[0] += 1
+        if seen[0] != 2:
+            return original(self)
+        with profile() as prof:
+            result = original(self)
+        out["table"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+        return result
+
+    engine.Stack.train_epoch = train_epoch
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.fit_stack([compose_cfg(*j, "trainer.max_epochs=2", "trainer.progress_bar=false") for j in jobs],
+                             [Path(tmp) / str(k) for k in range(len(jobs))])
+    finally:
+        engine.Stack.train_epoch = original
+    return out.get("table", "(no second epoch)")
+
+
+def _jobs(overrides: list[str]) -> list[list[str]]:
+    """Every combination of a scenario's swept values (``a=1,2 b=x,y`` -> 4 override lists)."""
+    import itertools
+
+    options = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        values = [value] if value.startswith("[") else value.split(",")
+        options.append([f"{key}={v}" for v in values])
+    return [list(c) for c in itertools.product(*options)]
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -129,12 +193,18 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=None, help="trainer.max_epochs (default: the experiment's)")
     ap.add_argument("--quick", action="store_true", help="1 epoch, 1 repetition, 512 training images")
     ap.add_argument("--launchers", nargs=2, default=["basic", "stacked"], help="the two launchers compared")
+    ap.add_argument("--profile", action="store_true", help="only profile one stacked epoch of each scenario")
     args = ap.parse_args(argv)
     extra = [f"trainer.max_epochs={args.epochs}"] if args.epochs else []
     if args.quick:
         args.repeats, extra = 1, ["trainer.max_epochs=1", "data.train_size=512"]
     import torch
 
+    if args.profile:
+        for name in args.scenarios:
+            print(f"{name}: one stacked epoch (torch.profiler, self CPU time)\n"
+                  f"{profile_epoch(SCENARIOS[name][0], ['data.train_size=512'] if args.quick else [])}")
+        return
     print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}")
     peak = matmul_peak()
@@ -142,14 +212,11 @@ def main(argv=None) -> None:
     rows = []
     for name in args.scenarios:
         overrides, what = SCENARIOS[name]
-        overrides = overrides + (["data.train_size=512"] if args.quick and "data.train_size=1000" in overrides else [])
-        res = {l: [] for l in args.launchers}
-        for rep in range(args.repeats):
-            order = args.launchers if rep % 2 == 0 else args.launchers[::-1]
-            for launcher in order:
-                with tempfile.TemporaryDirectory() as tmp:
-                    res[launcher].append(run(overrides, launcher, Path(tmp) / "sweep", extra))
-        basic, stacked = (res[l] for l in args.launchers)
+        def measure(launcher: str) -> dict:
+            with tempfile.TemporaryDirectory() as tmp:
+                return run(overrides, launcher, Path(tmp) / "sweep", extra)
+
+        basic, stacked = alternate(args.launchers, args.repeats, measure)
         ratios = [b["wall"] / s["wall"] for b, s in zip(basic, stacked)]
         rows.append((name, what, basic, stacked, ratios))
         print(f"{name}: basic {rng([r['wall'] for r in basic])} s, stacked {rng([r['wall'] for r in stacked])} s, "
@@ -162,11 +229,11 @@ def main(argv=None) -> None:
               f"| {rng(ratios)}× | {rng([r['rss'] for r in basic], '{:.0f}')} / {rng([r['rss'] for r in stacked], '{:.0f}')} "
               f"| {rng([r['epoch'] for r in basic], '{:.3f}')} / {rng([r['epoch'] for r in stacked], '{:.3f}')} |")
     for name, what, basic, stacked, ratios in rows:
-        overrides = SCENARIOS[name][0] + (["data.train_size=512"] if args.quick else [])
+        overrides = [o for o in SCENARIOS[name][0] if not (args.quick and o.startswith("data.train_size="))]
+        overrides += ["data.train_size=512"] if args.quick else []
         cfg = scenario_config(overrides)
         cfg_batch = cfg.data.batch_size
-        flops = model_step_flops(overrides, cfg_batch)
-        n_train = cfg.data.train_size or round(4000 * (1 - cfg.data.val_fraction))  # mnist5k: 4,000 train + val
+        flops, n_train = model_step_flops(overrides, cfg_batch, with_size=True)
         steps = -(-n_train // cfg_batch)
         members = stacked[0]["runs"]
         achieved = [flops * steps * members / r["epoch"] for r in stacked if r["epoch"]]

@@ -27,3 +27,14 @@ def test_model_step_flops_counts_what_autograd_runs():
 
 def test_ranges_are_printed_as_min_to_max():
     assert bench.rng([2.0]) == "2.00" and bench.rng([3.0, 1.0, 2.0]) == "1.00–3.00"
+
+
+def test_an_a_a_run_keeps_both_sides_apart_and_alternates():
+    calls = iter(range(1, 7))
+    a, b = bench.alternate(["basic", "basic"], 3, lambda launcher: next(calls))
+    assert (a, b) == ([1, 4, 5], [2, 3, 6])
+
+
+def test_a_scenarios_jobs_are_every_combination():
+    jobs = bench._jobs(["regularizer=[dropout,l2]", "seed=0,1", "regularizer.l2.lam=0,0.1"])
+    assert len(jobs) == 4 and ["regularizer=[dropout,l2]", "seed=1", "regularizer.l2.lam=0.1"] in jobs
