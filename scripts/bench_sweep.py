@@ -118,7 +118,6 @@ def alternate(launchers: list[str], repeats: int, measure) -> tuple[list, list]:
 
 def profile_epoch(overrides: list[str], extra: list[str]) -> str:
     """torch.profiler over the second epoch of one stack of the scenario's jobs (in this process), grouped."""
-    import torch
     from torch.profiler import profile
 
     sys.path.insert(0, str(ROOT / "src"))

@@ -73,8 +73,8 @@ def ensemble_metrics(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 class _Observer:
     """The bagging run's own records, after every epoch of the stack and at its end."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, k: int, seeds: list[int], resuming: bool):
-        self.cfg, self.run_dir, self.k, self.seeds = cfg, run_dir, k, seeds
+    def __init__(self, cfg: DictConfig, run_dir: Path, resuming: bool):
+        self.cfg, self.run_dir = cfg, run_dir
         self.rows: list[dict] = _read_rows(run_dir / "metrics.csv") if resuming else []
         self.writer = None
         self.runs: dict[int, object] = {}
@@ -122,7 +122,7 @@ def fit_bagging(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_
     cfgs = member_configs(cfg)
     seeds = [int(c.seed) for c in cfgs]
     dirs = [run_dir / "members" / str(j) for j in range(b.members)]
-    observer = _Observer(cfg, run_dir, b.members, seeds, resuming)
+    observer = _Observer(cfg, run_dir, resuming)
     summary = Summary(status="running", epochs_completed=0, max_epochs=cfg.trainer.max_epochs, seed=cfg.seed,
                       regularizers=list(cfg.regularizer), monitor=cfg.trainer.monitor, final=None, best=None,
                       test=None, started=provenance.now(), run_dir=str(run_dir.resolve()), warnings=[],

@@ -176,8 +176,6 @@ class Stack:
         self.model = StackedModel([r.exp.model for r in runs], input_shape=tuple(runs[0].exp.data.input_shape))
         self.optimizer = StackedOptimizer(self.model.params, [self.model.member_params(k) for k in self.members],
                                           [r.exp.optimizer for r in runs])
-        for k in self.members:
-            self.optimizer.import_member(k)  # a resumed member's optimizer state (fresh: nothing)
         self.rules = StepRules([r.exp.stack for r in runs], [self.model.member_params(k) for k in self.members],
                                rt.device)
 
@@ -265,7 +263,7 @@ class Stack:
 
     def train_epoch(self) -> list[dict]:
         """One pass of every member over its own batches; per member the sums train_one_epoch returns."""
-        K, device = len(self.members), self.rt.device
+        device = self.rt.device
         iters = self._batch_source()
         self.model.train()
         losses, pens, preds, targets, sizes = [], [], [], [], []

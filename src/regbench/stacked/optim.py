@@ -137,9 +137,6 @@ class StackedOptimizer:
         for opt in self.optimizers:
             opt.step()
 
-    def import_member(self, k: int) -> None:
-        """Nothing to do: a resumed member's loaded state moved with it when the stack was made."""
-
     def select(self, keep: list[int], params: list[torch.Tensor]) -> None:
         """Keep these members; ``params``: the model's new stacked leaves (row j = member keep[j])."""
         if self.shared is not None:
