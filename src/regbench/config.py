@@ -66,6 +66,7 @@ class TrainerConfig:
     progress_bar: Optional[bool] = None  # null = only when stdout is a terminal
     fused: bool = True  # the optimizer's fastest torch.optim implementation (fused/foreach); false = torch's default
     compile: str = "none"  # none | model | step: torch.compile the model (forward+backward) / also the optimizer step
+    fast_step: bool = True  # plain MLPs on CPU: the direct step (bitwise equal to autograd, faster); false = autograd
 
 
 def check_trainer(t: DictConfig, cfg: DictConfig) -> None:

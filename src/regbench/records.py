@@ -116,6 +116,7 @@ class Summary:
     optimizer_impl: Optional[str] = _kind(str)
     compile: Optional[str] = _kind(str)
     channels_last: Optional[bool] = _kind(bool)
+    step_impl: Optional[str] = _kind(str)
     regularizer_info: Optional[dict] = _kind(dict)
     convention: Optional[dict] = _kind(dict)
     augmentation: Optional[dict] = _kind(dict)

@@ -45,7 +45,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     before_step: Optional[Callable] = None, scheduler=None,
                     autocast: Callable[[], ContextManager] = nullcontext,
                     scaler: Optional[torch.amp.GradScaler] = None, on_step: Optional[Callable[[], None]] = None,
-                    ) -> dict[str, Any]:
+                    direct: Optional[Callable] = None) -> dict[str, Any]:
     """One pass over ``batch_iter``; returns summed data loss, summed penalty (or None), number correct (device
     tensors) and the number of samples seen.
 
@@ -53,33 +53,43 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     ``batch_iter`` yields the batches as trained on (augmented and mixed by ``Policy.train_batches``); with soft
     (mixed) targets, accuracy is counted against each sample's dominant label.
     Nothing here reads a value back to the host, so CUDA steps queue up without stalls.
+    ``direct``: a :class:`regbench.faststep.DirectStep` of ``model`` (forward and backward without the autograd
+    engine, bitwise equal to it; ``loss_fn`` is its own) used instead of ``model(x)`` + ``backward``.
     """
     model.train()
     # Per-step values are kept as device tensors and reduced once at the end: two cheap ops per step
     # (detach, argmax) instead of a running sum, and no host sync.
     losses, penalties, sizes, preds, targets = [], [], [], [], []
     for xb, yb in batch_iter:
-        with autocast():
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-        objective = loss
-        if penalty_fn is not None:
-            penalty = penalty_fn(model)  # outside autocast: summed in the parameters' own precision
+        if direct is not None:  # the same step without the autograd engine (bitwise equal)
+            logits, loss, penalty = direct(xb, yb, penalty_fn)
             if penalty is not None:
-                objective = loss + penalty
                 penalties.append(penalty.detach())
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            objective.backward()
             if before_step is not None:
                 before_step(model, optimizer, None)
             optimizer.step()
         else:
-            scaler.scale(objective).backward()
-            if before_step is not None:
-                before_step(model, optimizer, scaler)
-            scaler.step(optimizer)
-            scaler.update()
+            with autocast():
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+            objective = loss
+            if penalty_fn is not None:
+                penalty = penalty_fn(model)  # outside autocast: summed in the parameters' own precision
+                if penalty is not None:
+                    objective = loss + penalty
+                    penalties.append(penalty.detach())
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                objective.backward()
+                if before_step is not None:
+                    before_step(model, optimizer, None)
+                optimizer.step()
+            else:
+                scaler.scale(objective).backward()
+                if before_step is not None:
+                    before_step(model, optimizer, scaler)
+                scaler.step(optimizer)
+                scaler.update()
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.detach())
@@ -261,7 +271,7 @@ class _Run:
         out = train_one_epoch(
             exp.model, exp.optimizer, exp.train_batches(state.order), loss_fn=exp.loss_fn,
             penalty_fn=exp.penalty_fn, before_step=exp.before_step, scheduler=exp.scheduler,
-            autocast=self.rt.autocast, scaler=self.rt.scaler, on_step=self.bar.update)
+            autocast=self.rt.autocast, scaler=self.rt.scaler, on_step=self.bar.update, direct=exp.direct)
         return self.record(epoch, out, epoch_start)
 
     def record(self, epoch: int, out: dict, epoch_start: float, save: bool = True) -> bool:
