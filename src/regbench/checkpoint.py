@@ -10,6 +10,7 @@ loaded with ``torch.load(weights_only=True)`` only.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from regbench.errors import RegbenchError
-from regbench.io import LogWriteError, atomic_write
+from regbench.io import LogWriteError, atomic_write, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,19 @@ def fault_point(name: str, epoch: int) -> None:
 # -------------------------------------------------------------------------------------------- files
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+def encode_checkpoint(state: dict) -> bytes:
+    """The bytes of ``state`` as torch.save writes them (encoded now; written later by a background writer)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(path: Path, state: dict | bytes) -> None:
+    """Write a checkpoint atomically: a state dict, or the bytes :func:`encode_checkpoint` made of one."""
+    if isinstance(state, bytes):
+        atomic_write(path, lambda f: f.write(state))
+    else:
+        atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -76,6 +88,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         reason = str(e).strip().splitlines()[0].split(". This is an internal")[0][:160]
         raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (truncated or corrupt: {reason}); "
                             "fix: delete it, or use another checkpoint written by regbench") from None
+
+
+def write_epoch(ckpts: "Checkpoints", epoch: int, checkpoint: Optional[bytes], best: bool, summary_path: Path,
+                summary: bytes) -> None:
+    """An epoch's files in their crash-safe order: its checkpoint (then last.pt/best.pt links, pruning), then
+    summary.json (run by a run's background writer, or at once)."""
+    if checkpoint is not None:
+        ckpts.save(epoch, checkpoint, best=best)
+    write_bytes(summary_path, summary)
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -125,7 +146,7 @@ class Checkpoints:
         found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := EPOCH_FILE.match(p.name))]
         return sorted(found, reverse=True)
 
-    def save(self, epoch: int, state: dict, best: bool, prune: bool = True) -> None:
+    def save(self, epoch: int, state: dict | bytes, best: bool, prune: bool = True) -> None:
         """Write epoch ``epoch``'s checkpoint, link last.pt (and best.pt); with ``prune``, drop the epochs beyond
         keep_last (a stack prunes only once every member has written the epoch: :meth:`prune`)."""
         path = self.folder / f"epoch_{epoch:04d}.pt"

@@ -54,8 +54,56 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
                             "(or choose another with hydra.run.dir=...) and free disk space") from None
 
 
+def encode_json(obj: Any) -> bytes:
+    """The bytes :func:`write_json` writes."""
+    return (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode()
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=_jsonable) + "\n").encode()))
+    data = encode_json(obj)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+class BackgroundWriter:
+    """Performs a run's per-epoch file writes (its checkpoint, summary.json) on one background thread while the
+    next epoch trains: those writes wait on the disk (write, fsync, rename), not on the CPU.
+
+    The caller encodes the files' bytes first (the tensors change with the next step), and calls :meth:`wait`
+    before anything that must follow them — the next epoch's metrics row, a final or failed summary.json, reading
+    the checkpoints folder. At most one job is pending (``submit`` waits for the previous one), so files reach the
+    disk in the same order as synchronous writes would and a crash leaves the same states behind. A write's error
+    (full disk...) is raised by the next ``submit``/``wait``.
+    """
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+        self._pending: Any = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="regbench-writer")
+        self._pending = self._pool.submit(job)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the pending job and stop the thread (a pending job's error is raised)."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
 
 def read_json(path: Path) -> Any:

@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -356,3 +357,25 @@ class RunLogHandler(logging.FileHandler):
 
 def _as_markdown_code(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
+
+
+def progress_bar(t: DictConfig, steps_per_epoch: int, start_epoch: int):
+    """(tqdm bar over the run's steps, the context that routes log lines through it while it is shown)."""
+    from tqdm.auto import tqdm
+
+    show_bar = sys.stdout.isatty() if t.progress_bar is None else t.progress_bar
+    bar = tqdm(total=steps_per_epoch * t.max_epochs, initial=steps_per_epoch * start_epoch, disable=not show_bar,
+               unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)
+    # While the bar is shown, console log lines go through tqdm.write (the bar is cleared, the line printed,
+    # the bar redrawn below it) instead of landing in the middle of the bar's line.
+    return bar, (log_through_bar(tqdm) if show_bar else nullcontext())
+
+
+def log_through_bar(tqdm_class) -> ContextManager:
+    """tqdm's redirect of the root logger's console handler; nothing when there is none (tqdm would add one)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in root.handlers):
+        return nullcontext()
+    return logging_redirect_tqdm(loggers=[root], tqdm_class=tqdm_class)

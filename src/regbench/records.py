@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from regbench.io import read_json, write_json
+from regbench.io import encode_json, read_json, write_json
 
 # The monitored value's direction, in one place: fit's best epoch, the snapshot ensemble's best epochs and the
 # report's best columns all follow it (val_loss is minimised, val_acc maximised).
@@ -28,6 +28,27 @@ def monitor_sign(monitor: str) -> float:
 def _tb(tag: Optional[str] = None) -> Any:
     return field(metadata={"tb": tag} if tag else {})
 
+
+
+@dataclass
+class EpochTiming:
+    """Where a session's epochs spent their time (summary.json ``timing``): training up to its once-per-epoch
+    read-back, evaluation (validation, clean subset, weight norms), and the rest of the epoch's bookkeeping (logs,
+    TensorBoard, encoding the checkpoint and summary.json for the background writer, waiting for its previous
+    write); ``overhead`` = (evaluation + bookkeeping) / training."""
+
+    train_s: float = 0.0
+    evaluate_s: float = 0.0
+    bookkeeping_s: float = 0.0
+
+    def add(self, train: float, evaluate: float, bookkeeping: float) -> dict:
+        """Add one epoch's seconds; returns the totals as summary.json records them."""
+        self.train_s += train
+        self.evaluate_s += evaluate
+        self.bookkeeping_s += bookkeeping
+        overhead = (self.evaluate_s + self.bookkeeping_s) / max(self.train_s, 1e-9)
+        return {"train_s": round(self.train_s, 4), "evaluate_s": round(self.evaluate_s, 4),
+                "bookkeeping_s": round(self.bookkeeping_s, 4), "overhead": round(overhead, 4)}
 
 @dataclass
 class EpochRow:
@@ -117,6 +138,7 @@ class Summary:
     compile: Optional[str] = _kind(str)
     channels_last: Optional[bool] = _kind(bool)
     step_impl: Optional[str] = _kind(str)
+    timing: Optional[dict] = _kind(dict)
     regularizer_info: Optional[dict] = _kind(dict)
     convention: Optional[dict] = _kind(dict)
     augmentation: Optional[dict] = _kind(dict)
@@ -145,6 +167,10 @@ class Summary:
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_dict())
+
+    def encode(self) -> bytes:
+        """The bytes :meth:`write` writes, as of now (for a background writer)."""
+        return encode_json(self.to_dict())
 
     def update(self, **values: Any) -> None:
         """Set fields by name (an unknown name is an error, not a new key in the file)."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Optional
 
@@ -21,14 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from regbench import conventions, lint, provenance, runtime
-from regbench.checkpoint import Checkpoints, fault_point
+from regbench.checkpoint import Checkpoints, encode_checkpoint, fault_point, write_epoch
 from regbench.validation import validate
 from regbench.errors import RegbenchError
 from regbench.evaluation import evaluate, weight_norms
 from regbench.experiment import Experiment, build_experiment
-from regbench.io import write_json
-from regbench.logs import RunLogger
-from regbench.records import EpochRow, Summary
+from regbench.io import BackgroundWriter, write_json
+from regbench.logs import RunLogger, progress_bar
+from regbench.records import EpochRow, EpochTiming, Summary
 from regbench.rundir import last_row, prepare_run_dir
 from regbench.state import RunState, restore_latest
 
@@ -222,6 +224,10 @@ class _Run:
     summary: Summary
     bar: Any = field(default=None, init=False)  # the progress bar, while the epochs run
     improved: bool = field(default=False, init=False)  # the last recorded epoch is the best so far
+    # An epoch's checkpoint and summary.json are written while the next epoch trains (the order on disk stays).
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter, init=False)
+    timing: EpochTiming = field(default_factory=EpochTiming, init=False)  # summary.json "timing"
+    _trained_at: float = field(default=0.0, init=False)  # when measure() had the epoch's training sums
     data_loaded: Any = field(default=None, init=False)
 
     def run(self) -> float:
@@ -229,7 +235,7 @@ class _Run:
         value of trainer.monitor."""
         t = self.cfg.trainer
         started = time.perf_counter()
-        self.bar, redirect = _progress_bar(t, self.exp.steps_per_epoch, self.state.epoch)
+        self.bar, redirect = progress_bar(t, self.exp.steps_per_epoch, self.state.epoch)
         redirect.__enter__()
         try:
             stopped = self.exp.stack.stopped
@@ -250,6 +256,10 @@ class _Run:
 
     def fail(self, e: BaseException, started: float) -> None:
         """summary.json says how the run ended when ``e`` ended it (the caller re-raises or reports it)."""
+        try:
+            self.writer.close()  # the last epoch's files first: nothing may overwrite the failed summary
+        except Exception as write_error:  # noqa: BLE001 — the original error is the one to report
+            log.warning("warning: %s", str(write_error).splitlines()[0] if str(write_error) else write_error)
         self.summary.update(status=_stopped_status(e), error=getattr(e, "regbench_reason", None)
                             or (str(e).splitlines()[0] if str(e) else type(e).__name__), finished=provenance.now(),
                             time_s=round(time.perf_counter() - started, 2))
@@ -281,6 +291,8 @@ class _Run:
         t, exp, state = self.cfg.trainer, self.exp, self.state
         state.step += exp.steps_per_epoch
         row = self.measure(epoch, out, epoch_start)
+        measured = time.perf_counter()
+        self.writer.wait()  # the previous epoch's checkpoint and summary.json are on disk before this epoch's row
         self.logger.log_epoch(row)
         self.improved = state.end_epoch(row.to_dict())
         fault_point("after_metrics", epoch)
@@ -293,11 +305,18 @@ class _Run:
                  row.val_loss, row.val_acc, row.clean_gap_loss if has_clean else row.gap_loss, row.lr,
                  row.epoch_time_s)
         stopped = exp.stack.on_epoch_end(epoch, state.history[-1], exp.model)
-        if save and self.checkpoint_due(epoch, stopped):
-            self.ckpts.save(epoch, state.state_dict(), best=self.improved)
+        # Encoded now (the tensors change with the next step), written by the background writer: the checkpoint,
+        # its links and pruning, then summary.json — the order a synchronous write has.
+        checkpoint = encode_checkpoint(state.state_dict()) if save and self.checkpoint_due(epoch, stopped) else None
+        timing = self.timing.add(self._trained_at - epoch_start, measured - self._trained_at,
+                                 time.perf_counter() - measured)
         self.summary.update(epochs_completed=epoch, final=state.history[-1], best=state.best_row,
-                            regularizer_info=exp.stack.info())
-        self.summary.write(self.run_dir / "summary.json")
+                            regularizer_info=exp.stack.info(), timing=timing)
+        write = partial(write_epoch, self.ckpts, epoch, checkpoint, self.improved, self.run_dir / "summary.json",
+                        self.summary.encode())
+        self.writer.submit(write) if save else write()  # a stack member: written now, the stack saves after
+        if os.environ.get("REGBENCH_FAULT") or os.environ.get("REGBENCH_PAUSE"):
+            self.writer.wait()  # crash-safety / SLURM tests stop the run at a known state of the disk
         fault_point("after_summary", epoch)
         if stopped:
             log.info("early stopping after epoch %d", epoch)
@@ -312,6 +331,7 @@ class _Run:
         exp, step, bs = self.exp, self.state.step, self.cfg.data.eval_batch_size
         seen = out["seen"]
         train_loss, train_acc = out["loss"].item() / seen, out["correct"].item() / seen  # the epoch's sync
+        self._trained_at = time.perf_counter()
         penalty = out["penalty"].item() / seen if out["penalty"] is not None else 0.0
         if not (math.isfinite(train_loss) and math.isfinite(penalty)):
             raise self.divergence(f"non-finite training loss ({train_loss}, penalty {penalty})", epoch)
@@ -329,6 +349,7 @@ class _Run:
 
     def divergence(self, what: str, epoch: int) -> RegbenchError:
         """The one-line error of a diverged run; it says which checkpoint (if any) survives."""
+        self.writer.wait()  # the previous epoch's checkpoint is on disk (a write error is raised instead)
         cfg, step, spe, saved = self.cfg, self.state.step, self.exp.steps_per_epoch, self.ckpts.epoch_files()
         kept = (f"its last good checkpoint (epoch {saved[0][0]}) is kept in {self.ckpts.folder}" if saved
                 else "no checkpoint was written before it")
@@ -341,6 +362,7 @@ class _Run:
         """The end of training: the stack's end (e.g. best weights back), the test evaluations, completion."""
         cfg, exp, summary = self.cfg, self.exp, self.summary
         data, model, autocast = exp.data, exp.model, self.rt.autocast
+        self.writer.close()  # the last epoch's checkpoint and summary.json are on disk before the test
         if summary.final is None:  # resumed after the last epoch had been checkpointed
             summary.final = last_row(self.run_dir)
         chance = lint.chance_warning(summary.final, data.info.num_classes, len(data.val_y))
@@ -364,28 +386,6 @@ class _Run:
                  summary.best["epoch"], cfg.trainer.monitor)
         for name, result in extra.items():
             log.info("test (%s): acc %.4f nll %.4f ece %.4f", name, result["acc"], result["nll"], result["ece"])
-
-
-def _progress_bar(t: DictConfig, steps_per_epoch: int, start_epoch: int):
-    """(tqdm bar over the run's steps, the context that routes log lines through it while it is shown)."""
-    from tqdm.auto import tqdm
-
-    show_bar = sys.stdout.isatty() if t.progress_bar is None else t.progress_bar
-    bar = tqdm(total=steps_per_epoch * t.max_epochs, initial=steps_per_epoch * start_epoch, disable=not show_bar,
-               unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)
-    # While the bar is shown, console log lines go through tqdm.write (the bar is cleared, the line printed,
-    # the bar redrawn below it) instead of landing in the middle of the bar's line.
-    return bar, (_log_through_bar(tqdm) if show_bar else nullcontext())
-
-
-def _log_through_bar(tqdm_class) -> ContextManager:
-    """tqdm's redirect of the root logger's console handler; nothing when there is none (tqdm would add one)."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    root = logging.getLogger()
-    if not any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in root.handlers):
-        return nullcontext()
-    return logging_redirect_tqdm(loggers=[root], tqdm_class=tqdm_class)
 
 
 def _stopped_status(e: BaseException) -> str:

@@ -191,12 +191,12 @@ class Stack:
     # ------------------------------------------------------------------------------------ epochs
     def train(self) -> list[float]:
         """Every epoch until each member has finished; each member's best monitored value (NaN: failed)."""
-        from regbench.train import _progress_bar
+        from regbench.logs import progress_bar
 
         values = [math.nan] * len(self.runs)
         t = self.runs[0].cfg.trainer
         started = time.perf_counter()
-        self.bar, redirect = _progress_bar(t, self.exps[0].steps_per_epoch, self.runs[0].state.epoch)
+        self.bar, redirect = progress_bar(t, self.exps[0].steps_per_epoch, self.runs[0].state.epoch)
         try:
             with redirect:
                 self._epochs(values, started)
