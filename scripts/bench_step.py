@@ -41,12 +41,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENDERS = ("minimal", "minimal_fused", "regbench_unfused", "regbench", "regbench_compile_model",
-              "regbench_compile_step", "keras")
-QUICK = ("minimal", "minimal_fused", "regbench_unfused", "regbench")
-REGBENCH_ARGS = {"regbench_unfused": ["trainer.fused=false"], "regbench": [],
+CONTENDERS = ("minimal", "minimal_fused", "regbench_unfused", "regbench_autograd", "regbench",
+              "regbench_compile_model", "regbench_compile_step", "keras")
+QUICK = ("minimal", "minimal_fused", "regbench_unfused", "regbench_autograd", "regbench")
+DEFAULT_CONTENDERS = ("regbench_unfused", "regbench_autograd", "regbench")
+REGBENCH_ARGS = {"regbench_unfused": ["trainer.fused=false", "trainer.fast_step=false"],
+                 "regbench_autograd": ["trainer.fast_step=false"], "regbench": [],
                  "regbench_compile_model": ["trainer.compile=model"], "regbench_compile_step": ["trainer.compile=step"]}
-EXPERIMENT = ["experiment=mnist_mlp", "data=mnist5k", "seed=0"]
+LECTURE = ["experiment=mnist_mlp", "data=mnist5k", "seed=0"]
+DEFAULT = ["data=mnist5k", "seed=0"]  # the default experiment: MLP 784-256-128-10, Adam, batch 128
 
 KERAS_CHILD = r"""
 import json, os, sys, time
@@ -80,8 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--venv", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                    / "regbench" / "bench-keras-venv", help="where the Keras/JAX virtual environment is created")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 epochs, 1 repetition, no Keras, no compile")
+    p.add_argument("--default-experiment", action="store_true",
+                   help="the default experiment (batch 128) instead of the lecture MLP; regbench contenders only")
     args = p.parse_args(argv)
-    args.contenders = args.contenders or list(QUICK if args.quick else CONTENDERS)
+    if args.default_experiment and args.contenders and not set(args.contenders) <= set(REGBENCH_ARGS):
+        p.error("--default-experiment compares regbench contenders only")
+    args.experiment = DEFAULT if args.default_experiment else LECTURE
+    args.contenders = args.contenders or list(DEFAULT_CONTENDERS if args.default_experiment
+                                              else QUICK if args.quick else CONTENDERS)
     args.epochs = args.epochs or (3 if args.quick else 20)
     args.repetitions = args.repetitions or (1 if args.quick else 5)
     if args.epochs < 2:
@@ -92,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------- torch
 
 
-def _regbench_data(threads: int):
+def _regbench_data(threads: int, experiment: list[str] = LECTURE):
     sys.path.insert(0, str(ROOT / "src"))
     import torch
     from hydra import compose, initialize_config_dir
@@ -103,7 +112,7 @@ def _regbench_data(threads: int):
 
     torch.set_num_threads(threads)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", EXPERIMENT)
+        cfg = compose("train", experiment)
     return cfg, load_data(cfg.data, torch.device("cpu"))
 
 
@@ -128,9 +137,9 @@ def minimal(cfg, data, epochs: int, fused: bool) -> dict:
     return {"epochs": times, "run_s": time.perf_counter() - start}
 
 
-def regbench_run(name: str, epochs: int, threads: int, cache: Path, work: Path) -> dict:
+def regbench_run(name: str, epochs: int, threads: int, cache: Path, work: Path, experiment: list[str] = LECTURE) -> dict:
     run_dir = work / f"{name}-{time.monotonic_ns()}"
-    cmd = [sys.executable, "-m", "regbench", *EXPERIMENT, *REGBENCH_ARGS[name], f"trainer.max_epochs={epochs}",
+    cmd = [sys.executable, "-m", "regbench", *experiment, *REGBENCH_ARGS[name], f"trainer.max_epochs={epochs}",
            "trainer.progress_bar=false", f"trainer.num_threads={threads}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "XDG_CACHE_HOME": str(cache)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -140,8 +149,10 @@ def regbench_run(name: str, epochs: int, threads: int, cache: Path, work: Path) 
     with open(run_dir / "metrics.csv") as f:
         times = [float(r["epoch_time_s"]) for r in csv.DictReader(f)]
     summary = json.loads((run_dir / "summary.json").read_text())
+    timing = summary["timing"]
     return {"epochs": times, "run_s": summary["time_s"], "impl": summary["optimizer_impl"],
-            "compile": summary["compile"], "outside": (summary["time_s"] - sum(times)) / len(times)}
+            "compile": summary["compile"], "step": summary["step_impl"], "train": timing["train_s"] / len(times),
+            "overhead": timing["overhead"], "outside": (summary["time_s"] - sum(times)) / len(times)}
 
 
 # --------------------------------------------------------------------------------------------- keras
@@ -189,22 +200,25 @@ def table(results: dict[str, list[dict]], base: str) -> str:
         return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
 
     ref = statistics.median(steady(r["epochs"]) for r in results[base]) if base in results else None
-    lines = ["| contender | s / epoch (epochs 2..N) | vs minimal loop | first epoch s | run s | outside s/epoch |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| contender | s / epoch (epochs 2..N) | vs " + base + " | first epoch s | run s | training s/epoch "
+             "| overhead | outside s/epoch |", "|---|---|---|---|---|---|---|---|"]
     for name, reps in results.items():
         per = [steady(r["epochs"]) for r in reps]
         ratio = rng([p / ref for p in per], "{:.2f}") if ref else "-"
         outside = rng([r["outside"] for r in reps]) if "outside" in reps[0] else "-"
-        label = name + (f" ({reps[0]['impl']}, compile {reps[0]['compile']})" if "impl" in reps[0] else "")
+        train = rng([r["train"] for r in reps]) if "train" in reps[0] else "-"
+        overhead = rng([100 * r["overhead"] for r in reps], "{:.0f} %") if "overhead" in reps[0] else "-"
+        label = name + (f" ({reps[0]['impl']}, {reps[0]['step']} step, compile {reps[0]['compile']})"
+                        if "impl" in reps[0] else "")
         lines.append(f"| {label} | {rng(per)} | {ratio} | {rng([r['epochs'][0] for r in reps], '{:.2f}')} "
-                     f"| {rng([r['run_s'] for r in reps], '{:.1f}')} | {outside} |")
+                     f"| {rng([r['run_s'] for r in reps], '{:.1f}')} | {train} | {overhead} | {outside} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
-    cfg, data = _regbench_data(threads)
+    cfg, data = _regbench_data(threads, args.experiment)
     import torch
 
     python = keras_python(args.venv) if "keras" in args.contenders else None
@@ -221,14 +235,17 @@ def main(argv=None) -> None:
                 elif name == "keras":
                     results[name].append(keras_run(python, arrays, args.epochs, threads))
                 else:  # the first repetition compiles into an empty cache, later ones reuse it
-                    results[name].append(regbench_run(name, args.epochs, threads, cache, work))
+                    results[name].append(regbench_run(name, args.epochs, threads, cache, work, args.experiment))
     versions = f"torch {torch.__version__}" + (f", keras {results['keras'][0]['versions']['keras']} on jax "
                                               f"{results['keras'][0]['versions']['jax']}" if results.get("keras") else "")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads; "
           f"Python {platform.python_version()}, {versions}")
-    print(f"lecture MLP 784-128-128-64-10, Adam, batch {cfg.data.batch_size}, mnist5k ({len(data.train_y)} training "
-          f"images), {args.epochs} epochs x {args.repetitions} repetitions; ranges over repetitions\n")
-    print(table(results, "minimal"))
+    model = "-".join(str(w) for w in [data.input_shape[0] * data.input_shape[1] * data.input_shape[2],
+                                      *cfg.model.hidden, 10])
+    print(f"{'default experiment' if args.default_experiment else 'lecture'} MLP {model}, Adam, batch "
+          f"{cfg.data.batch_size}, mnist5k ({len(data.train_y)} training images), {args.epochs} epochs x "
+          f"{args.repetitions} repetitions; ranges over repetitions\n")
+    print(table(results, "regbench_unfused" if args.default_experiment else "minimal"))
 
 
 if __name__ == "__main__":

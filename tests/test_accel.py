@@ -280,6 +280,16 @@ def test_bench_step_arguments(capsys):
         bench.parse_args(["--epochs", "1"])
     assert e.value.code == 2 and "--epochs must be >= 2" in capsys.readouterr().err
     assert bench.steady([9.0, 1.0, 3.0, 2.0]) == 2.0  # epoch 1 (compilation, warm-up) is left out
+    default = bench.parse_args(["--default-experiment"])
+    assert default.experiment == bench.DEFAULT and default.contenders == list(bench.DEFAULT_CONTENDERS)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--default-experiment", "--contenders", "keras"])
+    run = {"epochs": [1.0, 0.2, 0.2], "run_s": 1.4, "impl": "fused", "step": "direct", "compile": "none",
+           "train": 0.18, "overhead": 0.1, "outside": 0.01}
+    lines = bench.table({"minimal": [{"epochs": [1.0, 0.4, 0.4], "run_s": 1.8}], "regbench": [run]},
+                        "minimal").splitlines()
+    assert lines[0].split(" | ")[1:3] == ["s / epoch (epochs 2..N)", "vs minimal"]
+    assert lines[3] == "| regbench (fused, direct step, compile none) | 0.200 | 0.50 | 1.00 | 1.4 | 0.180 | 10 % | 0.010 |"
 
 
 def test_channels_last_only_for_convolutions_on_cuda():
