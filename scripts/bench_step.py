@@ -1,24 +1,27 @@
 #!/usr/bin/env python
-"""Seconds per epoch of the lecture MLP: regbench (unfused, fused, compiled) vs a minimal torch loop vs Keras 3/JAX.
+"""Seconds per epoch of the lecture MLP: regbench (unfused, autograd, direct step, compiled) vs minimal torch vs Keras 3.
 
 The issue-17 benchmark: regbench's mnist5k split, the lecture's seed-000 MLP 784-128-128-64-10 (ReLU), Adam
 (lr 1e-3, eps 1e-7: ``experiment=mnist_mlp data=mnist5k``, Keras convention), batch 32. Every contender
 trains for ``--epochs`` epochs per repetition; the table gives the range over repetitions of each
-repetition's median epoch time over epochs 2..N (epoch 1 holds compilation and warm-up), and ratios to the
-minimal torch loop measured in the same run. Contenders take turns, repetition by repetition, so that
-machine noise hits them alike.
+repetition's median epoch time over epochs 2..N (epoch 1 holds compilation and warm-up), and each repetition's
+ratio to the minimal torch loop of the same repetition. Contenders take turns, repetition by repetition, so
+that machine noise hits them alike.
 
     python scripts/bench_step.py                      # everything (installs Keras 3 + JAX into a venv first)
     python scripts/bench_step.py --quick              # smoke: 3 epochs, 1 repetition, no Keras, no compile
-    python scripts/bench_step.py --contenders minimal regbench regbench_fused
+    python scripts/bench_step.py --contenders minimal regbench_autograd regbench
+    python scripts/bench_step.py --default-experiment # the default experiment (batch 128), regbench contenders
 
 Contenders:
 - minimal / minimal_fused: a permutation of the in-memory tensors, ``x[idx]``, forward, cross-entropy,
   backward, ``Adam.step`` (torch's default for-loop implementation / ``fused=True``); training only.
-- regbench_unfused, regbench (default: fused), regbench_compile_model, regbench_compile_step: ``python -m
-  regbench`` runs; the epoch time is metrics.csv's ``epoch_time_s`` (training + validation + clean-train
-  evaluation + weight norms); ``outside`` is the rest of the run's wall clock per epoch (logs, checkpoints,
-  summary writes, final test). Compiled runs use a fresh compile cache in the first repetition (cold) and the
+- regbench_unfused (``trainer.fused=false trainer.fast_step=false``: before issue 17), regbench_autograd
+  (fused optimizer, autograd step), regbench (the default: fused, direct step), regbench_compile_model,
+  regbench_compile_step: ``python -m regbench`` runs; the epoch time is metrics.csv's ``epoch_time_s`` (training
+  + validation + clean-train evaluation + weight norms); ``training`` and ``overhead`` come from summary.json's
+  ``timing`` (overhead = evaluation + the epoch's bookkeeping, relative to training); ``outside`` is the rest
+  of the run's wall clock per epoch (set-up, the last epoch's writes, the final test). Compiled runs use a fresh compile cache in the first repetition (cold) and the
   same cache afterwards (warm); ``run_s`` is the whole run's wall clock, compilation included.
 - keras: Keras 3 on JAX (``jit_compile`` on by default) in a separate virtual environment this script
   creates from PyPI (``python -m venv``; ``pip install keras jax[cpu]``; not a regbench dependency),
@@ -199,12 +202,13 @@ def table(results: dict[str, list[dict]], base: str) -> str:
         lo, hi = min(values), max(values)
         return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
 
-    ref = statistics.median(steady(r["epochs"]) for r in results[base]) if base in results else None
+    # Ratios per repetition: each contender against the base of the same repetition (they ran back to back).
+    refs = [steady(r["epochs"]) for r in results[base]] if base in results else None
     lines = ["| contender | s / epoch (epochs 2..N) | vs " + base + " | first epoch s | run s | training s/epoch "
              "| overhead | outside s/epoch |", "|---|---|---|---|---|---|---|---|"]
     for name, reps in results.items():
         per = [steady(r["epochs"]) for r in reps]
-        ratio = rng([p / ref for p in per], "{:.2f}") if ref else "-"
+        ratio = rng([p / r for p, r in zip(per, refs)], "{:.2f}") if refs else "-"
         outside = rng([r["outside"] for r in reps]) if "outside" in reps[0] else "-"
         train = rng([r["train"] for r in reps]) if "train" in reps[0] else "-"
         overhead = rng([100 * r["overhead"] for r in reps], "{:.0f} %") if "overhead" in reps[0] else "-"

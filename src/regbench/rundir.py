@@ -332,7 +332,8 @@ def claim(folder: Path, fresh: bool, kind: str = "run") -> Claim:
 # Keys that may differ between a run and its resumption (they do not change what is computed; the optimizer
 # implementation and compilation only its float rounding: resuming across them is exact to that, see
 # regbench.accel).
-RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar", "trainer.fused", "trainer.compile")
+RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar", "trainer.fused", "trainer.compile",
+                     "trainer.fast_step")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
