@@ -297,8 +297,6 @@ def case_disk_full_during_checkpoint(tmp_path, monkeypatch, capsys):
     import errno
     import io
 
-    real_save = torch.save
-
     class FullDisk(io.RawIOBase):  # the checkpoint file, on a disk that fills up after 1000 bytes
         def __init__(self, f):
             self.f, self.n = f, 0
@@ -312,7 +310,10 @@ def case_disk_full_during_checkpoint(tmp_path, monkeypatch, capsys):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return self.f.write(b)
 
-    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, FullDisk(f)))
+    from regbench import checkpoint
+
+    real_write = checkpoint.atomic_write  # a checkpoint's bytes go to the file through the full disk
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda path, write: real_write(path, lambda f: write(FullDisk(f))))
     msg = run_cli(capsys, *TINY, f"hydra.run.dir={tmp_path}/r")
     assert not [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()]  # no temp file left behind
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
