@@ -89,6 +89,7 @@ def test_members_equal_their_single_runs(tmp_path, optimizer):
         assert_close_rows(dirs[k], alone)
         s = summary(dirs[k])
         assert s["status"] == "completed" and s["stacked"]["index"] == k and s["stacked"]["members"] == 3
+        assert s["step_impl"] == "stacked"
         assert s["test"]["loss"] == pytest.approx(summary(alone)["test"]["loss"], rel=1e-3)
         assert values[k] == pytest.approx(summary(alone)["best"]["val_loss"], rel=1e-3)
         for name in ("tb", "checkpoints", "metrics.csv", "COMPLETED", "regbench.log"):

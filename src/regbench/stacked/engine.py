@@ -83,7 +83,9 @@ def _fit_stack(cfgs, run_dirs, resume, default_threads, observer, member_data, g
                                         at_most_epoch=common if resuming[k] else None, data=shared))
             shared = runs[0].data_loaded
             rngs.append(_capture(rt.device))  # the member's own draws continue from here, as its single run's
-            runs[k].summary.update(stacked={"group": group, "index": k, "members": len(cfgs)})
+            # The stack's own step (StackedModel, StackedOptimizer) trains the member, not its single-run step.
+            runs[k].summary.update(stacked={"group": group, "index": k, "members": len(cfgs)}, step_impl="stacked")
+            runs[k].exp.direct = None
         # Members that resumed from different epochs (a checkpoint missing) cannot share steps: one stack each epoch.
         by_epoch: dict[int, list[int]] = {}
         for k, run in enumerate(runs):
