@@ -191,3 +191,30 @@ def test_tensorboard_hparams_have_the_stack_as_a_column(tmp_path):
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     data = plugin_data_pb2.HParamsPluginData.FromString(content)
     assert data.session_start_info.hparams["regularizer"].string_value == "[l2,dropout]"
+
+
+def test_a_members_key_can_be_set_next_to_a_swept_stack(tmp_path):
+    # Hydra composes the master config without the swept group (default stack []): the plain override is handed
+    # to it as a force-add; every job still gets exactly the plain override (the jobs were checked with it).
+    sweep = tmp_path / "sweep"
+    regbench(["-m", "regularizer=[l2],[dropout,l2]", "regularizer.l2.lam=0.1", *SMALL, "trainer.max_epochs=1",
+              f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert sorted(outcomes(sweep).values()) == ["ok", "ok"]
+    for run in outcomes(sweep):
+        saved = (sweep / run / ".hydra" / "config.yaml").read_text()
+        assert "lam: 0.1" in saved and json.loads((sweep / run / "summary.json").read_text())["status"] == "completed"
+    refused = regbench(["-m", "regularizer=[l2],[dropout]", "regularizer.l2.lam=0.1", *SMALL,
+                        f"hydra.sweep.dir={tmp_path}/refused"], tmp_path, check=False)
+    assert refused.returncode == 2 and not (tmp_path / "refused").exists()
+    assert refused.stderr.strip() == ("regbench: error: regularizer.l2: l2 is not in the regularizer stack; add it "
+                                      "first: regularizer=[l2] (or append it to the list you already use)")
+
+
+def test_master_safe_rewrites_only_plain_overrides_inside_swept_groups():
+    from regbench.cli_check import master_safe
+
+    argv = ["-m", "regularizer=[l2],[dropout,l2]", "regularizer.l2.lam=0.1", "model=mlp,lecture_cnn",
+            "model.init=default", "optimizer.lr=0.1", "+regularizer.x=1", "trainer.max_epochs=2"]
+    assert master_safe(argv, argv[1:]) == ["-m", "regularizer=[l2],[dropout,l2]", "++regularizer.l2.lam=0.1",
+                                           "model=mlp,lecture_cnn", "++model.init=default", "optimizer.lr=0.1",
+                                           "+regularizer.x=1", "trainer.max_epochs=2"]

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from regbench import provenance
-from regbench.cli_check import check, naming_overrides
+from regbench.cli_check import check, master_safe, naming_overrides
 from regbench.cli_errors import describe
 from regbench.cli_saved import expand_home, subcommand
 from regbench.config import CONFIG_DIR, CONFIG_NAME
@@ -237,7 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 argv, cfgs = _first_job_argv(argv, args, cfgs[0]), []
             if not (args.help or args.cfg):  # it will train: one folder for this command alone
                 if args.multirun:
-                    argv = [*argv, *naming_overrides(args.overrides, cfgs)]
+                    argv = [*master_safe(argv, args.overrides), *naming_overrides(args.overrides, cfgs)]
                 claim, handed = claim_folder(cfgs[0], args.multirun)
                 argv = [*argv, *handed]
     except RegbenchError as e:

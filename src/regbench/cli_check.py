@@ -179,3 +179,24 @@ def _refuse_added_keys(job: Sequence[str], cfg: DictConfig) -> None:
         if o.is_force_add() and not dataclasses.is_dataclass(schema):
             continue
         raise RegbenchError(no_such_key(key, schema))
+
+
+def master_safe(argv: list[str], overrides: Sequence[str]) -> list[str]:
+    """``argv`` with each plain override of a key inside a swept config group (``regularizer.l2.lam=0.1`` next to
+    ``regularizer=[l2],[dropout,l2]``; ``regularizer.*`` always, its default stack being empty) handed to Hydra as
+    a force-add (``++regularizer.l2.lam=0.1``).
+
+    Why: Hydra 1.3 composes a multirun's master config from the groups' defaults, leaving the swept groups out, so
+    such an override fails there ("Could not override ... not in struct") although every job has the key. The
+    jobs were each composed and validated with the plain override already (:func:`check`), and a force-add sets
+    an existing key exactly as a plain override does; only the master config (which no job trains on) differs.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    swept = {"regularizer"} | {o.key_or_group for o in parsed if o.is_sweep_override()}
+    rewrite = {o.input_line: f"++{o.input_line}" for o in parsed
+               if o.type == OverrideType.CHANGE and not o.is_sweep_override() and o.package is None
+               and any(o.key_or_group.startswith(g + ".") for g in swept)}
+    return [rewrite.get(a, a) for a in argv]
