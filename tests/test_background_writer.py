@@ -74,3 +74,22 @@ def test_a_background_write_error_stops_the_run_with_its_one_line(tmp_path, monk
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["epochs_completed"] == 2  # written by fail(), after the job
     assert "No space left" in summary["error"]
+
+
+def test_an_interrupted_wait_leaves_the_job_pending_until_it_is_done():
+    gate = threading.Event()
+    w = BackgroundWriter()
+    w.submit(gate.wait)
+    original = w._pending.result
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # as a signal would, while the job still runs
+
+    w._pending.result = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        w.wait()
+    assert w._pending is not None and not w._pending.done()
+    w._pending.result = original
+    gate.set()
+    w.close()
+    assert w._pending is None

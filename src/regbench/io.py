@@ -92,9 +92,14 @@ class BackgroundWriter:
         self._pending = self._pool.submit(job)
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        pending = self._pending
+        if pending is None:
+            return
+        try:
             pending.result()
+        finally:
+            if pending.done():  # still pending when a signal (Ctrl-C, SLURM) interrupted the wait: wait again later
+                self._pending = None
 
     def close(self) -> None:
         """Wait for the pending job and stop the thread (a pending job's error is raised)."""
