@@ -140,8 +140,10 @@ SMALL = [*TINY, "data.train_size=128", "trainer.max_epochs=4", "model.hidden=[32
 def _stop_after_epoch(monkeypatch, epoch: int):
     import regbench.train as train
 
-    def fault(point, at):
+    def fault(point, at, settle=None):
         if point == "after_summary" and at == epoch:
+            if settle is not None:
+                settle()  # as the real hook does before it acts
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "fault_point", fault)

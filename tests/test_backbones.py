@@ -210,10 +210,12 @@ def test_an_interrupted_run_resumed_in_stage_two_equals_the_uninterrupted_one(tm
     fit(compose_cfg(*STAGES), tmp_path / "ref")
     real = train.fault_point
 
-    def interrupt(point, epoch):
+    def interrupt(point, epoch, settle=None):
         if (point, epoch) == ("after_summary", 3):
+            if settle is not None:
+                settle()  # as the real hook does before it acts
             raise KeyboardInterrupt
-        real(point, epoch)
+        real(point, epoch, settle)
 
     monkeypatch.setattr(train, "fault_point", interrupt)
     with pytest.raises(KeyboardInterrupt):

@@ -22,7 +22,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -35,15 +35,20 @@ log = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
-def fault_point(name: str, epoch: int) -> None:
+def fault_point(name: str, epoch: int, settle: Optional[Callable[[], None]] = None) -> None:
     """Testing hooks: ``REGBENCH_FAULT=<name>:<epoch>`` SIGKILLs this process here (crash-safety tests);
     ``REGBENCH_PAUSE=<epoch>:<seconds>`` sleeps after that epoch's summary, so the SLURM tests can interrupt a
     run at a known epoch (a resumed run does not repeat the epoch, so it does not pause again; a sleep changes
-    nothing a run computes)."""
-    if os.environ.get("REGBENCH_FAULT") == f"{name}:{epoch}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    nothing a run computes). ``settle`` (a background writer's wait) runs first when a hook acts here, so the
+    disk holds what a synchronous run would have written by this point."""
     pause = os.environ.get("REGBENCH_PAUSE", "").split(":")
-    if name == "after_summary" and len(pause) == 2 and pause[0] == str(epoch):
+    kill = os.environ.get("REGBENCH_FAULT") == f"{name}:{epoch}"
+    sleep = name == "after_summary" and len(pause) == 2 and pause[0] == str(epoch)
+    if settle is not None and (kill or sleep):
+        settle()
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if sleep:
         time.sleep(float(pause[1]))
 
 

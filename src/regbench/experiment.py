@@ -47,6 +47,7 @@ class Experiment:
     clean_x: torch.Tensor  # the fixed training subset evaluated like validation (trainer.clean_subset)
     clean_y: torch.Tensor
     direct: Optional[Any] = None  # regbench.faststep.DirectStep where it applies (else the step uses autograd)
+    step_plan: str = "autograd"  # which step, and why not the direct one ("direct" / "autograd: <why>")
 
     def train_batches(self, order: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's training batches in the order ``order`` draws, as trained on (the policy's ops,
@@ -73,9 +74,8 @@ def build_experiment(cfg: DictConfig, device: torch.device, data: Any = None) ->
     optimizer = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer), fused=cfg.trainer.fused)
     speed, speed_warning = accel.accelerate(cfg.trainer.compile, model, optimizer, device)
     loss_fn = partial(F.cross_entropy, **stack.loss_options()) if stack.loss_options() else F.cross_entropy
-    direct, step_impl = faststep.plan(model, loss_fn, cfg.trainer, device)
-    log.info("training step: %s", step_impl)
-    speed["step_impl"] = step_impl.split(":")[0]
+    direct, step_plan = faststep.plan(model, loss_fn, cfg.trainer, device)
+    speed["step_impl"] = step_plan.split(":")[0]
     penalty_fn, before_step = stack.penalty_fn(), stack.before_step_fn()
     warnings = lint.run_warnings(cfg, model, stack, policy, data.info)
     for w in warnings:
@@ -89,7 +89,7 @@ def build_experiment(cfg: DictConfig, device: torch.device, data: Any = None) ->
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.max_epochs)
     clean_x, clean_y = _clean_subset(cfg, data, device)
     return Experiment(cfg, data, policy, stack, model, params, speed, optimizer, scheduler, loss_fn, penalty_fn,
-                      before_step, warnings, drop_last, steps_per_epoch, clean_x, clean_y, direct)
+                      before_step, warnings, drop_last, steps_per_epoch, clean_x, clean_y, direct, step_plan)
 
 
 def _drop_last(cfg: DictConfig, n_train: int, model: nn.Module) -> tuple[bool, Optional[str]]:

@@ -31,7 +31,7 @@ from torch import nn
 
 aten = torch.ops.aten
 
-_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh)
+_LEAVES = (nn.Flatten, nn.Linear, nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh)
 
 
 def _layers(model: nn.Module) -> tuple[list[nn.Module], Optional[str]]:
@@ -43,12 +43,10 @@ def _layers(model: nn.Module) -> tuple[list[nn.Module], Optional[str]]:
     leaves: list[nn.Module] = []
 
     def walk(m: nn.Module) -> Optional[str]:
-        if m is not model and type(m) is nn.Sequential:
+        # MLP.forward is head(hidden(flatten(x))), a Sequential runs its children: both in registration order.
+        if m is model or type(m) is nn.Sequential:
             return next((why for c in m.children() if (why := walk(c))), None)
-        if m is model:  # MLP.forward: head(hidden(flatten(x))) = its children in registration order
-            return next((why for c in m.children() if (why := walk(c))), None)
-        if isinstance(m, (nn.Flatten, nn.Linear, nn.Dropout, nn.Identity) + _ACTIVATIONS) and \
-                type(m) in (nn.Flatten, nn.Linear, nn.Dropout, nn.Identity) + _ACTIVATIONS:
+        if type(m) in _LEAVES:  # exactly these classes: a subclass may compute something else
             leaves.append(m)
             return None
         return f"layer {type(m).__name__}"
@@ -103,10 +101,6 @@ def plan(model: nn.Module, loss_fn: Callable, trainer: Any, device: torch.device
     return DirectStep(model, layers, loss_fn), "direct"
 
 
-def _plain_cross_entropy(loss_fn: Callable) -> bool:
-    return loss_fn is F.cross_entropy
-
-
 class DirectStep:
     """``step(x, y, penalty_fn) -> (logits, loss, penalty)``: one training step's forward and backward; every
     parameter's ``.grad`` is set as ``zero_grad(set_to_none=True)`` then ``objective.backward()`` would set it."""
@@ -114,7 +108,7 @@ class DirectStep:
     def __init__(self, model: nn.Module, layers: list[nn.Module], loss_fn: Callable):
         self.model, self.layers, self.loss_fn = model, layers, loss_fn
         self.params = list(model.parameters())
-        self.plain_ce = _plain_cross_entropy(loss_fn)
+        self.plain_ce = loss_fn is F.cross_entropy  # no label smoothing, weights or other options
         self.first_linear = next(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, penalty_fn: Optional[Callable] = None,

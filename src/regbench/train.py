@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -227,7 +226,6 @@ class _Run:
     # An epoch's checkpoint and summary.json are written while the next epoch trains (the order on disk stays).
     writer: BackgroundWriter = field(default_factory=BackgroundWriter, init=False)
     timing: EpochTiming = field(default_factory=EpochTiming, init=False)  # summary.json "timing"
-    _trained_at: float = field(default=0.0, init=False)  # when measure() had the epoch's training sums
     data_loaded: Any = field(default=None, init=False)
 
     def run(self) -> float:
@@ -235,6 +233,7 @@ class _Run:
         value of trainer.monitor."""
         t = self.cfg.trainer
         started = time.perf_counter()
+        log.info("training step: %s", self.exp.step_plan)
         self.bar, redirect = progress_bar(t, self.exp.steps_per_epoch, self.state.epoch)
         redirect.__enter__()
         try:
@@ -290,7 +289,7 @@ class _Run:
         True when a member (early stopping) stops the run."""
         t, exp, state = self.cfg.trainer, self.exp, self.state
         state.step += exp.steps_per_epoch
-        row = self.measure(epoch, out, epoch_start)
+        row, trained = self.measure(epoch, out, epoch_start)
         measured = time.perf_counter()
         self.writer.wait()  # the previous epoch's checkpoint and summary.json are on disk before this epoch's row
         self.logger.log_epoch(row)
@@ -308,16 +307,13 @@ class _Run:
         # Encoded now (the tensors change with the next step), written by the background writer: the checkpoint,
         # its links and pruning, then summary.json — the order a synchronous write has.
         checkpoint = encode_checkpoint(state.state_dict()) if save and self.checkpoint_due(epoch, stopped) else None
-        timing = self.timing.add(self._trained_at - epoch_start, measured - self._trained_at,
-                                 time.perf_counter() - measured)
+        timing = self.timing.add(trained - epoch_start, measured - trained, time.perf_counter() - measured)
         self.summary.update(epochs_completed=epoch, final=state.history[-1], best=state.best_row,
                             regularizer_info=exp.stack.info(), timing=timing)
         write = partial(write_epoch, self.ckpts, epoch, checkpoint, self.improved, self.run_dir / "summary.json",
                         self.summary.encode())
         self.writer.submit(write) if save else write()  # a stack member: written now, the stack saves after
-        if os.environ.get("REGBENCH_FAULT") or os.environ.get("REGBENCH_PAUSE"):
-            self.writer.wait()  # crash-safety / SLURM tests stop the run at a known state of the disk
-        fault_point("after_summary", epoch)
+        fault_point("after_summary", epoch, settle=self.writer.wait)
         if stopped:
             log.info("early stopping after epoch %d", epoch)
         return stopped
@@ -326,12 +322,13 @@ class _Run:
         t = self.cfg.trainer
         return t.save_checkpoints and (epoch % t.checkpoint_every == 0 or epoch == t.max_epochs or stopped)
 
-    def measure(self, epoch: int, out: dict, epoch_start: float) -> EpochRow:
-        """The epoch's row from its training sums and the evaluations; a non-finite loss or weight is an error."""
+    def measure(self, epoch: int, out: dict, epoch_start: float) -> tuple[EpochRow, float]:
+        """(the epoch's row from its training sums and the evaluations, when the sums were read back: the end of
+        the epoch's training); a non-finite loss or weight is an error."""
         exp, step, bs = self.exp, self.state.step, self.cfg.data.eval_batch_size
         seen = out["seen"]
         train_loss, train_acc = out["loss"].item() / seen, out["correct"].item() / seen  # the epoch's sync
-        self._trained_at = time.perf_counter()
+        trained = time.perf_counter()
         penalty = out["penalty"].item() / seen if out["penalty"] is not None else 0.0
         if not (math.isfinite(train_loss) and math.isfinite(penalty)):
             raise self.divergence(f"non-finite training loss ({train_loss}, penalty {penalty})", epoch)
@@ -345,7 +342,7 @@ class _Run:
                                   f"(weight_l2 {l2}, val loss {val['loss']})", epoch)
         return EpochRow.measured(epoch, step, exp.optimizer.param_groups[0]["lr"],
                                  {"loss": train_loss, "penalty": penalty, "acc": train_acc}, val, clean, (l1, l2),
-                                 time.perf_counter() - epoch_start)
+                                 time.perf_counter() - epoch_start), trained
 
     def divergence(self, what: str, epoch: int) -> RegbenchError:
         """The one-line error of a diverged run; it says which checkpoint (if any) survives."""

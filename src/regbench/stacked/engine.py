@@ -85,7 +85,6 @@ def _fit_stack(cfgs, run_dirs, resume, default_threads, observer, member_data, g
             rngs.append(_capture(rt.device))  # the member's own draws continue from here, as its single run's
             # The stack's own step (StackedModel, StackedOptimizer) trains the member, not its single-run step.
             runs[k].summary.update(stacked={"group": group, "index": k, "members": len(cfgs)}, step_impl="stacked")
-            runs[k].exp.direct = None
         # Members that resumed from different epochs (a checkpoint missing) cannot share steps: one stack each epoch.
         by_epoch: dict[int, list[int]] = {}
         for k, run in enumerate(runs):
