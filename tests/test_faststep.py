@@ -180,3 +180,108 @@ def test_conv_models_gpus_hooks_and_frozen_layers_train_through_autograd():
     model.head.weight.requires_grad_(True)
     assert faststep.plan(model.double(), loss_fn, t, torch.device("cpu"))[1] == \
         "autograd: parameters that are not float32"
+
+
+# ------------------------------------------------------------------------------------- the direct Adam step
+
+
+def _adam_pair(cls=torch.optim.AdamW, fused=True, **kw):
+    """Two identical models with an optimizer each (two parameter groups, different weight decay)."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)))
+    opts = [cls([{"params": m[0].parameters()}, {"params": m[2].parameters(), "weight_decay": 0.0}],
+                lr=0.01, weight_decay=0.1, fused=fused, **kw) for m in models]
+    return models, opts
+
+
+def _grads(models, step):
+    g = torch.Generator().manual_seed(step)
+    for m in models:
+        g.manual_seed(step)
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+
+
+def _state(opt):
+    return [t for s in opt.state.values() for t in s.values()]
+
+
+@pytest.mark.parametrize("cls, kw", [(torch.optim.Adam, {}), (torch.optim.AdamW, {}),
+                                     (torch.optim.Adam, {"amsgrad": True, "maximize": True}),
+                                     (torch.optim.Adam, {"decoupled_weight_decay": True, "betas": (0.8, 0.95)})])
+def test_the_direct_adam_step_is_the_fused_kernel_call_bitwise(cls, kw, monkeypatch):
+    (ref, fast), (opt_ref, opt_fast) = _adam_pair(cls, **kw)
+    sched = torch.optim.lr_scheduler.StepLR(opt_fast, 2, 0.5)  # lr read per step; step() wrapped by the schedule
+    ref_sched = torch.optim.lr_scheduler.StepLR(opt_ref, 2, 0.5)
+    direct = faststep.DirectAdam(opt_fast)
+    calls = []
+    step = opt_fast.step
+    monkeypatch.setattr(opt_fast, "step", lambda *a: calls.append(1) or step(*a), raising=False)
+    opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, torch.optim.Adam.step
+    for i in range(5):
+        _grads((ref, fast), i)
+        opt_ref.step()
+        direct()
+        ref_sched.step()
+        sched.step()
+    assert calls == [1]  # only the first step (it creates the state) went through optimizer.step()
+    for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
+        assert torch.equal(a, b)
+
+
+def test_the_direct_adam_step_continues_a_loaded_state_and_keeps_the_schedule_quiet(recwarn):
+    (ref, fast), (opt_ref, opt_fast) = _adam_pair()
+    for i in range(2):
+        _grads((ref, fast), i)
+        opt_ref.step()
+        opt_fast.step()
+    # a resume: a new optimizer loads the state; the direct call runs from its first step, and the schedule
+    # created on it does not warn that step() was never called
+    torch.manual_seed(0)
+    resumed = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    resumed.load_state_dict(fast.state_dict())
+    opt = torch.optim.AdamW([{"params": resumed[0].parameters()}, {"params": resumed[2].parameters(),
+                                                                   "weight_decay": 0.0}], lr=0.01, fused=True)
+    opt.load_state_dict(opt_fast.state_dict())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    direct = faststep.DirectAdam(opt)
+    for i in range(2, 5):
+        _grads((ref, resumed), i)
+        opt_ref.step()
+        direct()
+        sched.step()
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
+    for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(resumed.parameters()) + _state(opt)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["unfused", "sgd", "pre_hook", "no_grad", "tensor_lr", "wrapped"])
+def test_the_direct_adam_step_leaves_anything_else_to_optimizer_step(case):
+    cls = torch.optim.SGD if case == "sgd" else torch.optim.AdamW
+    kw = {"momentum": 0.9} if case == "sgd" else {}
+    (ref, fast), (opt_ref, opt_fast) = _adam_pair(cls, fused=case != "unfused", **kw)
+    hooked = []
+    for opt in (opt_ref, opt_fast):
+        if case == "pre_hook":
+            opt.register_step_pre_hook(lambda *a: hooked.append(1))
+        if case == "tensor_lr":
+            opt.param_groups[0]["lr"] = torch.tensor(0.01)
+        if case == "wrapped":  # wrapped by something that is not an LR scheduler
+            step = opt.step
+            opt.step = lambda *a, step=step: hooked.append(1) or step(*a)
+    if case not in ("pre_hook", "wrapped"):  # count the calls, wrapped as an LR scheduler wraps step()
+        step = opt_fast.step
+        opt_fast.step = lambda *a: hooked.append(1) or step(*a)
+        opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, torch.optim.Adam.step
+    direct = faststep.DirectAdam(opt_fast)
+    for i in range(3):
+        _grads((ref, fast), i)
+        if case == "no_grad":
+            ref[2].bias.grad = fast[2].bias.grad = None
+        opt_ref.step()
+        direct()
+    assert len(hooked) == (6 if case in ("pre_hook", "wrapped") else 3)  # every step through optimizer.step()
+    for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
+        assert torch.equal(a, b)

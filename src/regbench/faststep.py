@@ -103,17 +103,29 @@ def plan(model: nn.Module, loss_fn: Callable, trainer: Any, device: torch.device
 
 class DirectStep:
     """``step(x, y, penalty_fn) -> (logits, loss, penalty)``: one training step's forward and backward; every
-    parameter's ``.grad`` is set as ``zero_grad(set_to_none=True)`` then ``objective.backward()`` would set it."""
+    parameter's ``.grad`` is set as ``zero_grad(set_to_none=True)`` then ``objective.backward()`` would set it.
+    ``optimizer_step(optimizer)``: then ``optimizer.step()``, by :class:`DirectAdam` where it applies.
+
+    The layers are turned into straight lists of closures once (the per-step Python work is the ops' calls:
+    on the lecture MLP at batch 32 that is ~15 % of the step, measured against a hand-unrolled step)."""
 
     def __init__(self, model: nn.Module, layers: list[nn.Module], loss_fn: Callable):
         self.model, self.layers, self.loss_fn = model, layers, loss_fn
         self.params = list(model.parameters())
         self.plain_ce = loss_fn is F.cross_entropy  # no label smoothing, weights or other options
-        self.first_linear = next(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
+        first_linear = next(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
+        # Backward runs from the last layer down to the first Linear: nothing below needs a gradient (the input
+        # does not require one), and the first Linear's input gradient is not computed.
+        self.forward_ops = [_forward_op(m) for m in layers]
+        self.backward_ops = [(i, _backward_op(m, first=i == first_linear))
+                             for i, m in reversed(list(enumerate(layers))) if i >= first_linear]
+        self.backward_ops = [(i, op) for i, op in self.backward_ops if op is not None]
+        self._adam: Optional[DirectAdam] = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, penalty_fn: Optional[Callable] = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        logits, saved = self._forward(x)
+        with torch.no_grad():
+            logits, saved = self._forward(x)
         # The penalty's gradient first: autograd runs the later-recorded penalty nodes before the forward's, so
         # a parameter's gradient buffer holds (penalty terms) + (data term) in that order.
         penalty, pen_grads = None, None
@@ -122,72 +134,40 @@ class DirectStep:
             if penalty is not None:
                 pen_grads = torch.autograd.grad(penalty, self.params, allow_unused=True)
         g, loss = self._loss_grad(logits, y)
-        grads = self._backward(g, saved)
-        for j, p in enumerate(self.params):
-            data = grads.get(p)
-            extra = pen_grads[j] if pen_grads is not None else None
-            p.grad = data if extra is None else extra if data is None else extra + data
+        with torch.no_grad():
+            grads = self._backward(g, saved)
+        if pen_grads is None:
+            for p in self.params:
+                p.grad = grads.get(p)
+        else:
+            for p, extra in zip(self.params, pen_grads):
+                data = grads.get(p)
+                p.grad = data if extra is None else extra if data is None else extra + data
         return logits, loss, penalty
 
-    @torch.no_grad()
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()``; a fused Adam / AdamW by one direct call of its kernel (:class:`DirectAdam`)."""
+        adam = self._adam
+        if adam is None or adam.optimizer is not optimizer:
+            adam = self._adam = DirectAdam(optimizer)
+        adam()
+
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """(logits, what each layer's backward reads). Each layer's own ATen op (F.linear -> addmm for 2-D input
-        with a bias); dropout draws its mask exactly as torch's CPU dropout does (empty_like(x).bernoulli_(1 - p)
-        / (1 - p), then x * mask), so the global RNG advances identically."""
+        """(logits, what each layer's backward reads), under no_grad. Each layer's own ATen op (F.linear ->
+        addmm for 2-D input with a bias); dropout draws its mask exactly as torch's CPU dropout does
+        (empty_like(x).bernoulli_(1 - p) / (1 - p), then x * mask), so the global RNG advances identically."""
         saved: list[Any] = []
         h = x
-        for m in self.layers:
-            keep = None
-            if isinstance(m, nn.Linear):
-                keep = h
-                h = torch.addmm(m.bias, h, m.weight.t()) if m.bias is not None else h.mm(m.weight.t())
-            elif isinstance(m, nn.Flatten):
-                h = h.flatten(1)
-            elif isinstance(m, nn.Dropout):
-                if m.training and m.p > 0:
-                    keep = torch.empty_like(h).bernoulli_(1 - m.p).div_(1 - m.p)
-                    h = h * keep
-            elif isinstance(m, nn.ReLU):
-                h = keep = torch.relu(h)
-            elif isinstance(m, nn.Sigmoid):
-                h = keep = torch.sigmoid(h)
-            elif isinstance(m, nn.Tanh):
-                h = keep = torch.tanh(h)
-            elif isinstance(m, nn.LeakyReLU):
-                keep, h = h, F.leaky_relu(h, m.negative_slope)
-            elif isinstance(m, nn.ELU):
-                keep, h = h, F.elu(h, m.alpha)
-            saved.append(keep)  # nn.Identity: nothing
+        for op in self.forward_ops:
+            h, keep = op(h)
+            saved.append(keep)
         return h, saved
 
-    @torch.no_grad()
     def _backward(self, g: torch.Tensor, saved: list) -> dict[nn.Parameter, torch.Tensor]:
         """The parameters' data gradients from d loss / d logits ``g``, by the kernels autograd's nodes call."""
         grads: dict[nn.Parameter, torch.Tensor] = {}
-        for i in range(len(self.layers) - 1, -1, -1):
-            m, s = self.layers[i], saved[i]
-            if isinstance(m, nn.Linear):
-                # AddmmBackward0 with mat2 = weight.t() (column-major): grad.t().mm(mat1).t(), then TBackward0's
-                # .t(): a contiguous [out, in] tensor, as AccumulateGrad keeps it. The bias: sum_to -> sum(0).
-                grads[m.weight] = g.t().mm(s)
-                if m.bias is not None:
-                    grads[m.bias] = g.sum(0)
-                if i == self.first_linear:
-                    break  # nothing below needs a gradient (the input does not require one)
-                g = g.mm(m.weight)
-            elif isinstance(m, nn.Dropout):
-                if s is not None:
-                    g = g * s
-            elif isinstance(m, nn.ReLU):
-                g = aten.threshold_backward(g, s, 0)
-            elif isinstance(m, nn.Sigmoid):
-                g = aten.sigmoid_backward(g, s)
-            elif isinstance(m, nn.Tanh):
-                g = aten.tanh_backward(g, s)
-            elif isinstance(m, nn.LeakyReLU):
-                g = aten.leaky_relu_backward(g, s, m.negative_slope, False)
-            elif isinstance(m, nn.ELU):
-                g = aten.elu_backward(g, m.alpha, 1, 1, False, s)
+        for i, op in self.backward_ops:
+            g = op(g, saved[i], grads)
         return grads
 
     def _loss_grad(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,11 +176,160 @@ class DirectStep:
         if self.plain_ce and y.ndim == 1 and not torch.is_floating_point(y):
             with torch.no_grad():
                 logp = torch._log_softmax(logits, 1, False)
-                loss, total = aten.nll_loss_forward(logp, y, None, 1, -100)  # reduction 1 = mean
-                g = aten.nll_loss_backward(torch.ones_like(loss), logp, y, None, 1, -100, total)
-                return aten._log_softmax_backward_data(g, logp, 1, logits.dtype), loss
+                loss, total = _nll_forward(logp, y, None, 1, -100)  # reduction 1 = mean
+                g = _nll_backward(torch.ones_like(loss), logp, y, None, 1, -100, total)
+                return _log_softmax_backward(g, logp, 1, logits.dtype), loss
         z = logits.detach().requires_grad_()
         with torch.enable_grad():
             loss = self.loss_fn(z, y)
         g, = torch.autograd.grad(loss, z)
         return g, loss.detach()
+
+
+_nll_forward = aten.nll_loss_forward.default
+_nll_backward = aten.nll_loss_backward.default
+_log_softmax_backward = aten._log_softmax_backward_data.default
+
+
+def _forward_op(m: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, Any]]:
+    """``op(h) -> (output, what the backward keeps)`` for one layer (read at call time: a layer's settings and
+    mode may change between steps, e.g. ``model.eval()`` around an evaluation)."""
+    if isinstance(m, nn.Linear):
+        weight, bias = m.weight, m.bias  # the Parameter objects (updated in place by the optimizer)
+        if bias is not None:
+            return lambda h: (torch.addmm(bias, h, weight.t()), h)
+        return lambda h: (h.mm(weight.t()), h)
+    if isinstance(m, nn.Flatten):
+        return lambda h: (h.flatten(1), None)
+    if isinstance(m, nn.Dropout):
+        def dropout(h: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+            if m.training and m.p > 0:
+                mask = torch.empty_like(h).bernoulli_(1 - m.p).div_(1 - m.p)
+                return h * mask, mask
+            return h, None
+        return dropout
+    if isinstance(m, nn.ReLU):
+        return lambda h: (out := torch.relu(h), out)
+    if isinstance(m, nn.Sigmoid):
+        return lambda h: (out := torch.sigmoid(h), out)
+    if isinstance(m, nn.Tanh):
+        return lambda h: (out := torch.tanh(h), out)
+    if isinstance(m, nn.LeakyReLU):
+        return lambda h: (F.leaky_relu(h, m.negative_slope), h)
+    if isinstance(m, nn.ELU):
+        return lambda h: (F.elu(h, m.alpha), h)
+    return lambda h: (h, None)  # nn.Identity
+
+
+def _backward_op(m: nn.Module, first: bool) -> Optional[Callable]:
+    """``op(grad_output, kept, grads) -> grad_input`` for one layer (None: the gradient passes unchanged);
+    a Linear's op puts its parameters' gradients into ``grads``."""
+    if isinstance(m, nn.Linear):
+        weight, bias = m.weight, m.bias
+
+        def linear(g: torch.Tensor, s: torch.Tensor, grads: dict) -> Optional[torch.Tensor]:
+            # AddmmBackward0 with mat2 = weight.t() (column-major): grad.t().mm(mat1).t(), then TBackward0's
+            # .t(): a contiguous [out, in] tensor, as AccumulateGrad keeps it. The bias: sum_to -> sum(0).
+            grads[weight] = g.t().mm(s)
+            if bias is not None:
+                grads[bias] = g.sum(0)
+            return None if first else g.mm(weight)
+        return linear
+    if isinstance(m, nn.Dropout):
+        return lambda g, s, grads: g if s is None else g * s
+    if isinstance(m, nn.ReLU):
+        return lambda g, s, grads: _threshold_backward(g, s, 0)
+    if isinstance(m, nn.Sigmoid):
+        return lambda g, s, grads: _sigmoid_backward(g, s)
+    if isinstance(m, nn.Tanh):
+        return lambda g, s, grads: _tanh_backward(g, s)
+    if isinstance(m, nn.LeakyReLU):
+        return lambda g, s, grads: _leaky_relu_backward(g, s, m.negative_slope, False)
+    if isinstance(m, nn.ELU):
+        return lambda g, s, grads: _elu_backward(g, m.alpha, 1, 1, False, s)
+    return None  # Flatten (only the first layer, below the first Linear), Identity
+
+
+_threshold_backward = aten.threshold_backward.default
+_sigmoid_backward = aten.sigmoid_backward.default
+_tanh_backward = aten.tanh_backward.default
+_leaky_relu_backward = aten.leaky_relu_backward.default
+_elu_backward = aten.elu_backward.default
+
+
+class DirectAdam:
+    """``optimizer.step()`` of a fused torch.optim.Adam / AdamW on the CPU as torch's own ``_fused_adam``
+    makes it — ``torch._foreach_add_(steps, 1)`` then one ``torch._fused_adam_`` (``_fused_adamw_``) per
+    parameter group, with the very arguments — without the Python around it.
+
+    Why by hand: at the lecture's batch 32 that Python (the step's profiler scope and hook loops, the
+    per-parameter ``_init_group`` walk, grouping the tensors by device and dtype) costs ~1.5x the kernel itself
+    (~105 vs ~45 us per step on 2 cores, docs/benchmarks.md). The update is the same kernel on the same
+    tensors, so bitwise equal (tests/test_faststep.py). ``optimizer.step()`` itself runs whenever this does not
+    apply: another optimizer or implementation, step hooks, a step wrapped by anything but torch's LR
+    scheduler, AMP's grad scale, capturable/differentiable groups, tensor hyper-parameters, a parameter without
+    state yet (its first step initialises it) or without a gradient."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self._key: Optional[tuple] = None
+        self._groups: list[tuple[dict, list, list, list, list, list]] = []
+
+    def applies(self) -> bool:
+        """Whether the next step can be the direct call (checked before every step: cheap)."""
+        from torch.optim import optimizer as O
+
+        opt = self.optimizer
+        if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or opt._optimizer_step_pre_hooks or \
+                opt._optimizer_step_post_hooks or O._global_optimizer_pre_hooks or O._global_optimizer_post_hooks:
+            return False
+        wrapped = opt.__dict__.get("step")  # an LR scheduler wraps it to note that step() was called
+        if wrapped is not None and not (getattr(wrapped, "_wrapped_by_lr_sched", False)
+                                        and getattr(wrapped, "__wrapped__", None) is torch.optim.Adam.step):
+            return False
+        return getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
+
+    def _lists(self) -> Optional[list]:
+        """Per group (group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps), rebuilt when the
+        optimizer's state or groups were replaced (load_state_dict) or grew; None where a group does not fit."""
+        opt = self.optimizer
+        key = (len(opt.state), opt.state, *opt.param_groups)  # the size, then the objects themselves
+        old = self._key
+        if old is not None and len(key) == len(old) and key[0] == old[0] and \
+                all(a is b for a, b in zip(key[1:], old[1:])):
+            return self._groups
+        groups = []
+        for group in opt.param_groups:
+            if not group.get("fused") or group.get("capturable") or group.get("differentiable") or \
+                    type(group["lr"]) is not float or not all(type(b) is float for b in group["betas"]):
+                return None
+            params = list(group["params"])
+            states = [opt.state.get(p) for p in params]
+            keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+            if any(not s or any(k not in s for k in keys) for s in states) or \
+                    any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+                return None
+            groups.append((group, params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                           [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                           [s["step"] for s in states]))
+        self._key, self._groups = key, groups
+        return groups
+
+    def __call__(self) -> None:
+        opt = self.optimizer
+        groups = self._lists() if self.applies() else None
+        grads = [[p.grad for p in params] for _, params, *_ in groups] if groups is not None else None
+        if groups is None or any(g is None or g.is_sparse for gs in grads for g in gs):
+            opt.step()
+            return
+        opt._opt_called = True  # what the LR scheduler's wrapper of step() notes
+        with torch.no_grad():
+            for (group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps), group_grads in zip(groups, grads):
+                if not params:
+                    continue
+                torch._foreach_add_(steps, 1)
+                kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+                kernel(params, group_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                       amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                       grad_scale=None, found_inf=None)
