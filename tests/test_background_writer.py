@@ -3,11 +3,14 @@ in submission order, with a write's error raised to the run."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
+import zipfile
 
 import pytest
+import torch
 
 from regbench import checkpoint
 from regbench.io import BackgroundWriter, LogWriteError
@@ -93,3 +96,41 @@ def test_an_interrupted_wait_leaves_the_job_pending_until_it_is_done():
     gate.set()
     w.close()
     assert w._pending is None
+
+
+def _torch_save_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_a_checkpoint_encoded_without_crcs_is_written_byte_for_byte_as_torch_save_writes_it(tmp_path):
+    from torch.utils.serialization import config
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 4))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 30)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "history": [{"a": 1.5}],
+             "rng": {"torch": torch.get_rng_state()}, "empty": torch.zeros(0)}
+    encoded = checkpoint.encode_checkpoint(state)
+    assert config.save.compute_crc32  # torch's own setting is back
+    assert encoded != _torch_save_bytes(state)  # the CRC fields are still zero ...
+    filled = checkpoint.fill_zip_crc(encoded)
+    assert filled == _torch_save_bytes(state)  # ... and filled: torch.save's bytes, serialization id included
+    assert checkpoint.fill_zip_crc(filled) == filled
+    checkpoint.save_checkpoint(tmp_path / "c.pt", encoded)
+    assert (tmp_path / "c.pt").read_bytes() == filled
+    with zipfile.ZipFile(tmp_path / "c.pt") as z:
+        assert z.testzip() is None  # every CRC-32 checks out
+    loaded = checkpoint.load_checkpoint(tmp_path / "c.pt")
+    assert torch.equal(loaded["model"]["0.weight"], state["model"]["0.weight"]) and loaded["history"] == [{"a": 1.5}]
+
+
+def test_an_encoding_error_leaves_torchs_crc_setting_alone():
+    from torch.utils.serialization import config
+
+    with pytest.raises(Exception):
+        checkpoint.encode_checkpoint({"f": lambda: None})  # not picklable
+    assert config.save.compute_crc32
