@@ -5,12 +5,13 @@ The issue-17 benchmark: regbench's mnist5k split, the lecture's seed-000 MLP 784
 (lr 1e-3, eps 1e-7: ``experiment=mnist_mlp data=mnist5k``, Keras convention), batch 32. Every contender
 trains for ``--epochs`` epochs per repetition; the table gives the range over repetitions of each
 repetition's median epoch time over epochs 2..N (epoch 1 holds compilation and warm-up), and each repetition's
-ratio to the minimal torch loop of the same repetition. Contenders take turns, repetition by repetition, so
-that machine noise hits them alike.
+ratio to a base contender of the same repetition (``--base``: the minimal torch loop, else Keras). Contenders
+take turns, repetition by repetition, so that machine noise hits them alike.
 
     python scripts/bench_step.py                      # everything (installs Keras 3 + JAX into a venv first)
     python scripts/bench_step.py --quick              # smoke: 3 epochs, 1 repetition, no Keras, no compile
     python scripts/bench_step.py --contenders minimal regbench_autograd regbench
+    python scripts/bench_step.py --contenders regbench_autograd regbench keras   # ratios to Keras
     python scripts/bench_step.py --default-experiment # the default experiment (batch 128), regbench contenders
 
 Contenders:
@@ -88,12 +89,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 3 epochs, 1 repetition, no Keras, no compile")
     p.add_argument("--default-experiment", action="store_true",
                    help="the default experiment (batch 128) instead of the lecture MLP; regbench contenders only")
+    p.add_argument("--base", choices=CONTENDERS, default=None,
+                   help="the contender the ratio column divides by, per repetition (default: minimal, else keras, "
+                        "else the first contender; regbench_unfused with --default-experiment)")
     args = p.parse_args(argv)
     if args.default_experiment and args.contenders and not set(args.contenders) <= set(REGBENCH_ARGS):
         p.error("--default-experiment compares regbench contenders only")
     args.experiment = DEFAULT if args.default_experiment else LECTURE
     args.contenders = args.contenders or list(DEFAULT_CONTENDERS if args.default_experiment
                                               else QUICK if args.quick else CONTENDERS)
+    if args.base is None:
+        args.base = "regbench_unfused" if args.default_experiment else \
+            next((b for b in ("minimal", "keras") if b in args.contenders), args.contenders[0])
+    if args.base not in args.contenders:
+        p.error(f"--base {args.base} is not among the contenders")
     args.epochs = args.epochs or (3 if args.quick else 20)
     args.repetitions = args.repetitions or (1 if args.quick else 5)
     if args.epochs < 2:
@@ -249,7 +258,7 @@ def main(argv=None) -> None:
     print(f"{'default experiment' if args.default_experiment else 'lecture'} MLP {model}, Adam, batch "
           f"{cfg.data.batch_size}, mnist5k ({len(data.train_y)} training images), {args.epochs} epochs x "
           f"{args.repetitions} repetitions; ranges over repetitions\n")
-    print(table(results, "regbench_unfused" if args.default_experiment else "minimal"))
+    print(table(results, args.base))
 
 
 if __name__ == "__main__":

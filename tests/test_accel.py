@@ -286,6 +286,10 @@ def test_bench_step_arguments(capsys):
     assert default.experiment == bench.DEFAULT and default.contenders == list(bench.DEFAULT_CONTENDERS)
     with pytest.raises(SystemExit):
         bench.parse_args(["--default-experiment", "--contenders", "keras"])
+    assert full.base == "minimal" and default.base == "regbench_unfused"
+    assert bench.parse_args(["--contenders", "regbench", "keras"]).base == "keras"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--contenders", "regbench", "--base", "keras"])
     run = {"epochs": [1.0, 0.2, 0.2], "run_s": 1.4, "impl": "fused", "step": "direct", "compile": "none",
            "train": 0.18, "overhead": 0.1, "outside": 0.01}
     lines = bench.table({"minimal": [{"epochs": [1.0, 0.4, 0.4], "run_s": 1.8}], "regbench": [run]},

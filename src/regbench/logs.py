@@ -112,8 +112,12 @@ class RunLogger:
         except OSError as e:
             raise LogWriteError(f"cannot write {self.metrics_path}: {e.strerror or e}") from None
         step = self._last_epoch = row.epoch
-        for tag, value in row.scalars().items():
-            self.tb.add_scalar(tag, value, step)
+        # One event holding the epoch's scalars (what add_scalar writes, one Summary.Value per tag, but one event
+        # instead of ~15: add_scalar's per-call work was ~1 ms of a 60 ms lecture-MLP epoch).
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in row.scalars().items()]
+        self.tb._get_file_writer().add_summary(Summary(value=values), step)
         self.tb.flush()
 
     def log_images(self, before: torch.Tensor, after: torch.Tensor) -> None:
