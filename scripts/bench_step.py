@@ -173,7 +173,8 @@ def regbench_run(name: str, epochs: int, threads: int, cache: Path, work: Path, 
 def keras_python(venv: Path) -> Path:
     """The venv's interpreter, creating the venv and installing Keras 3 + JAX (CPU) from PyPI when missing."""
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    ok = python.exists() and subprocess.run([str(python), "-c", "import keras, jax"], capture_output=True).returncode == 0
+    ok = python.exists() and subprocess.run([str(python), "-c", "import keras, jax"], capture_output=True,
+                                            env={**os.environ, "KERAS_BACKEND": "jax"}).returncode == 0
     if not ok:
         print(f"creating {venv} with keras and jax[cpu] from PyPI ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

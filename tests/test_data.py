@@ -106,6 +106,19 @@ def test_batches_cover_each_sample_once_and_follow_the_generator():
     assert num_batches(10, 4, False) == 3 and num_batches(10, 4, True) == 2
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_batches_gathered_a_chunk_at_a_time_are_the_batches_gathered_one_by_one(drop_last):
+    x, y = torch.randn(103, 3, 4, 4), torch.arange(103)
+    one_by_one = list(batches(x, y, 8, torch.Generator().manual_seed(1), drop_last, chunk=8))
+    default = list(batches(x, y, 8, torch.Generator().manual_seed(1), drop_last))  # ~4 MiB chunks: one here
+    odd = list(batches(x, y, 8, torch.Generator().manual_seed(1), drop_last, chunk=20))  # 2 batches per chunk
+    assert len(one_by_one) == len(default) == len(odd) == (12 if drop_last else 13)
+    for (a, ay), (b, by), (c, cy) in zip(one_by_one, default, odd):
+        assert torch.equal(a, b) and torch.equal(ay, by) and torch.equal(a, c) and torch.equal(ay, cy)
+    # the default cuts one gather into views: consecutive batches share its storage
+    assert default[0][0].untyped_storage().data_ptr() == default[1][0].untyped_storage().data_ptr()
+
+
 # ------------------------------------------------------------------ torchvision loaders, generated files
 
 

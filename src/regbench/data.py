@@ -183,28 +183,29 @@ def _fmt(values: list[float]) -> str:
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, g: torch.Generator, drop_last: bool = False,
             transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
             chunk: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled mini-batches: a permutation drawn on the data's device, then index_select.
+    """One epoch of shuffled mini-batches: a permutation drawn on the data's device, then index_select of a chunk
+    of batches at once, cut into batches (views).
 
-    ``transform`` (per-image augmentation + normalisation: ``augment.Policy.train_batches`` passes it, the one
+    Without ``transform`` a chunk holds about 4 MiB of images: one gather reads the scattered rows once, and the
+    batches are then contiguous slices (measured ~4 % of a lecture-MLP step on 2 CPU cores against a gather per
+    batch, docs/benchmarks.md). ``transform`` (per-image augmentation + normalisation: ``augment.Policy.train_batches`` passes it, the one
     augmentation path) runs on chunks of about ``chunk`` images at once,
     then the chunk is cut into batches; every image still gets its own random parameters. Default: one batch
     per chunk on CPU (measured fastest: larger chunks fall out of the caches, 3x slower at 2,048 CIFAR
     images), 2,048 images on CUDA, where a bigger launch amortises the fixed cost per call (not measured here).
     """
-    if chunk is None:
-        chunk = 2048 if x.device.type == "cuda" else batch_size
     n = len(y)
+    if chunk is None and transform is None:  # about 4 MiB of images per gather, at least one batch
+        chunk = (4 << 20) // max(1, x[0].numel() * x.element_size()) if n else batch_size
+    elif chunk is None:
+        chunk = 2048 if x.device.type == "cuda" else batch_size
     perm = torch.randperm(n, generator=g, device=x.device)
     stop = n - n % batch_size if drop_last else n
-    if transform is None:
-        for i in range(0, stop, batch_size):
-            idx = perm[i:i + batch_size]
-            yield x.index_select(0, idx), y.index_select(0, idx)
-        return
     step = batch_size * max(1, chunk // batch_size)
     for c in range(0, stop, step):
         idx = perm[c:min(c + step, stop)]
-        xc, yc = transform(x.index_select(0, idx)), y.index_select(0, idx)
+        xc, yc = x.index_select(0, idx), y.index_select(0, idx)
+        xc = transform(xc) if transform is not None else xc
         for i in range(0, len(idx), batch_size):
             yield xc[i:i + batch_size], yc[i:i + batch_size]
 
