@@ -259,8 +259,8 @@ _elu_backward = aten.elu_backward.default
 
 class DirectAdam:
     """``optimizer.step()`` of a fused torch.optim.Adam / AdamW on the CPU as torch's own ``_fused_adam``
-    makes it — ``torch._foreach_add_(steps, 1)`` then one ``torch._fused_adam_`` (``_fused_adamw_``) per
-    parameter group, with the very arguments — without the Python around it.
+    makes it — the step counters +1, then one ``torch._fused_adam_`` (``_fused_adamw_``) per parameter group,
+    with the very arguments — without the Python around it.
 
     Why by hand: at the lecture's batch 32 that Python (the step's profiler scope and hook loops, the
     per-parameter ``_init_group`` walk, grouping the tensors by device and dtype) costs ~1.5x the kernel itself
@@ -273,7 +273,7 @@ class DirectAdam:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self._key: Optional[tuple] = None
-        self._groups: list[tuple[dict, list, list, list, list, list]] = []
+        self._groups: list[tuple[dict, list, list, list, list, list, list]] = []
 
     def applies(self) -> bool:
         """Whether the next step can be the direct call (checked before every step: cheap)."""
@@ -290,7 +290,7 @@ class DirectAdam:
         return getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
 
     def _lists(self) -> Optional[list]:
-        """Per group (group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps), rebuilt when the
+        """Per group (group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, ones), rebuilt when the
         optimizer's state or groups were replaced (load_state_dict) or grew; None where a group does not fit."""
         opt = self.optimizer
         key = (len(opt.state), opt.state, *opt.param_groups)  # the size, then the objects themselves
@@ -309,9 +309,14 @@ class DirectAdam:
             if any(not s or any(k not in s for k in keys) for s in states) or \
                     any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
                 return None
+            steps = [s["step"] for s in states]
+            if any(t.dim() or t.device.type != "cpu" or t.dtype != steps[0].dtype for t in steps):
+                return None
+            # +1 as a list of one-tensors: foreach's CPU path with a Scalar converts it per tensor (~3x slower);
+            # the sum is the same float addition.
+            ones = [torch.ones((), dtype=steps[0].dtype)] * len(steps) if steps else []
             groups.append((group, params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                           [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-                           [s["step"] for s in states]))
+                           [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps, ones))
         self._key, self._groups = key, groups
         return groups
 
@@ -324,10 +329,11 @@ class DirectAdam:
             return
         opt._opt_called = True  # what the LR scheduler's wrapper of step() notes
         with torch.no_grad():
-            for (group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps), group_grads in zip(groups, grads):
+            for (group, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, ones), group_grads in \
+                    zip(groups, grads):
                 if not params:
                     continue
-                torch._foreach_add_(steps, 1)
+                torch._foreach_add_(steps, ones)
                 kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
                 kernel(params, group_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                        amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
