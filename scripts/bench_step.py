@@ -5,7 +5,8 @@ The issue-17 benchmark: regbench's mnist5k split, the lecture's seed-000 MLP 784
 (lr 1e-3, eps 1e-7: ``experiment=mnist_mlp data=mnist5k``, Keras convention), batch 32. Every contender
 trains for ``--epochs`` epochs per repetition; the table gives the range over repetitions of each
 repetition's median epoch time over epochs 2..N (epoch 1 holds compilation and warm-up), and each repetition's
-ratio to a base contender of the same repetition (``--base``: the minimal torch loop, else Keras). Contenders
+ratio to a base contender of the same repetition (``--base``: the minimal torch loop, else Keras; the table
+gives the median ratio and their range). Contenders
 take turns, repetition by repetition, so that machine noise hits them alike.
 
     python scripts/bench_step.py                      # everything (installs Keras 3 + JAX into a venv first)
@@ -218,7 +219,9 @@ def table(results: dict[str, list[dict]], base: str) -> str:
              "| overhead | outside s/epoch |", "|---|---|---|---|---|---|---|---|"]
     for name, reps in results.items():
         per = [steady(r["epochs"]) for r in reps]
-        ratio = rng([p / r for p, r in zip(per, refs)], "{:.2f}") if refs else "-"
+        ratios = [p / r for p, r in zip(per, refs)] if refs else []
+        ratio = f"{statistics.median(ratios):.2f} ({rng(ratios, '{:.2f}')})" if len(set(ratios)) > 1 else \
+            rng(ratios, "{:.2f}") if ratios else "-"
         outside = rng([r["outside"] for r in reps]) if "outside" in reps[0] else "-"
         train = rng([r["train"] for r in reps]) if "train" in reps[0] else "-"
         overhead = rng([100 * r["overhead"] for r in reps], "{:.0f} %") if "overhead" in reps[0] else "-"

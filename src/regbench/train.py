@@ -58,9 +58,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     engine, bitwise equal to it; ``loss_fn`` is its own) used instead of ``model(x)`` + ``backward``.
     """
     model.train()
-    # Per-step values are kept as device tensors and reduced once at the end: two cheap ops per step
-    # (detach, argmax) instead of a running sum, and no host sync.
-    losses, penalties, sizes, preds, targets = [], [], [], [], []
+    # Per-step values are kept as device tensors and reduced once at the end, no host sync; the logits' argmax
+    # is taken 64 steps at a time (one op instead of 64 small ones: ~2 % of a batch-32 MLP step).
+    losses, penalties, sizes, preds, targets, pending = [], [], [], [], [], []
     for xb, yb in batch_iter:
         if direct is not None:  # the same step without the autograd engine (bitwise equal)
             logits, loss, penalty = direct(xb, yb, penalty_fn)
@@ -94,11 +94,16 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.detach())
-        preds.append(logits.detach().argmax(1))
+        pending.append(logits.detach())
+        if len(pending) == 64:
+            preds.append(torch.cat(pending).argmax(1))
+            pending = []
         targets.append(yb.argmax(1) if yb.ndim == 2 else yb)
         sizes.append(yb.shape[0])
         if on_step is not None:
             on_step()
+    if pending:
+        preds.append(torch.cat(pending).argmax(1))
     device = next(model.parameters()).device
     if not losses:
         zero = torch.zeros((), device=device)
