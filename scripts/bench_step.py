@@ -19,12 +19,14 @@ Contenders:
 - minimal / minimal_fused: a permutation of the in-memory tensors, ``x[idx]``, forward, cross-entropy,
   backward, ``Adam.step`` (torch's default for-loop implementation / ``fused=True``); training only.
 - regbench_unfused (``trainer.fused=false trainer.fast_step=false``: before issue 17), regbench_autograd
-  (fused optimizer, autograd step), regbench (the default: fused, direct step), regbench_compile_model,
-  regbench_compile_step: ``python -m regbench`` runs; the epoch time is metrics.csv's ``epoch_time_s`` (training
-  + validation + clean-train evaluation + weight norms); ``training`` and ``overhead`` come from summary.json's
-  ``timing`` (overhead = evaluation + the epoch's bookkeeping, relative to training); ``outside`` is the rest
-  of the run's wall clock per epoch (set-up, the last epoch's writes, the final test). Compiled runs use a fresh compile cache in the first repetition (cold) and the
-  same cache afterwards (warm); ``run_s`` is the whole run's wall clock, compilation included.
+  (fused optimizer, autograd step), regbench (the default: fused, direct step), regbench_val_only (the default
+  with ``trainer.clean_subset=0``: validation only, like a Keras epoch), regbench_compile_model,
+  regbench_compile_step: ``python -m regbench`` runs; the epoch time is metrics.csv's ``epoch_time_s``
+  (training + validation + clean-train evaluation + weight norms); ``training`` and ``overhead`` come from
+  summary.json's ``timing`` (overhead = evaluation + the epoch's bookkeeping, relative to training);
+  ``outside`` is the rest of the run's wall clock per epoch (set-up, the last epoch's writes, the final test).
+  Compiled runs use a fresh compile cache in the first repetition (cold) and the same cache afterwards (warm);
+  ``run_s`` is the whole run's wall clock, compilation included.
 - keras: Keras 3 on JAX (``jit_compile`` on by default) in a separate virtual environment this script
   creates from PyPI (``python -m venv``; ``pip install keras jax[cpu]``; not a regbench dependency),
   ``model.fit(batch_size=32, validation_data=...)`` on the same normalised split; per-epoch times from a
@@ -46,12 +48,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENDERS = ("minimal", "minimal_fused", "regbench_unfused", "regbench_autograd", "regbench",
+CONTENDERS = ("minimal", "minimal_fused", "regbench_unfused", "regbench_autograd", "regbench", "regbench_val_only",
               "regbench_compile_model", "regbench_compile_step", "keras")
 QUICK = ("minimal", "minimal_fused", "regbench_unfused", "regbench_autograd", "regbench")
 DEFAULT_CONTENDERS = ("regbench_unfused", "regbench_autograd", "regbench")
 REGBENCH_ARGS = {"regbench_unfused": ["trainer.fused=false", "trainer.fast_step=false"],
                  "regbench_autograd": ["trainer.fast_step=false"], "regbench": [],
+                 "regbench_val_only": ["trainer.clean_subset=0"],
                  "regbench_compile_model": ["trainer.compile=model"], "regbench_compile_step": ["trainer.compile=step"]}
 LECTURE = ["experiment=mnist_mlp", "data=mnist5k", "seed=0"]
 DEFAULT = ["data=mnist5k", "seed=0"]  # the default experiment: MLP 784-256-128-10, Adam, batch 128
