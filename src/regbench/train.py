@@ -102,8 +102,6 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         sizes.append(yb.shape[0])
         if on_step is not None:
             on_step()
-    if pending:
-        preds.append(torch.cat(pending).argmax(1))
     device = next(model.parameters()).device
     if not losses:
         zero = torch.zeros((), device=device)
@@ -117,7 +115,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     return {
         "loss": (torch.stack(losses).float() * weights).sum(),
         "penalty": (torch.stack(penalties).float() * weights).sum() if penalties else None,
-        "correct": (torch.cat(preds) == torch.cat(targets)).sum(),
+        "correct": (torch.cat(preds + ([torch.cat(pending).argmax(1)] if pending else [])) == torch.cat(targets)).sum(),
         "seen": sum(sizes),
     }
 
