@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from regbench import faststep
 from regbench.data import batches
@@ -261,7 +262,7 @@ def test_the_direct_adam_step_continues_a_loaded_state_and_keeps_the_schedule_qu
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["unfused", "sgd", "pre_hook", "no_grad", "tensor_lr", "wrapped"])
+@pytest.mark.parametrize("case", ["unfused", "sgd", "pre_hook", "global_hook", "no_grad", "tensor_lr", "wrapped"])
 def test_the_direct_adam_step_leaves_anything_else_to_optimizer_step(case):
     cls = torch.optim.SGD if case == "sgd" else torch.optim.AdamW
     kw = {"momentum": 0.9} if case == "sgd" else {}
@@ -280,12 +281,19 @@ def test_the_direct_adam_step_leaves_anything_else_to_optimizer_step(case):
         opt_fast.step = lambda *a: hooked.append(1) or step(*a)
         opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, torch.optim.Adam.step
     direct = faststep.DirectAdam(opt_fast)
-    for i in range(3):
-        _grads((ref, fast), i)
-        if case == "no_grad":
-            ref[2].bias.grad = fast[2].bias.grad = None
-        opt_ref.step()
-        direct()
-    assert len(hooked) == (6 if case in ("pre_hook", "wrapped") else 3)  # every step through optimizer.step()
+    handle = register_optimizer_step_post_hook(lambda *a: hooked.append(1)) \
+        if case == "global_hook" else None
+    try:
+        for i in range(3):
+            _grads((ref, fast), i)
+            if case == "no_grad":
+                ref[2].bias.grad = fast[2].bias.grad = None
+            opt_ref.step()
+            direct()
+    finally:
+        if handle is not None:
+            handle.remove()
+    # every step through optimizer.step() (a global hook: both optimizers' steps, and the counting wrapper)
+    assert len(hooked) == {"pre_hook": 6, "wrapped": 6, "global_hook": 9}.get(case, 3)
     for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
         assert torch.equal(a, b)

@@ -77,7 +77,7 @@ def encode_checkpoint(state: dict) -> bytes:
     return buf.getvalue()
 
 
-def fill_zip_crc(data: bytes) -> bytes:
+def fill_zip_crc(data: bytes) -> bytearray:
     """``data`` (a torch.save zip of stored, uncompressed records) with every record's CRC-32 computed: in its
     data descriptor (or local header) and its central-directory entry, and torch's serialization id made of
     them. Idempotent."""
@@ -106,7 +106,7 @@ def fill_zip_crc(data: bytes) -> bytes:
         struct.pack_into("<I", buf, pos + 16, crc)
         name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
         pos += 46 + name_len + extra_len + comment_len
-    return bytes(buf)
+    return buf  # written as it is: a second copy of a large checkpoint would only cost memory
 
 
 def _hash_combine(seed: int, value: int) -> int:
@@ -115,10 +115,10 @@ def _hash_combine(seed: int, value: int) -> int:
     return seed ^ ((value + 0x9E3779B9 + ((seed << 6) & mask) + (seed >> 2)) & mask)
 
 
-def save_checkpoint(path: Path, state: dict | bytes) -> None:
+def save_checkpoint(path: Path, state: dict | bytes | bytearray) -> None:
     """Write a checkpoint atomically: a state dict, or the bytes :func:`encode_checkpoint` made of one (their
     CRC-32 fields are filled here)."""
-    if isinstance(state, bytes):
+    if isinstance(state, (bytes, bytearray)):
         data = fill_zip_crc(state)
         atomic_write(path, lambda f: f.write(data))
     else:

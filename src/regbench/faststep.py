@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import optimizer as _optimizer_module  # the global step hooks
 
 aten = torch.ops.aten
 
@@ -278,9 +279,7 @@ class DirectAdam:
 
     def applies(self) -> bool:
         """Whether the next step can be the direct call (checked before every step: cheap)."""
-        from torch.optim import optimizer as O
-
-        opt = self.optimizer
+        opt, O = self.optimizer, _optimizer_module
         if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or opt._optimizer_step_pre_hooks or \
                 opt._optimizer_step_post_hooks or O._global_optimizer_pre_hooks or O._global_optimizer_post_hooks:
             return False
