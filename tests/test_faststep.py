@@ -220,7 +220,7 @@ def test_the_direct_adam_step_is_the_fused_kernel_call_bitwise(cls, kw, monkeypa
     calls = []
     step = opt_fast.step
     monkeypatch.setattr(opt_fast, "step", lambda *a: calls.append(1) or step(*a), raising=False)
-    opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, torch.optim.Adam.step
+    opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, type(opt_fast).step
     for i in range(5):
         _grads((ref, fast), i)
         opt_ref.step()
@@ -279,7 +279,7 @@ def test_the_direct_adam_step_leaves_anything_else_to_optimizer_step(case):
     if case not in ("pre_hook", "wrapped"):  # count the calls, wrapped as an LR scheduler wraps step()
         step = opt_fast.step
         opt_fast.step = lambda *a: hooked.append(1) or step(*a)
-        opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, torch.optim.Adam.step
+        opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, type(opt_fast).step
     direct = faststep.DirectAdam(opt_fast)
     handle = register_optimizer_step_post_hook(lambda *a: hooked.append(1)) \
         if case == "global_hook" else None
@@ -297,3 +297,46 @@ def test_the_direct_adam_step_leaves_anything_else_to_optimizer_step(case):
     assert len(hooked) == {"pre_hook": 6, "wrapped": 6, "global_hook": 9}.get(case, 3)
     for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change", ["clear", "pop", "replace_state", "replace_exp_avg", "swap_params", "unfuse"])
+def test_the_direct_adam_step_never_steps_stale_lists(change):
+    """What replaces the optimizer's objects between two direct steps is seen at the next one."""
+    (ref, fast), (opt_ref, opt_fast) = _adam_pair()
+    direct = faststep.DirectAdam(opt_fast)
+    for i in range(4):
+        _grads((ref, fast), i)
+        opt_ref.step()
+        direct()
+        if i != 1:
+            continue
+        for opt, model in ((opt_ref, ref), (opt_fast, fast)):
+            w = model[0].weight
+            if change == "clear":
+                opt.state.clear()
+            elif change == "pop":
+                opt.state.pop(w)
+            elif change == "replace_state":
+                opt.state[w] = {k: v.clone() for k, v in opt.state[w].items()}
+            elif change == "replace_exp_avg":
+                opt.state[w]["exp_avg"] = torch.zeros_like(w)
+            elif change == "swap_params":  # the same group dict, other parameters
+                opt.param_groups[0]["params"][:] = opt.param_groups[0]["params"][::-1]
+            elif change == "unfuse":
+                opt.param_groups[0]["fused"] = False
+    for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_the_direct_adam_step_applies_under_a_real_lr_schedule(cls):
+    opt = cls(torch.nn.Linear(3, 2).parameters(), fused=True)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # wraps opt.step (torch's class step, per class)
+    assert faststep.DirectAdam(opt).applies()
+    plain = cls(torch.nn.Linear(3, 2).parameters(), fused=True)
+    direct = faststep.DirectAdam(plain)
+    for p in plain.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    direct()  # optimizer.step() (no state yet), then the direct call
+    direct()
+    assert not hasattr(plain, "_opt_called")  # only an LR scheduler's wrapper notes calls

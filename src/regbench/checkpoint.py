@@ -64,7 +64,9 @@ def encode_checkpoint(state: dict) -> bytes:
     Why: torch's zip writer computes each record's CRC-32 with miniz's table loop, ~0.5 GB/s — 3 of the 4.3 ms a
     lecture-MLP checkpoint takes to encode, on the thread that trains; zlib.crc32 in the writer thread costs the
     training nothing (it runs without the GIL). The written file is byte for byte what torch.save writes
-    (tests/test_background_writer.py), ``.data/serialization_id`` included (its second half combines the CRCs)."""
+    (tests/test_background_writer.py), ``.data/serialization_id`` included (its second half combines the CRCs).
+    The CRC switch is torch's process-wide setting, off only during this call: a torch.save on another thread
+    at the same moment would write zero CRCs too (regbench saves from one thread at a time)."""
     from torch.utils.serialization import config
 
     buf = io.BytesIO()

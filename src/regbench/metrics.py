@@ -1,6 +1,9 @@
-"""Evaluation metrics from class probabilities: accuracy, negative log-likelihood, expected calibration error."""
+"""Metrics: accuracy, negative log-likelihood and expected calibration error from class probabilities, and a
+training epoch's sums from its per-step tensors."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -31,3 +34,23 @@ def summarize_probs(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> dic
     nll = -torch.log(probs.gather(1, y.view(-1, 1)).clamp_min(1e-12)).mean()
     acc = (probs.argmax(1) == y).double().mean()
     return {"acc": float(acc), "nll": float(nll), "ece": expected_calibration_error(probs, y, bins)}
+
+
+def epoch_sums(losses: list, penalties: list, sizes: list[int], preds: list, targets: list,
+                device: torch.device) -> dict[str, Any]:
+    """train_one_epoch's result from its per-step tensors: summed loss and penalty, number correct, samples."""
+    if not losses:
+        zero = torch.zeros((), device=device)
+        return {"loss": zero, "penalty": None, "correct": zero.long(), "seen": 0}
+    # Batch sizes as weights, made on the device by fills (at most the last batch is short): a tensor built
+    # from the Python list would be a host -> device copy.
+    weights = torch.full((len(sizes),), float(sizes[0]), device=device)
+    for i, size in enumerate(sizes):
+        if size != sizes[0]:
+            weights[i] = size
+    return {
+        "loss": (torch.stack(losses).float() * weights).sum(),
+        "penalty": (torch.stack(penalties).float() * weights).sum() if penalties else None,
+        "correct": (torch.cat(preds) == torch.cat(targets)).sum(),
+        "seen": sum(sizes),
+    }

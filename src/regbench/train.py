@@ -28,6 +28,7 @@ from regbench.errors import RegbenchError
 from regbench.evaluation import evaluate, weight_norms
 from regbench.experiment import Experiment, build_experiment
 from regbench.io import BackgroundWriter, write_json
+from regbench.metrics import epoch_sums
 from regbench.logs import RunLogger, progress_bar
 from regbench.records import EpochRow, EpochTiming, Summary
 from regbench.rundir import last_row, prepare_run_dir
@@ -58,8 +59,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     engine, bitwise equal to it; ``loss_fn`` is its own) used instead of ``model(x)`` + ``backward``.
     """
     model.train()
-    # Per-step values are kept as device tensors and reduced once at the end, no host sync; the logits' argmax
-    # is taken 64 steps at a time (one op instead of 64 small ones: ~2 % of a batch-32 MLP step).
+    # Per-step values are kept as device tensors and reduced once at the end, no host sync. The direct step's
+    # logits (fresh tensors) get their argmax 64 steps at a time: one op instead of 64 (~2 % of a batch-32 MLP
+    # step); a compiled step's outputs may be overwritten by its next run (CUDA graphs), so theirs is per step.
     losses, penalties, sizes, preds, targets, pending = [], [], [], [], [], []
     for xb, yb in batch_iter:
         if direct is not None:  # the same step without the autograd engine (bitwise equal)
@@ -94,30 +96,18 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.detach())
-        pending.append(logits.detach())
-        if len(pending) == 64:
+        pending.append(logits.detach() if direct is not None else logits.detach().argmax(1))
+        if len(pending) == 64 and direct is not None:
             preds.append(torch.cat(pending).argmax(1))
             pending = []
         targets.append(yb.argmax(1) if yb.ndim == 2 else yb)
         sizes.append(yb.shape[0])
         if on_step is not None:
             on_step()
-    device = next(model.parameters()).device
-    if not losses:
-        zero = torch.zeros((), device=device)
-        return {"loss": zero, "penalty": None, "correct": zero.long(), "seen": 0}
-    # Batch sizes as weights, made on the device by fills (at most the last batch is short): a tensor built
-    # from the Python list would be a host -> device copy.
-    weights = torch.full((len(sizes),), float(sizes[0]), device=device)
-    for i, size in enumerate(sizes):
-        if size != sizes[0]:
-            weights[i] = size
-    return {
-        "loss": (torch.stack(losses).float() * weights).sum(),
-        "penalty": (torch.stack(penalties).float() * weights).sum() if penalties else None,
-        "correct": (torch.cat(preds + ([torch.cat(pending).argmax(1)] if pending else [])) == torch.cat(targets)).sum(),
-        "seen": sum(sizes),
-    }
+    if direct is not None and pending:
+        preds.append(torch.cat(pending).argmax(1))
+    return epoch_sums(losses, penalties, sizes, preds if direct is not None else pending, targets,
+                       next(model.parameters()).device)
 
 
 # -------------------------------------------------------------------------------------------- fit
