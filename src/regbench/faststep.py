@@ -14,8 +14,8 @@ direct call of its kernel (:class:`DirectAdam`). Together about 1.5× faster epo
 ``optimizer.step()`` (docs/benchmarks.md).
 
 What it covers (anything else trains through autograd, and summary.json's ``step_impl`` says which ran):
-- models: regbench's ``mlp`` — Flatten, Linear, ReLU / LeakyReLU / ELU / Sigmoid / Tanh, Dropout — on CPU in
-  float32 without autocast, no module or tensor hooks, no parametrizations, every parameter trainable;
+- models: regbench's ``mlp`` — Flatten, Linear, BatchNorm1d, ReLU / LeakyReLU / ELU / Sigmoid / Tanh, Dropout —
+  on CPU in float32 without autocast, no module or tensor hooks, no parametrizations, every parameter trainable;
 - loss: torch's cross-entropy on class indices by hand (``log_softmax`` + ``nll_loss`` and their backward
   kernels); any other loss (label smoothing, soft targets of MixUp/CutMix) through autograd on the logits alone;
 - penalties (L1, L2, elastic net): their gradients through autograd on the parameters alone, added to the data
@@ -24,17 +24,19 @@ What it covers (anything else trains through autograd, and summary.json's ``step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim import optimizer as _optimizer_module  # the global step hooks
+
+from regbench.fastadam import DirectAdam
 
 aten = torch.ops.aten
 
-_LEAVES = (nn.Flatten, nn.Linear, nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh)
+_LEAVES = (nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid,
+           nn.Tanh)
 
 
 def _layers(model: nn.Module) -> tuple[list[nn.Module], Optional[str]]:
@@ -204,6 +206,8 @@ def _forward_op(m: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, An
         return lambda h: (h.mm(weight.t()), h)
     if isinstance(m, nn.Flatten):
         return lambda h: (h.flatten(1), None)
+    if isinstance(m, nn.BatchNorm1d):
+        return partial(_batch_norm, m)
     if isinstance(m, nn.Dropout):
         def dropout(h: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
             if m.training and m.p > 0:
@@ -224,6 +228,23 @@ def _forward_op(m: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, An
     return lambda h: (h, None)  # nn.Identity
 
 
+def _batch_norm(m: nn.BatchNorm1d, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """BatchNorm1d.forward's own bookkeeping (num_batches_tracked, the averaging factor, which statistics), then
+    the kernel F.batch_norm reaches on the CPU, ``native_batch_norm`` — which also returns the batch mean and
+    inverse std its backward reads (it updates the running statistics in place, as the module's call does)."""
+    factor = 0.0 if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+        m.num_batches_tracked.add_(1)
+        factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+    training = m.training or (m.running_mean is None and m.running_var is None)
+    mean = m.running_mean if not m.training or m.track_running_stats else None
+    var = m.running_var if not m.training or m.track_running_stats else None
+    if training:
+        F._verify_batch_size(h.size())  # "Expected more than 1 value per channel when training", as F.batch_norm
+    out, save_mean, save_invstd = torch.native_batch_norm(h, m.weight, m.bias, mean, var, training, factor, m.eps)
+    return out, (h, mean, var, save_mean, save_invstd, training)
+
+
 def _backward_op(m: nn.Module, first: bool) -> Optional[Callable]:
     """``op(grad_output, kept, grads) -> grad_input`` for one layer (None: the gradient passes unchanged);
     a Linear's op puts its parameters' gradients into ``grads``."""
@@ -238,6 +259,18 @@ def _backward_op(m: nn.Module, first: bool) -> Optional[Callable]:
                 grads[bias] = g.sum(0)
             return None if first else g.mm(weight)
         return linear
+    if isinstance(m, nn.BatchNorm1d):
+        def batch_norm(g: torch.Tensor, s: tuple, grads: dict) -> torch.Tensor:
+            # NativeBatchNormBackward0: every input that requires a gradient (the Linear's output always)
+            x, mean, var, save_mean, save_invstd, training = s
+            gx, gw, gb = _batch_norm_backward(g, x, m.weight, mean, var, save_mean, save_invstd, training, m.eps,
+                                              [True, m.weight is not None, m.bias is not None])
+            if m.weight is not None:
+                grads[m.weight] = gw
+            if m.bias is not None:
+                grads[m.bias] = gb
+            return gx
+        return batch_norm
     if isinstance(m, nn.Dropout):
         return lambda g, s, grads: g if s is None else g * s
     if isinstance(m, nn.ReLU):
@@ -258,121 +291,4 @@ _sigmoid_backward = aten.sigmoid_backward.default
 _tanh_backward = aten.tanh_backward.default
 _leaky_relu_backward = aten.leaky_relu_backward.default
 _elu_backward = aten.elu_backward.default
-
-
-class DirectAdam:
-    """``optimizer.step()`` of a fused torch.optim.Adam / AdamW on the CPU as torch's own ``_fused_adam``
-    makes it — the step counters +1, then one ``torch._fused_adam_`` (``_fused_adamw_``) per parameter group,
-    with the very arguments — without the Python around it.
-
-    Why by hand: at the lecture's batch 32 that Python (the step's profiler scope and hook loops, the
-    per-parameter ``_init_group`` walk, grouping the tensors by device and dtype) costs ~1.5x the kernel itself
-    (~105 vs ~45 us per step on 2 cores, docs/benchmarks.md). The update is the same kernel on the same
-    tensors, so bitwise equal (tests/test_faststep.py). ``optimizer.step()`` itself runs whenever this does not
-    apply: another optimizer or implementation, step hooks, a step wrapped by anything but torch's LR
-    scheduler, AMP's grad scale, capturable/differentiable groups, tensor hyper-parameters, a parameter without
-    state yet (its first step initialises it) or without a gradient."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self._cache: list[Optional[_AdamGroup]] = []  # per parameter group: its lists as of the last step
-
-    def applies(self) -> bool:
-        """Whether the optimizer as a whole allows the direct call (its groups are checked by ``_lists``)."""
-        opt, O = self.optimizer, _optimizer_module
-        if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or opt._optimizer_step_pre_hooks or \
-                opt._optimizer_step_post_hooks or O._global_optimizer_pre_hooks or O._global_optimizer_post_hooks:
-            return False
-        wrapped = opt.__dict__.get("step")  # an LR scheduler wraps it to note that step() was called
-        # (the class's step: torch wraps AdamW's own when an AdamW is the first of the two built in a process)
-        if wrapped is not None and not (getattr(wrapped, "_wrapped_by_lr_sched", False)
-                                        and getattr(wrapped, "__wrapped__", None) is type(opt).step):
-            return False
-        return getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
-
-    def _lists(self) -> Optional[list["_AdamGroup"]]:
-        """Every group's tensor lists as they are now, or None where a group does not fit. Checked at every step
-        against the optimizer's own objects (a group's flags, its parameters, each state dict and its tensors:
-        ~3 us), so nothing replaced since — load_state_dict, a cleared or edited state, other parameters — is
-        ever stepped from a stale list."""
-        opt, groups = self.optimizer, []
-        if len(self._cache) != len(opt.param_groups):
-            self._cache = [None] * len(opt.param_groups)
-        for i, group in enumerate(opt.param_groups):
-            if not group.get("fused") or group.get("capturable") or group.get("differentiable") or \
-                    type(group["lr"]) is not float or not all(type(b) is float for b in group["betas"]):
-                return None
-            cached = self._cache[i]
-            if cached is None or not cached.current(opt.state, group):
-                cached = self._cache[i] = _AdamGroup.of(opt.state, group)
-                if cached is None:
-                    return None
-            groups.append(cached)
-        return groups
-
-    def __call__(self) -> None:
-        opt = self.optimizer
-        groups = self._lists() if self.applies() else None
-        grads = [[p.grad for p in g.params] for g in groups] if groups is not None else None
-        if groups is None or any(g is None or g.is_sparse for gs in grads for g in gs):
-            opt.step()
-            return
-        if "step" in opt.__dict__:
-            opt._opt_called = True  # what the LR scheduler's wrapper of step() notes
-        with torch.no_grad():
-            for g, group_grads in zip(groups, grads):
-                if not g.params:
-                    continue
-                group = g.group
-                torch._foreach_add_(g.steps, g.ones)
-                kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-                kernel(g.params, group_grads, g.exp_avgs, g.exp_avg_sqs, g.max_exp_avg_sqs, g.steps,
-                       amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                       grad_scale=None, found_inf=None)
-
-
-@dataclass
-class _AdamGroup:
-    """One parameter group's lists for the fused kernel, and the objects they were read from."""
-
-    group: dict
-    params: list
-    states: list  # the state dicts
-    exp_avgs: list
-    exp_avg_sqs: list
-    max_exp_avg_sqs: list
-    steps: list
-    ones: list  # +1 as one-tensors: foreach's CPU path converts a Scalar per tensor (~3x slower); the same sum
-
-    @classmethod
-    def of(cls, state: dict, group: dict) -> Optional["_AdamGroup"]:
-        """The lists of ``group`` from the optimizer's ``state``; None while a parameter has no state yet (its first
-        step creates it) or a tensor is not where the CPU kernel takes it."""
-        params = list(group["params"])
-        states = [state.get(p) for p in params]
-        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-        if any(not s or any(k not in s for k in keys) for s in states) or \
-                any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-            return None
-        steps = [s["step"] for s in states]
-        if any(t.dim() or t.device.type != "cpu" or t.dtype != steps[0].dtype for t in steps):
-            return None
-        return cls(group, params, states, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                   [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps,
-                   [torch.ones((), dtype=steps[0].dtype)] * len(steps) if steps else [])
-
-    def current(self, state: dict, group: dict) -> bool:
-        """Whether the lists still are the group's: the same group, parameters, state dicts and tensors."""
-        params = group["params"]
-        if group is not self.group or len(params) != len(self.params):
-            return False
-        amsgrad = group["amsgrad"]
-        for j, p in enumerate(params):
-            s = state.get(p)
-            if p is not self.params[j] or s is not self.states[j] or s.get("step") is not self.steps[j] or \
-                    s.get("exp_avg") is not self.exp_avgs[j] or s.get("exp_avg_sq") is not self.exp_avg_sqs[j] or \
-                    (amsgrad and s.get("max_exp_avg_sq") is not self.max_exp_avg_sqs[j]) or \
-                    (not amsgrad and self.max_exp_avg_sqs):
-                return False
-        return True
+_batch_norm_backward = aten.native_batch_norm_backward.default
