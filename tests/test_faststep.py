@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from regbench import faststep
+from regbench import fastoptim, faststep
 from regbench.data import batches
 from regbench.models import build_model
 from regbench.optim import build_optimizer
@@ -263,7 +263,7 @@ def test_the_direct_adam_step_is_the_fused_kernel_call_bitwise(cls, kw, monkeypa
     (ref, fast), (opt_ref, opt_fast) = _adam_pair(cls, **kw)
     sched = torch.optim.lr_scheduler.StepLR(opt_fast, 2, 0.5)  # lr read per step; step() wrapped by the schedule
     ref_sched = torch.optim.lr_scheduler.StepLR(opt_ref, 2, 0.5)
-    direct = faststep.DirectAdam(opt_fast)
+    direct = fastoptim.DirectAdam(opt_fast)
     calls = []
     step = opt_fast.step
     monkeypatch.setattr(opt_fast, "step", lambda *a: calls.append(1) or step(*a), raising=False)
@@ -298,7 +298,7 @@ def test_the_direct_adam_step_continues_a_loaded_state_and_keeps_the_schedule_qu
                                                                    "weight_decay": 0.0}], lr=0.01, fused=True)
     opt.load_state_dict(opt_fast.state_dict())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    direct = faststep.DirectAdam(opt)
+    direct = fastoptim.DirectAdam(opt)
     for i in range(2, 5):
         _grads((ref, resumed), i)
         opt_ref.step()
@@ -327,7 +327,7 @@ def test_the_direct_adam_step_leaves_anything_else_to_optimizer_step(case):
         step = opt_fast.step
         opt_fast.step = lambda *a: hooked.append(1) or step(*a)
         opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, type(opt_fast).step
-    direct = faststep.DirectAdam(opt_fast)
+    direct = fastoptim.DirectAdam(opt_fast)
     handle = register_optimizer_step_post_hook(lambda *a: hooked.append(1)) \
         if case == "global_hook" else None
     try:
@@ -350,7 +350,7 @@ def test_the_direct_adam_step_leaves_anything_else_to_optimizer_step(case):
 def test_the_direct_adam_step_never_steps_stale_lists(change):
     """What replaces the optimizer's objects between two direct steps is seen at the next one."""
     (ref, fast), (opt_ref, opt_fast) = _adam_pair()
-    direct = faststep.DirectAdam(opt_fast)
+    direct = fastoptim.DirectAdam(opt_fast)
     for i in range(4):
         _grads((ref, fast), i)
         opt_ref.step()
@@ -379,11 +379,52 @@ def test_the_direct_adam_step_never_steps_stale_lists(change):
 def test_the_direct_adam_step_applies_under_a_real_lr_schedule(cls):
     opt = cls(torch.nn.Linear(3, 2).parameters(), fused=True)
     torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # wraps opt.step (torch's class step, per class)
-    assert faststep.DirectAdam(opt).applies()
+    assert fastoptim.DirectAdam(opt).applies()
     plain = cls(torch.nn.Linear(3, 2).parameters(), fused=True)
-    direct = faststep.DirectAdam(plain)
+    direct = fastoptim.DirectAdam(plain)
     for p in plain.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)
     direct()  # optimizer.step() (no state yet), then the direct call
     direct()
     assert not hasattr(plain, "_opt_called")  # only an LR scheduler's wrapper notes calls
+
+
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True},
+                                {"momentum": 0.8, "dampening": 0.1, "maximize": True}])
+def test_the_direct_sgd_step_is_the_fused_kernel_call_bitwise(kw):
+    (ref, fast), (opt_ref, opt_fast) = _adam_pair(torch.optim.SGD, **kw)
+    sched, ref_sched = (torch.optim.lr_scheduler.StepLR(o, 2, 0.5) for o in (opt_fast, opt_ref))
+    direct = fastoptim.direct_optimizer(opt_fast)
+    assert isinstance(direct, fastoptim.DirectSGD)
+    calls = []
+    step = opt_fast.step
+    opt_fast.step = lambda *a: calls.append(1) or step(*a)
+    opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, type(opt_fast).step
+    for i in range(5):
+        _grads((ref, fast), i)
+        opt_ref.step()
+        direct()
+        ref_sched.step()
+        sched.step()
+        if i == 2 and kw:  # buffers replaced (a loaded state): seen at the next step
+            for opt in (opt_ref, opt_fast):
+                for state in opt.state.values():
+                    state["momentum_buffer"] = state["momentum_buffer"].clone()
+    # with momentum only the first step (it creates the buffers) went through optimizer.step()
+    assert calls == ([1] if kw else [])
+    for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
+        assert torch.equal(a, b)
+
+
+def test_the_direct_sgd_step_follows_momentum_switched_on():
+    (ref, fast), (opt_ref, opt_fast) = _adam_pair(torch.optim.SGD)
+    direct = fastoptim.direct_optimizer(opt_fast)
+    for i in range(4):
+        _grads((ref, fast), i)
+        opt_ref.step()
+        direct()
+        if i == 1:  # no buffers so far: the next step creates them (torch's first step with momentum)
+            for opt in (opt_ref, opt_fast):
+                opt.param_groups[0]["momentum"] = 0.9
+    for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
+        assert torch.equal(a, b)

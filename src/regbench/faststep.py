@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regbench.fastadam import DirectAdam
+from regbench.fastoptim import direct_optimizer
 
 aten = torch.ops.aten
 
@@ -125,7 +125,7 @@ class DirectStep:
         self.backward_ops = [(i, _backward_op(m, first=i == first_linear))
                              for i, m in reversed(list(enumerate(layers))) if i >= first_linear]
         self.backward_ops = [(i, op) for i, op in self.backward_ops if op is not None]
-        self._adam: Optional[DirectAdam] = None
+        self._opt: Optional[tuple] = None  # (the optimizer, its direct step or None)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, penalty_fn: Optional[Callable] = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -151,11 +151,11 @@ class DirectStep:
         return logits, loss, penalty
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``optimizer.step()``; a fused Adam / AdamW by one direct call of its kernel (:class:`DirectAdam`)."""
-        adam = self._adam
-        if adam is None or adam.optimizer is not optimizer:
-            adam = self._adam = DirectAdam(optimizer)
-        adam()
+        """``optimizer.step()``; a fused Adam / AdamW / SGD by one direct call of its kernel (regbench.fastoptim)."""
+        if self._opt is None or self._opt[0] is not optimizer:
+            self._opt = (optimizer, direct_optimizer(optimizer))
+        step = self._opt[1]
+        step() if step is not None else optimizer.step()
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         """(logits, what each layer's backward reads), under no_grad. Each layer's own ATen op (F.linear ->
