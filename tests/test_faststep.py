@@ -256,28 +256,46 @@ def _state(opt):
     return [t for s in opt.state.values() for t in s.values()]
 
 
+def _count_steps(opt) -> list:
+    """Count ``opt.step()`` calls by a wrapper that looks and acts like an LR scheduler's (so the direct step
+    applies, and a schedule created on ``opt`` afterwards keeps it)."""
+    calls, step = [], opt.step
+
+    def counted(*a):
+        calls.append(1)
+        opt._opt_called = True
+        return step(*a)
+    opt.step = counted
+    opt.step._wrapped_by_lr_sched, opt.step.__wrapped__ = True, type(opt).step
+    return calls
+
+
+def _steps_with_schedules(models, opts, direct, change_after_2nd=None, steps=5):
+    """``steps`` steps of the reference optimizer and the direct one, each with a StepLR; ``change_after_2nd(opt)``
+    edits both optimizers after the second step."""
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 2, 0.5) for o in opts]
+    for i in range(steps):
+        _grads(models, i)
+        opts[0].step()
+        direct()
+        for sched in scheds:
+            sched.step()
+        if i == 1 and change_after_2nd is not None:
+            for opt in opts:
+                change_after_2nd(opt)
+
+
 @pytest.mark.parametrize("cls, kw", [(torch.optim.Adam, {}), (torch.optim.AdamW, {}),
                                      (torch.optim.Adam, {"amsgrad": True, "maximize": True}),
                                      (torch.optim.Adam, {"decoupled_weight_decay": True, "betas": (0.8, 0.95)})])
-def test_the_direct_adam_step_is_the_fused_kernel_call_bitwise(cls, kw, monkeypatch):
+def test_the_direct_adam_step_is_the_fused_kernel_call_bitwise(cls, kw):
     (ref, fast), (opt_ref, opt_fast) = _adam_pair(cls, **kw)
-    sched = torch.optim.lr_scheduler.StepLR(opt_fast, 2, 0.5)  # lr read per step; step() wrapped by the schedule
-    ref_sched = torch.optim.lr_scheduler.StepLR(opt_ref, 2, 0.5)
-    direct = fastoptim.DirectAdam(opt_fast)
-    calls = []
-    step = opt_fast.step
-    monkeypatch.setattr(opt_fast, "step", lambda *a: calls.append(1) or step(*a), raising=False)
-    opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, type(opt_fast).step
-    for i in range(5):
-        _grads((ref, fast), i)
-        opt_ref.step()
-        direct()
-        ref_sched.step()
-        sched.step()
-        if i == 1:  # step counters where float32 stops counting (2^24): both add 1 the same way
-            for opt in (opt_ref, opt_fast):
-                for state in opt.state.values():
-                    state["step"].fill_(2.0 ** 24 - 2)
+    calls = _count_steps(opt_fast)
+
+    def counters_at_2_24(opt):  # step counters where float32 stops counting (2^24): both add 1 the same way
+        for state in opt.state.values():
+            state["step"].fill_(2.0 ** 24 - 2)
+    _steps_with_schedules((ref, fast), (opt_ref, opt_fast), fastoptim.DirectAdam(opt_fast), counters_at_2_24)
     assert calls == [1]  # only the first step (it creates the state) went through optimizer.step()
     for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
         assert torch.equal(a, b)
@@ -324,9 +342,7 @@ def test_the_direct_adam_step_leaves_anything_else_to_optimizer_step(case):
             step = opt.step
             opt.step = lambda *a, step=step: hooked.append(1) or step(*a)
     if case not in ("pre_hook", "wrapped"):  # count the calls, wrapped as an LR scheduler wraps step()
-        step = opt_fast.step
-        opt_fast.step = lambda *a: hooked.append(1) or step(*a)
-        opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, type(opt_fast).step
+        hooked = _count_steps(opt_fast)
     direct = fastoptim.DirectAdam(opt_fast)
     handle = register_optimizer_step_post_hook(lambda *a: hooked.append(1)) \
         if case == "global_hook" else None
@@ -393,23 +409,15 @@ def test_the_direct_adam_step_applies_under_a_real_lr_schedule(cls):
                                 {"momentum": 0.8, "dampening": 0.1, "maximize": True}])
 def test_the_direct_sgd_step_is_the_fused_kernel_call_bitwise(kw):
     (ref, fast), (opt_ref, opt_fast) = _adam_pair(torch.optim.SGD, **kw)
-    sched, ref_sched = (torch.optim.lr_scheduler.StepLR(o, 2, 0.5) for o in (opt_fast, opt_ref))
     direct = fastoptim.direct_optimizer(opt_fast)
     assert isinstance(direct, fastoptim.DirectSGD)
-    calls = []
-    step = opt_fast.step
-    opt_fast.step = lambda *a: calls.append(1) or step(*a)
-    opt_fast.step._wrapped_by_lr_sched, opt_fast.step.__wrapped__ = True, type(opt_fast).step
-    for i in range(5):
-        _grads((ref, fast), i)
-        opt_ref.step()
-        direct()
-        ref_sched.step()
-        sched.step()
-        if i == 2 and kw:  # buffers replaced (a loaded state): seen at the next step
-            for opt in (opt_ref, opt_fast):
-                for state in opt.state.values():
-                    state["momentum_buffer"] = state["momentum_buffer"].clone()
+    calls = _count_steps(opt_fast)
+
+    def new_buffers(opt):  # buffers replaced (a loaded state): seen at the next step
+        for state in opt.state.values():
+            if "momentum_buffer" in state:
+                state["momentum_buffer"] = state["momentum_buffer"].clone()
+    _steps_with_schedules((ref, fast), (opt_ref, opt_fast), direct, new_buffers)
     # with momentum only the first step (it creates the buffers) went through optimizer.step()
     assert calls == ([1] if kw else [])
     for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
