@@ -188,11 +188,12 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, g: torch.Generato
 
     Without ``transform`` a chunk holds about 4 MiB of images: one gather reads the scattered rows once, and the
     batches are then contiguous slices (measured ~4 % of a lecture-MLP step on 2 CPU cores against a gather per
-    batch, docs/benchmarks.md). ``transform`` (per-image augmentation + normalisation: ``augment.Policy.train_batches`` passes it, the one
-    augmentation path) runs on chunks of about ``chunk`` images at once,
-    then the chunk is cut into batches; every image still gets its own random parameters. Default: one batch
-    per chunk on CPU (measured fastest: larger chunks fall out of the caches, 3x slower at 2,048 CIFAR
-    images), 2,048 images on CUDA, where a bigger launch amortises the fixed cost per call (not measured here).
+    batch, docs/benchmarks.md). ``transform`` (per-image augmentation + normalisation:
+    ``augment.Policy.train_batches`` passes it, the one augmentation path) runs on chunks of about ``chunk``
+    images at once, then the chunk is cut into batches; every image still gets its own random parameters.
+    Default: one batch per chunk on CPU (measured fastest: larger chunks fall out of the caches, 3x slower at
+    2,048 CIFAR images), 2,048 images on CUDA, where a bigger launch amortises the fixed cost per call (not
+    measured here).
     """
     n = len(y)
     if chunk is None and transform is None:  # about 4 MiB of images per gather, at least one batch

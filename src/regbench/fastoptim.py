@@ -10,6 +10,86 @@ import torch
 from torch.optim import optimizer as _optimizer_module  # the global step hooks
 
 
+@dataclass
+class _AdamGroup:
+    """One parameter group's lists for the fused kernel, and the objects they were read from."""
+
+    group: dict
+    params: list
+    states: list  # the state dicts
+    exp_avgs: list
+    exp_avg_sqs: list
+    max_exp_avg_sqs: list
+    steps: list
+    ones: list  # +1 as one-tensors: foreach's CPU path converts a Scalar per tensor (~3x slower); the same sum
+
+    @classmethod
+    def of(cls, state: dict, group: dict) -> Optional["_AdamGroup"]:
+        """The lists of ``group`` from the optimizer's ``state``; None while a parameter has no state yet (its first
+        step creates it) or a tensor is not where the CPU kernel takes it."""
+        params = list(group["params"])
+        states = [state.get(p) for p in params]
+        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        if any(not s or any(k not in s for k in keys) for s in states) or \
+                any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+            return None
+        steps = [s["step"] for s in states]
+        if any(t.dim() or t.device.type != "cpu" or t.dtype != steps[0].dtype for t in steps):
+            return None
+        return cls(group, params, states, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                   [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps,
+                   [torch.ones((), dtype=steps[0].dtype)] * len(steps) if steps else [])
+
+    def current(self, state: dict, group: dict) -> bool:
+        """Whether the lists still are the group's: the same group, parameters, state dicts and tensors."""
+        params = group["params"]
+        if group is not self.group or len(params) != len(self.params):
+            return False
+        amsgrad = group["amsgrad"]
+        for j, p in enumerate(params):
+            s = state.get(p)
+            if p is not self.params[j] or s is not self.states[j] or s.get("step") is not self.steps[j] or \
+                    s.get("exp_avg") is not self.exp_avgs[j] or s.get("exp_avg_sq") is not self.exp_avg_sqs[j] or \
+                    (amsgrad and s.get("max_exp_avg_sq") is not self.max_exp_avg_sqs[j]) or \
+                    (not amsgrad and self.max_exp_avg_sqs):
+                return False
+        return True
+
+
+@dataclass
+class _SGDGroup:
+    """One SGD parameter group's lists for the fused kernel (momentum buffers only with momentum), and the
+    objects they were read from."""
+
+    group: dict
+    params: list
+    states: list  # the state dicts (with momentum)
+    buffers: list
+
+    @classmethod
+    def of(cls, state: dict, group: dict) -> Optional["_SGDGroup"]:
+        params = list(group["params"])
+        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+            return None
+        if group["momentum"] == 0:  # torch keeps no state and passes no buffers
+            return cls(group, params, [], [])
+        states = [state.get(p) for p in params]
+        if any(not s or not isinstance(s.get("momentum_buffer"), torch.Tensor) for s in states):
+            return None
+        return cls(group, params, states, [s["momentum_buffer"] for s in states])
+
+    def current(self, state: dict, group: dict) -> bool:
+        """Whether the lists still are the group's: the same group, parameters, momentum or not, state dicts and
+        buffers."""
+        params = group["params"]
+        if group is not self.group or len(params) != len(self.params) or \
+                (group["momentum"] == 0) != (not self.buffers and not self.states) or \
+                any(p is not q for p, q in zip(params, self.params)):
+            return False
+        return all(state.get(p) is s and s.get("momentum_buffer") is b
+                   for p, s, b in zip(params, self.states, self.buffers))
+
+
 def direct_optimizer(optimizer: torch.optim.Optimizer) -> Optional["_Direct"]:
     """The direct step of ``optimizer``'s class, or None (then ``optimizer.step()`` always)."""
     if type(optimizer) in DirectAdam.classes:
@@ -91,9 +171,7 @@ class DirectAdam(_Direct):
 
     classes = (torch.optim.Adam, torch.optim.AdamW)
 
-    @property
-    def lists(self) -> type:
-        return _AdamGroup
+    lists = _AdamGroup  # a group's tensor lists
 
     @staticmethod
     def fits(group: dict) -> bool:
@@ -116,9 +194,7 @@ class DirectSGD(_Direct):
 
     classes = (torch.optim.SGD,)
 
-    @property
-    def lists(self) -> type:
-        return _SGDGroup
+    lists = _SGDGroup
 
     @staticmethod
     def fits(group: dict) -> bool:
@@ -131,83 +207,3 @@ class DirectSGD(_Direct):
                           momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
                           nesterov=group["nesterov"], maximize=group["maximize"], is_first_step=False,
                           grad_scale=None, found_inf=None)
-
-
-@dataclass
-class _AdamGroup:
-    """One parameter group's lists for the fused kernel, and the objects they were read from."""
-
-    group: dict
-    params: list
-    states: list  # the state dicts
-    exp_avgs: list
-    exp_avg_sqs: list
-    max_exp_avg_sqs: list
-    steps: list
-    ones: list  # +1 as one-tensors: foreach's CPU path converts a Scalar per tensor (~3x slower); the same sum
-
-    @classmethod
-    def of(cls, state: dict, group: dict) -> Optional["_AdamGroup"]:
-        """The lists of ``group`` from the optimizer's ``state``; None while a parameter has no state yet (its first
-        step creates it) or a tensor is not where the CPU kernel takes it."""
-        params = list(group["params"])
-        states = [state.get(p) for p in params]
-        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-        if any(not s or any(k not in s for k in keys) for s in states) or \
-                any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-            return None
-        steps = [s["step"] for s in states]
-        if any(t.dim() or t.device.type != "cpu" or t.dtype != steps[0].dtype for t in steps):
-            return None
-        return cls(group, params, states, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                   [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], steps,
-                   [torch.ones((), dtype=steps[0].dtype)] * len(steps) if steps else [])
-
-    def current(self, state: dict, group: dict) -> bool:
-        """Whether the lists still are the group's: the same group, parameters, state dicts and tensors."""
-        params = group["params"]
-        if group is not self.group or len(params) != len(self.params):
-            return False
-        amsgrad = group["amsgrad"]
-        for j, p in enumerate(params):
-            s = state.get(p)
-            if p is not self.params[j] or s is not self.states[j] or s.get("step") is not self.steps[j] or \
-                    s.get("exp_avg") is not self.exp_avgs[j] or s.get("exp_avg_sq") is not self.exp_avg_sqs[j] or \
-                    (amsgrad and s.get("max_exp_avg_sq") is not self.max_exp_avg_sqs[j]) or \
-                    (not amsgrad and self.max_exp_avg_sqs):
-                return False
-        return True
-
-
-@dataclass
-class _SGDGroup:
-    """One SGD parameter group's lists for the fused kernel (momentum buffers only with momentum), and the
-    objects they were read from."""
-
-    group: dict
-    params: list
-    states: list  # the state dicts (with momentum)
-    buffers: list
-
-    @classmethod
-    def of(cls, state: dict, group: dict) -> Optional["_SGDGroup"]:
-        params = list(group["params"])
-        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-            return None
-        if group["momentum"] == 0:  # torch keeps no state and passes no buffers
-            return cls(group, params, [], [])
-        states = [state.get(p) for p in params]
-        if any(not s or not isinstance(s.get("momentum_buffer"), torch.Tensor) for s in states):
-            return None
-        return cls(group, params, states, [s["momentum_buffer"] for s in states])
-
-    def current(self, state: dict, group: dict) -> bool:
-        """Whether the lists still are the group's: the same group, parameters, momentum or not, state dicts and
-        buffers."""
-        params = group["params"]
-        if group is not self.group or len(params) != len(self.params) or \
-                (group["momentum"] == 0) != (not self.buffers and not self.states) or \
-                any(p is not q for p, q in zip(params, self.params)):
-            return False
-        return all(state.get(p) is s and s.get("momentum_buffer") is b
-                   for p, s, b in zip(params, self.states, self.buffers))

@@ -9,8 +9,8 @@ runs the forward with the layers' own ATen ops under ``no_grad``, keeps what the
 ATen backward kernels autograd would call (``derivatives.yaml`` of torch: addmm's mat2 gradient
 ``grad.t().mm(mat1).t()``, the bias gradient ``grad.sum(0)``, ``threshold_backward`` for ReLU, ...), in the same
 order. Gradients, and so whole runs, are bitwise equal to the autograd path (tests/test_faststep.py checks every
-layer kind, the losses, penalties and dropout against autograd). A fused Adam/AdamW's update then runs as one
-direct call of its kernel (:class:`DirectAdam`). Together about 1.5× faster epochs at batch 32 than autograd +
+layer kind, the losses, penalties and dropout against autograd). A fused Adam/AdamW/SGD update then runs as one
+direct call of its kernel (regbench.fastoptim). Together about 1.5× faster epochs at batch 32 than autograd +
 ``optimizer.step()`` (docs/benchmarks.md).
 
 What it covers (anything else trains through autograd, and summary.json's ``step_impl`` says which ran):
@@ -109,22 +109,22 @@ def plan(model: nn.Module, loss_fn: Callable, trainer: Any, device: torch.device
 class DirectStep:
     """``step(x, y, penalty_fn) -> (logits, loss, penalty)``: one training step's forward and backward; every
     parameter's ``.grad`` is set as ``zero_grad(set_to_none=True)`` then ``objective.backward()`` would set it.
-    ``optimizer_step(optimizer)``: then ``optimizer.step()``, by :class:`DirectAdam` where it applies.
+    ``optimizer_step(optimizer)``: then ``optimizer.step()``, by one direct kernel call where it applies
+    (regbench.fastoptim).
 
     The layers are turned into straight lists of closures once (the per-step Python work is the ops' calls:
     on the lecture MLP at batch 32 that is ~15 % of the step, measured against a hand-unrolled step)."""
 
     def __init__(self, model: nn.Module, layers: list[nn.Module], loss_fn: Callable):
-        self.model, self.layers, self.loss_fn = model, layers, loss_fn
+        self.model, self.loss_fn = model, loss_fn
         self.params = list(model.parameters())
         self.plain_ce = loss_fn is F.cross_entropy  # no label smoothing, weights or other options
         first_linear = next(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
         # Backward runs from the last layer down to the first Linear: nothing below needs a gradient (the input
         # does not require one), and the first Linear's input gradient is not computed.
         self.forward_ops = [_forward_op(m) for m in layers]
-        self.backward_ops = [(i, _backward_op(m, first=i == first_linear))
-                             for i, m in reversed(list(enumerate(layers))) if i >= first_linear]
-        self.backward_ops = [(i, op) for i, op in self.backward_ops if op is not None]
+        self.backward_ops = [(i, op) for i in range(len(layers) - 1, first_linear - 1, -1)
+                             if (op := _backward_op(layers[i], first=i == first_linear)) is not None]
         self._opt: Optional[tuple] = None  # (the optimizer, its direct step or None)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, penalty_fn: Optional[Callable] = None,

@@ -70,7 +70,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                 penalties.append(penalty.detach())
             if before_step is not None:
                 before_step(model, optimizer, None)
-            direct.optimizer_step(optimizer)  # optimizer.step(); a fused Adam by one direct kernel call
+            direct.optimizer_step(optimizer)  # optimizer.step(); fused Adam/SGD by one direct kernel call
         else:
             with autocast():
                 logits = model(xb)
@@ -96,18 +96,20 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.detach())
-        pending.append(logits.detach() if direct is not None else logits.detach().argmax(1))
-        if len(pending) == 64 and direct is not None:
-            preds.append(torch.cat(pending).argmax(1))
-            pending = []
+        if direct is None:  # a compiled step's outputs may be overwritten by its next run: the argmax now
+            preds.append(logits.detach().argmax(1))
+        else:
+            pending.append(logits)
+            if len(pending) == 64:
+                preds.append(torch.cat(pending).argmax(1))
+                pending = []
         targets.append(yb.argmax(1) if yb.ndim == 2 else yb)
         sizes.append(yb.shape[0])
         if on_step is not None:
             on_step()
-    if direct is not None and pending:
+    if pending:
         preds.append(torch.cat(pending).argmax(1))
-    return epoch_sums(losses, penalties, sizes, preds if direct is not None else pending, targets,
-                       next(model.parameters()).device)
+    return epoch_sums(losses, penalties, sizes, preds, targets, next(model.parameters()).device)
 
 
 # -------------------------------------------------------------------------------------------- fit
