@@ -72,3 +72,15 @@ def test_a_bagging_run_end_to_end(tmp_path):
     members_mean = s["test_extra"]["members_mean"]
     assert set(s["test"]) == {"loss", "acc", "ece"} and s["test"]["loss"] < members_mean["loss"]
     assert (run / "checkpoints" / "ensemble.pt").exists() and (run / "COMPLETED").exists()
+
+
+def test_a_bagging_run_evaluates_the_ensemble_when_its_members_evaluate(tmp_path):
+    run = tmp_path / "run"
+    value = fit(compose_cfg("regularizer=[bagging]", "regularizer.bagging.members=2", "data.train_size=200",
+                            "model.hidden=[32]", "trainer.max_epochs=3", "trainer.eval_every=2",
+                            "trainer.progress_bar=false"), run)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["ensemble_val_loss"] == "" for r in rows] == [True, False, False]
+    assert [r["val_loss"] == "" for r in rows] == [True, False, False]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["best"]["epoch"] in (2, 3) and value == s["best"]["ensemble_val_loss"]

@@ -358,6 +358,8 @@ CASES = [
     ("mc-dropout-without-dropout", ["regularizer=[mc_dropout]"], "expected dropout in the model for mc_dropout"),
     ("two-decay-sources", ["optimizer=adamw", "regularizer=[weight_decay]"],
      "optimizer.weight_decay=0.01: expected 0 when regularizer weight_decay is in the stack"),
+    ("eval-every-early-stopping", ["regularizer=[early_stopping]", "trainer.eval_every=5"],
+     "trainer.eval_every=5: expected 1 with regularizer.early_stopping (it watches val_loss after every epoch"),
     ("no-cuda", ["trainer.device=cuda"], "trainer.device='cuda': expected a device this machine has"),
     ("fp16-on-cpu", ["trainer.device=cpu", "trainer.amp=fp16"], "trainer.amp='fp16': expected bf16 or none on CPU"),
     ("dataset-missing-offline", ["data=cifar10", "data.root=/nonexistent/regbench", "data.download=false"],

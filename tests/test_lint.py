@@ -68,6 +68,9 @@ CASES = {
                            info=DIGITS),
         lambda: setup_rule("tta-no-mirror", "augmentation.tta.enabled=true", "augmentation.tta.hflip=true",
                            info=PHOTOS)),
+    "one-evaluation": (
+        lambda: setup_rule("one-evaluation", "trainer.max_epochs=5", "trainer.eval_every=5"),
+        lambda: setup_rule("one-evaluation", "trainer.max_epochs=5", "trainer.eval_every=4")),
     "batchnorm-batch-of-one": (
         lambda: listed(lint.batch_of_one(65, 32, False, bn_mlp())),
         lambda: listed(lint.batch_of_one(65, 32, False, PLAIN))),

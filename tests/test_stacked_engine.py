@@ -219,3 +219,14 @@ def test_members_with_augmentation_equal_their_single_runs(tmp_path, augmentatio
     dirs, _ = stacked(tmp_path, "stack", members)
     for k, m in enumerate(members):
         assert_close_rows(dirs[k], single(tmp_path, f"single{k}", *m))
+
+
+def test_members_with_their_own_eval_every_equal_their_single_runs(tmp_path):
+    """trainer.eval_every is each member's own: a member skips the evaluations its single run skips."""
+    members = [["seed=0", "trainer.max_epochs=3", "trainer.eval_every=2"], ["seed=1", "trainer.max_epochs=3"]]
+    dirs, _ = stacked(tmp_path, "stack", members)
+    for k, m in enumerate(members):
+        alone = single(tmp_path, f"single{k}", *m)
+        assert [r["val_loss"] == "" for r in rows(dirs[k])] == [r["val_loss"] == "" for r in rows(alone)]
+        assert_close_rows(dirs[k], alone)
+    assert [r["val_loss"] == "" for r in rows(dirs[0])] == [True, False, False]

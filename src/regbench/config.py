@@ -63,6 +63,7 @@ class TrainerConfig:
     resume: bool = False  # continue the run in hydra.run.dir from its newest checkpoint (see `regbench resume`)
     deterministic: bool = False  # torch deterministic algorithms (+ CUBLAS_WORKSPACE_CONFIG, no cudnn benchmark)
     clean_subset: int = 1000  # training images for the clean (eval-mode, plain CE) train metric each epoch; 0 = off
+    eval_every: int = 1  # epochs between evaluations (validation, clean subset); the last epoch is always evaluated
     progress_bar: Optional[bool] = None  # null = only when stdout is a terminal
     fused: bool = True  # the optimizer's fastest torch.optim implementation (fused/foreach); false = torch's default
     compile: str = "none"  # none | model | step: torch.compile the model (forward+backward) / also the optimizer step
@@ -80,6 +81,7 @@ def check_trainer(t: DictConfig, cfg: DictConfig) -> None:
           "an integer >= 1 or null (all cores this process may use)")
     choice(t.monitor, "trainer.monitor", ("val_loss", "val_acc"))
     check(t.clean_subset >= 0, "trainer.clean_subset", t.clean_subset, "an integer >= 0 (0 = off)")
+    check(t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an integer >= 1 (epochs)")
     check(t.checkpoint_every >= 1, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 1 (epochs)")
     check(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
     choice(t.compile, "trainer.compile", ("none", "model", "step"))
@@ -88,6 +90,17 @@ def check_trainer(t: DictConfig, cfg: DictConfig) -> None:
           "changes)", "use trainer.compile=model, or scheduler=constant")
     check(t.compile != "step" or t.amp != "fp16", "trainer.compile", t.compile, "model or none with "
           "trainer.amp=fp16 (the GradScaler steps the optimizer itself)", "use trainer.compile=model")
+
+
+def evaluated(t: DictConfig, epoch: int) -> bool:
+    """Whether ``epoch`` evaluates the validation split and the clean subset (``trainer.eval_every``; the last
+    epoch always does, so a finished run's final row and best epoch have validation metrics)."""
+    return epoch % t.eval_every == 0 or epoch == t.max_epochs
+
+
+def evaluations(t: DictConfig) -> int:
+    """How many epochs of a full run are evaluated."""
+    return t.max_epochs // t.eval_every + (1 if t.max_epochs % t.eval_every else 0)
 
 
 @dataclass

@@ -119,6 +119,13 @@ def chance_warning(final: Optional[dict], num_classes: int, n_val: int) -> Optio
             "initial plateau), model.init, gradient spikes (regularizer=[grad_clip]), or train longer")
 
 
+def one_evaluation(s: Setup) -> Iterator[str]:
+    t = s.cfg.trainer
+    if t.max_epochs > 1 and t.eval_every >= t.max_epochs:
+        yield (f"trainer.eval_every={t.eval_every} >= trainer.max_epochs={t.max_epochs}: only the last epoch is "
+               "evaluated, so there is no validation curve and the best epoch is the last; lower trainer.eval_every")
+
+
 # ------------------------------------------------------------------------------------------ table
 
 
@@ -139,6 +146,7 @@ RULES = [
     Rule("label-unsafe-flips", label_unsafe_flips, "setup", "the augmentation flips images whose labels flips change"),
     Rule("smoothing-and-mixing", smoothing_and_mixing, "setup", "label smoothing on MixUp/CutMix soft targets"),
     Rule("tta-no-mirror", tta_without_mirror, "setup", "TTA asked for a mirrored view the dataset cannot take"),
+    Rule("one-evaluation", one_evaluation, "setup", "trainer.eval_every leaves only the last epoch evaluated"),
     Rule("batchnorm-batch-of-one", batch_of_one, "batches", "a last training batch of one image under batch norm"),
     Rule("chance-accuracy", chance_warning, "end", "the run ended at chance accuracy"),
 ]

@@ -53,7 +53,8 @@ class EpochTiming:
 @dataclass
 class EpochRow:
     """One epoch's metrics: a metrics.csv row (columns in field order) and its TensorBoard scalars (the ``tb``
-    tag of each field; epoch and step are the axes). The clean fields are None when trainer.clean_subset=0."""
+    tag of each field; epoch and step are the axes). The clean fields are None when trainer.clean_subset=0, the
+    validation, clean and gap fields on an epoch that trainer.eval_every does not evaluate."""
 
     epoch: int = _tb()
     step: int = _tb()
@@ -63,11 +64,11 @@ class EpochRow:
     train_acc: float = _tb("acc/train")
     clean_train_loss: Optional[float] = _tb("loss/train_clean")
     clean_train_acc: Optional[float] = _tb("acc/train_clean")
-    val_loss: float = _tb("loss/val")
-    val_acc: float = _tb("acc/val")
-    val_ece: float = _tb("calibration/val_ece")
-    gap_loss: float = _tb("gap/loss")
-    gap_acc: float = _tb("gap/acc")
+    val_loss: Optional[float] = _tb("loss/val")
+    val_acc: Optional[float] = _tb("acc/val")
+    val_ece: Optional[float] = _tb("calibration/val_ece")
+    gap_loss: Optional[float] = _tb("gap/loss")
+    gap_acc: Optional[float] = _tb("gap/acc")
     clean_gap_loss: Optional[float] = _tb("gap/loss_clean")
     clean_gap_acc: Optional[float] = _tb("gap/acc_clean")
     weight_l1: float = _tb("weights/l1")
@@ -75,11 +76,16 @@ class EpochRow:
     epoch_time_s: float = _tb()
 
     @classmethod
-    def measured(cls, epoch: int, step: int, lr: float, train: dict, val: dict, clean: Optional[dict],
+    def measured(cls, epoch: int, step: int, lr: float, train: dict, val: Optional[dict], clean: Optional[dict],
                  norms: tuple[float, float], seconds: float) -> "EpochRow":
         """The row of one epoch from what it measured: ``train`` (loss, penalty, acc as trained), ``val`` and
-        ``clean`` (evaluations: loss, acc, ece), the weight norms (l1, l2) and its wall time. The gaps are
-        derived here: val − train for losses, train − val for accuracies."""
+        ``clean`` (evaluations: loss, acc, ece; None when not evaluated), the weight norms (l1, l2) and its wall
+        time. The gaps are derived here: val − train for losses, train − val for accuracies."""
+        if val is None:
+            return cls(epoch=epoch, step=step, lr=lr, train_loss=train["loss"], train_penalty=train["penalty"],
+                       train_acc=train["acc"], clean_train_loss=None, clean_train_acc=None, val_loss=None,
+                       val_acc=None, val_ece=None, gap_loss=None, gap_acc=None, clean_gap_loss=None,
+                       clean_gap_acc=None, weight_l1=norms[0], weight_l2=norms[1], epoch_time_s=round(seconds, 4))
         return cls(
             epoch=epoch, step=step, lr=lr, train_loss=train["loss"], train_penalty=train["penalty"],
             train_acc=train["acc"], clean_train_loss=clean["loss"] if clean else None,

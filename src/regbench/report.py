@@ -115,7 +115,7 @@ def _results(run_dir: Path, summary: Summary) -> dict:
             seed=summary.seed, regularizers=list(summary.regularizers or []), rows=rows,
             best_val_loss=_best(summary, rows, "val_loss"), best_val_acc=_best(summary, rows, "val_acc"),
             final_gap=gap if gap is not None else final["gap_loss"],
-            min_val_loss_epoch=min(rows, key=lambda r: r["val_loss"])["epoch"],
+            min_val_loss_epoch=min(_evaluated(rows), key=lambda r: r["val_loss"])["epoch"],
             test_acc=test["acc"], test_nll=test["loss"], test_ece=test["ece"],
         )
         for name, extra in (summary.test_extra or {}).items():
@@ -144,7 +144,15 @@ def _best(summary: Summary, rows: list[dict], column: str) -> float:
     (in the column's own direction)."""
     if _need(summary.monitor, "monitor") == column:
         return _need(summary.best, "best")[column]
-    return min(rows, key=lambda r: monitor_sign(column) * r[column])[column]
+    return min(_evaluated(rows), key=lambda r: monitor_sign(column) * r[column])[column]
+
+
+def _evaluated(rows: list[dict]) -> list[dict]:
+    """The rows with validation metrics (trainer.eval_every may skip epochs; the last one always has them)."""
+    evaluated = [r for r in rows if r["val_loss"] is not None]
+    if not evaluated:
+        raise TypeError("metrics.csv has no evaluated epoch (val_loss is empty in every row)")
+    return evaluated
 
 
 def _job_outcome(run_dir: Path) -> dict:

@@ -25,14 +25,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float]]:
-    """Mean and std over seeds of a per-epoch column (epochs that every seed reached)."""
+    """Mean and std over seeds of a per-epoch column, at the epochs every seed reached and has a value for (a
+    column that is empty throughout, e.g. the clean ones with trainer.clean_subset=0, gives no curve; epochs
+    that trainer.eval_every skips are left out of the validation curves)."""
     n_epochs = min(len(r["rows"]) for r in runs)
-    epochs = [runs[0]["rows"][i]["epoch"] for i in range(n_epochs)]
-    values = [[r["rows"][i][key] for r in runs] for i in range(n_epochs)]
-    if any(v is None for vs in values for v in vs):
-        return epochs, [], []
-    stats = [mean_std(vs) for vs in values]
+    epochs, stats = [], []
+    for i in range(n_epochs):
+        values = [r["rows"][i][key] for r in runs]
+        if all(v is not None for v in values):
+            epochs.append(runs[0]["rows"][i]["epoch"])
+            stats.append(mean_std(values))
     return epochs, [m for m, _ in stats], [s for _, s in stats]
+
+
+def _has(runs: list[dict], key: str) -> bool:
+    """Whether the runs recorded ``key`` at all (the clean columns are empty with trainer.clean_subset=0)."""
+    return any(row[key] is not None for row in runs[0]["rows"])
 
 
 def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
@@ -53,7 +61,7 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(CURVES_SIZE[0] / 100, CURVES_SIZE[1] / 100), dpi=100)
     for i, config in enumerate(order):
         c = colors[i % len(colors)]
-        train_key = "clean_train_loss" if groups[config][0]["rows"][0]["clean_train_loss"] is not None else "train_loss"
+        train_key = "clean_train_loss" if _has(groups[config], "clean_train_loss") else "train_loss"
         for key, style, label in ((train_key, "--", "train"), ("val_loss", "-", "val")):
             ep, mean, std = _curve(groups[config], key)
             if not mean:
@@ -71,7 +79,7 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
     gap_keys = set()
     for i, config in enumerate(order):
         c = colors[i % len(colors)]
-        key = "clean_gap_loss" if groups[config][0]["rows"][0]["clean_gap_loss"] is not None else "gap_loss"
+        key = "clean_gap_loss" if _has(groups[config], "clean_gap_loss") else "gap_loss"
         gap_keys.add(key)
         ep, mean, std = _curve(groups[config], key)
         if not mean:

@@ -333,7 +333,7 @@ def claim(folder: Path, fresh: bool, kind: str = "run") -> Claim:
 # implementation and compilation only its float rounding: resuming across them is exact to that, see
 # regbench.accel).
 RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar", "trainer.fused", "trainer.compile",
-                     "trainer.fast_step")
+                     "trainer.fast_step", "trainer.eval_every")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> bool:

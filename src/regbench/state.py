@@ -45,9 +45,12 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # every epoch's metrics row (restores metrics.csv)
 
     def end_epoch(self, row: dict) -> bool:
-        """Record a finished epoch's metrics row; True when it is the best epoch so far."""
+        """Record a finished epoch's metrics row; True when it is the best epoch so far (an epoch without
+        validation metrics, see trainer.eval_every, never is)."""
         self.history.append(row)
         self.epoch = row["epoch"]
+        if row[self.monitor] is None:
+            return False
         score = monitor_sign(self.monitor) * row[self.monitor]
         improved = score < self.best_score
         if improved:

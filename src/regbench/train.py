@@ -23,6 +23,7 @@ from torch import nn
 
 from regbench import conventions, lint, provenance, runtime
 from regbench.checkpoint import Checkpoints, encode_checkpoint, fault_point, write_epoch
+from regbench.config import evaluated
 from regbench.validation import validate
 from regbench.errors import RegbenchError
 from regbench.evaluation import evaluate, weight_norms
@@ -290,14 +291,10 @@ class _Run:
         self.logger.log_epoch(row)
         self.improved = state.end_epoch(row.to_dict())
         fault_point("after_metrics", epoch)
-        self.bar.set_postfix(train_loss=f"{row.train_loss:.4f}", val_loss=f"{row.val_loss:.4f}",
-                             val_acc=f"{row.val_acc:.4f}")
-        has_clean = row.clean_train_loss is not None
-        log.info("epoch %d/%d  train loss %.4f acc %.4f%s | val loss %.4f acc %.4f | gap %.4f | lr %.3g | %.2fs",
-                 epoch, t.max_epochs, row.train_loss, row.train_acc,
-                 f" (clean {row.clean_train_loss:.4f} / {row.clean_train_acc:.4f})" if has_clean else "",
-                 row.val_loss, row.val_acc, row.clean_gap_loss if has_clean else row.gap_loss, row.lr,
-                 row.epoch_time_s)
+        self.bar.set_postfix(train_loss=f"{row.train_loss:.4f}", **(
+            {} if row.val_loss is None else {"val_loss": f"{row.val_loss:.4f}", "val_acc": f"{row.val_acc:.4f}"}))
+        log.info("epoch %d/%d  train loss %.4f acc %.4f%s | lr %.3g | %.2fs", epoch, t.max_epochs, row.train_loss,
+                 row.train_acc, _evaluation_text(row), row.lr, row.epoch_time_s)
         stopped = exp.stack.on_epoch_end(epoch, state.history[-1], exp.model)
         # Encoded now (the tensors change with the next step), written by the background writer: the checkpoint,
         # its links and pruning, then summary.json — the order a synchronous write has.
@@ -327,14 +324,16 @@ class _Run:
         penalty = out["penalty"].item() / seen if out["penalty"] is not None else 0.0
         if not (math.isfinite(train_loss) and math.isfinite(penalty)):
             raise self.divergence(f"non-finite training loss ({train_loss}, penalty {penalty})", epoch)
-        val = evaluate(exp.model, exp.data.val_x, exp.data.val_y, bs, self.rt.autocast)
-        clean = evaluate(exp.model, exp.clean_x, exp.clean_y, bs, self.rt.autocast) if len(exp.clean_y) else None
+        val = clean = None
+        if evaluated(self.cfg.trainer, epoch):
+            val = evaluate(exp.model, exp.data.val_x, exp.data.val_y, bs, self.rt.autocast)
+            clean = evaluate(exp.model, exp.clean_x, exp.clean_y, bs, self.rt.autocast) if len(exp.clean_y) else None
         l1, l2 = weight_norms(exp.model)
         # The training loss can stay finite while the weights or the validation loss blow up (e.g. SGD
         # lr=10): checked here, from values this epoch reads back anyway (no extra host sync).
-        if not (math.isfinite(val["loss"]) and math.isfinite(l2)):
+        if not (math.isfinite(l2) and (val is None or math.isfinite(val["loss"]))):
             raise self.divergence(f"non-finite {'weights' if not math.isfinite(l2) else 'validation loss'} "
-                                  f"(weight_l2 {l2}, val loss {val['loss']})", epoch)
+                                  f"(weight_l2 {l2}, val loss {val['loss'] if val else 'not evaluated'})", epoch)
         return EpochRow.measured(epoch, step, exp.optimizer.param_groups[0]["lr"],
                                  {"loss": train_loss, "penalty": penalty, "acc": train_acc}, val, clean, (l1, l2),
                                  time.perf_counter() - epoch_start), trained
@@ -378,6 +377,17 @@ class _Run:
                  summary.best["epoch"], cfg.trainer.monitor)
         for name, result in extra.items():
             log.info("test (%s): acc %.4f nll %.4f ece %.4f", name, result["acc"], result["nll"], result["ece"])
+
+
+def _evaluation_text(row: EpochRow) -> str:
+    """The log line's evaluation part: clean train metrics, validation and gap (nothing on an epoch that
+    trainer.eval_every skips)."""
+    if row.val_loss is None:
+        return ""
+    has_clean = row.clean_train_loss is not None
+    clean = f" (clean {row.clean_train_loss:.4f} / {row.clean_train_acc:.4f})" if has_clean else ""
+    return (f"{clean} | val loss {row.val_loss:.4f} acc {row.val_acc:.4f} | "
+            f"gap {row.clean_gap_loss if has_clean else row.gap_loss:.4f}")
 
 
 def _stopped_status(e: BaseException) -> str:

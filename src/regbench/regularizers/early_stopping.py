@@ -47,6 +47,10 @@ class EarlyStopping(Regularizer):
         if c.patience < 0 or c.min_delta < 0 or c.start_from_epoch < 0:
             raise ConfigError(self.key, {"patience": c.patience, "min_delta": c.min_delta,
                                          "start_from_epoch": c.start_from_epoch}, "values >= 0")
+        if ctx.cfg.trainer.eval_every != 1:
+            raise ConfigError("trainer.eval_every", ctx.cfg.trainer.eval_every, f"1 with {self.key} (it watches "
+                              f"{c.monitor} after every epoch; its patience counts epochs)",
+                              "set trainer.eval_every=1 or drop early_stopping from regularizer=[...]")
         if c.start_from_epoch >= ctx.cfg.trainer.max_epochs:
             raise self.nothing(f"{self.key}.start_from_epoch={c.start_from_epoch} starts monitoring after the last "
                                f"epoch (trainer.max_epochs={ctx.cfg.trainer.max_epochs})",

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from regbench.config import evaluations
 from regbench.errors import ConfigError
 from regbench.evaluation import probabilities
 from regbench.metrics import summarize_probs
@@ -36,15 +37,22 @@ class Ensemble(Regularizer):
     def check(self, ctx: Context) -> None:
         if self.cfg.source not in ("last", "best"):
             raise ConfigError(f"{self.key}.source", self.cfg.source, "last or best")
-        if not 1 <= self.cfg.k <= ctx.cfg.trainer.max_epochs:
-            raise ConfigError(f"{self.key}.k", self.cfg.k, f"1..trainer.max_epochs={ctx.cfg.trainer.max_epochs} "
+        t = ctx.cfg.trainer
+        if not 1 <= self.cfg.k <= t.max_epochs:
+            raise ConfigError(f"{self.key}.k", self.cfg.k, f"1..trainer.max_epochs={t.max_epochs} "
                               "(one snapshot per epoch)")
+        if self.cfg.source == "best" and self.cfg.k > evaluations(t):
+            raise ConfigError(f"{self.key}.k", self.cfg.k, f"1..{evaluations(t)}: the epochs trainer.eval_every="
+                              f"{t.eval_every} evaluates of trainer.max_epochs={t.max_epochs} (the best epochs are "
+                              "picked by their validation metrics)", "lower k or trainer.eval_every")
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
         self.monitor = ctx.cfg.trainer.monitor
         self.sign = monitor_sign(self.monitor)
 
     def on_epoch_end(self, epoch: int, row: dict, model: nn.Module) -> bool:
+        if self.cfg.source == "best" and row[self.monitor] is None:
+            return False  # an epoch trainer.eval_every does not evaluate has no score
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         score = epoch if self.cfg.source == "last" else -self.sign * row[self.monitor]
         self.snapshots.append((score, epoch, state))

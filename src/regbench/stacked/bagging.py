@@ -83,9 +83,11 @@ class _Observer:
         from torch.utils.tensorboard import SummaryWriter
 
         data, bs = stack.exps[0].data, self.cfg.data.eval_batch_size
-        logits = stack.model.evaluate(data.val_x, bs)  # [K_active, N, C]: the members still training
-        ens = ensemble_metrics(torch.softmax(logits.double(), -1), data.val_y)
         rows = [stack.runs[k].state.history[-1] for k in stack.members]
+        ens = {m: None for m in ("loss", "acc", "ece")}  # an epoch trainer.eval_every skips: no ensemble metrics
+        if rows[0]["val_loss"] is not None:
+            logits = stack.model.evaluate(data.val_x, bs)  # [K_active, N, C]: the members still training
+            ens = ensemble_metrics(torch.softmax(logits.double(), -1), data.val_y)
         mean = {c: (sum(r[c] for r in rows) / len(rows) if all(r.get(c) is not None for r in rows) else None)
                 for c in METRIC_COLUMNS if c not in ("epoch", "step")}
         row = {"epoch": epoch, "step": rows[0]["step"], **mean, **{f"ensemble_val_{m}": ens[m] for m in ens},
@@ -95,7 +97,8 @@ class _Observer:
         if self.writer is None:
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=rows[0]["step"])
         for m, v in ens.items():
-            self.writer.add_scalar(f"ensemble/val_{m}", v, epoch)
+            if v is not None:
+                self.writer.add_scalar(f"ensemble/val_{m}", v, epoch)
         for c in ("train_loss", "val_loss", "val_acc", "val_ece"):
             if mean.get(c) is not None:
                 self.writer.add_scalar(f"members_mean/{c}", mean[c], epoch)
@@ -160,7 +163,8 @@ def _finish(cfg, run_dir, observer, summary, seeds, dirs, values, started) -> fl
     rows = observer.rows
     sign = monitor_sign(cfg.trainer.monitor)
     key = "ensemble_" + cfg.trainer.monitor
-    best = min(rows, key=lambda r: sign * float(r[key])) if rows else None
+    scored = [r for r in rows if r[key] not in ("", None)]  # the epochs trainer.eval_every evaluated
+    best = min(scored, key=lambda r: sign * float(r[key])) if scored else None
     n = len(runs[0].data_loaded.train_y)
     unique = [round(len(set(bootstrap_indices(n, s).tolist())) / n, 4) if cfg.regularizer.bagging.bootstrap else 1.0
               for s in seeds]

@@ -41,7 +41,7 @@ NOT_STACKABLE = {
 }
 # trainer keys each member may set for itself (everything else under trainer is shared)
 FREE_TRAINER = ("num_threads", "progress_bar", "resume", "monitor", "checkpoint_every", "keep_last",
-                "save_checkpoints", "clean_subset", "fused", "fast_step")  # fast_step: single runs only
+                "save_checkpoints", "clean_subset", "eval_every", "fused", "fast_step")  # fast_step: single runs only
 # optimizer keys that are flags of the update rule (shared); the others are per-member hyperparameters
 OPTIMIZER_FLAGS = ("name", "nesterov", "amsgrad", "centered")
 
