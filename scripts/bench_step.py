@@ -20,7 +20,9 @@ Contenders:
   backward, ``Adam.step`` (torch's default for-loop implementation / ``fused=True``); training only.
 - regbench_unfused (``trainer.fused=false trainer.fast_step=false``: before issue 17), regbench_autograd
   (fused optimizer, autograd step), regbench (the default: fused, direct step), regbench_val_only (the default
-  with ``trainer.clean_subset=0``: validation only, like a Keras epoch), regbench_compile_model,
+  with ``trainer.clean_subset=0``: validation only, like a Keras epoch), regbench_eval10 (the default evaluated
+  and checkpointed every 10th epoch and the last: ``trainer.eval_every=10 trainer.checkpoint_every=10``),
+  regbench_compile_model,
   regbench_compile_step: ``python -m regbench`` runs; the epoch time is metrics.csv's ``epoch_time_s``
   (training + validation + clean-train evaluation + weight norms); ``training`` and ``overhead`` come from
   summary.json's ``timing`` (overhead = evaluation + the epoch's bookkeeping, relative to training);
@@ -49,12 +51,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = ("minimal", "minimal_fused", "regbench_unfused", "regbench_autograd", "regbench", "regbench_val_only",
-              "regbench_compile_model", "regbench_compile_step", "keras")
+              "regbench_eval10", "regbench_compile_model", "regbench_compile_step", "keras")
 QUICK = ("minimal", "minimal_fused", "regbench_unfused", "regbench_autograd", "regbench")
 DEFAULT_CONTENDERS = ("regbench_unfused", "regbench_autograd", "regbench")
 REGBENCH_ARGS = {"regbench_unfused": ["trainer.fused=false", "trainer.fast_step=false"],
                  "regbench_autograd": ["trainer.fast_step=false"], "regbench": [],
                  "regbench_val_only": ["trainer.clean_subset=0"],
+                 "regbench_eval10": ["trainer.eval_every=10", "trainer.checkpoint_every=10"],
                  "regbench_compile_model": ["trainer.compile=model"], "regbench_compile_step": ["trainer.compile=step"]}
 LECTURE = ["experiment=mnist_mlp", "data=mnist5k", "seed=0"]
 DEFAULT = ["data=mnist5k", "seed=0"]  # the default experiment: MLP 784-256-128-10, Adam, batch 128

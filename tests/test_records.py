@@ -14,7 +14,7 @@ from regbench.checkpoint import load_checkpoint
 from regbench.experiment import build_experiment
 from regbench.logs import read_metrics
 from regbench.records import METRIC_COLUMNS, TB_TAGS, EpochRow, Summary, monitor_sign
-from regbench.state import RunState
+from regbench.state import RunState, checkpoint_rows
 from regbench.train import fit
 from tests.conftest import compose_cfg
 
@@ -133,7 +133,8 @@ def test_run_state_round_trips_its_checkpoint_payload(tmp_path):
     # The keys checkpoints have always had: runs checkpointed by earlier versions resume through the same code.
     assert list(payload) == ["model", "optimizer", "scheduler", "scaler", "regularizers", "rng", "epoch", "step",
                              "metrics", "best_score", "best_row", "config", "history"]
-    assert payload["metrics"] == payload["history"][-1] and payload["metrics"]["epoch"] == 2
+    assert payload["metrics"] == checkpoint_rows(payload["history"])[-1] and payload["metrics"]["epoch"] == 2
+    assert isinstance(payload["history"], str)  # the rows as one JSON text (one object for torch.save's pickler)
     exp = build_experiment(cfg, torch.device("cpu"))
     state = RunState(exp.model, exp.optimizer, exp.scheduler, None, exp.stack, torch.Generator().manual_seed(99),
                      config=payload["config"], monitor=cfg.trainer.monitor)

@@ -254,3 +254,53 @@ def test_deterministic_mode_sets_torch_flags(tmp_path):
         assert json.loads((tmp_path / "summary.json").read_text())["deterministic"] is True
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_a_checkpoint_of_an_earlier_regbench_resumes_bitwise(tmp_path):
+    """Earlier checkpoints held the rows as a list of dicts and Python's RNG state as a list of ints (now one JSON
+    text and one tensor): they resume through the same code, to the same run."""
+    fit(compose_cfg(*SMALL), tmp_path / "ref")
+    run = tmp_path / "run"
+    fit(compose_cfg(*SMALL), run)
+    _mark_unfinished(run)
+    (run / "checkpoints" / "epoch_0003.pt").unlink()
+    path = run / "checkpoints" / "epoch_0002.pt"
+    state = load_checkpoint(path)
+    state["history"] = json.loads(state["history"])
+    state["rng"]["python"]["state"] = state["rng"]["python"]["state"].tolist()
+    path.unlink()
+    torch.save(state, path)
+    fit(compose_cfg(*SMALL, "trainer.resume=true"), run)
+    assert json.loads((run / "summary.json").read_text())["resumed_from_epoch"] == 2
+    assert metrics_without_time(run) == metrics_without_time(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("history, why", [
+    ("[1, 2]", "row 1 of its history does not have metrics.csv's columns"),
+    ('[{"epoch": 1}]', "row 1 of its history does not have metrics.csv's columns"),
+    ("not json", "Expecting value"),
+    (7, "its history is not a list of rows")])
+def test_a_checkpoint_with_a_malformed_history_is_refused_in_one_line(tmp_path, history, why):
+    run = tmp_path / "run"
+    fit(compose_cfg(*SMALL), run)
+    _mark_unfinished(run)
+    path = run / "checkpoints" / "epoch_0003.pt"
+    state = load_checkpoint(path)
+    state["history"] = history
+    path.unlink()
+    torch.save(state, path)
+    with pytest.raises(RegbenchError, match=f"cannot resume {run}: its checkpoint of epoch 3 is not one regbench "
+                                            f"wrote \\(.*{why}"):
+        fit(compose_cfg(*SMALL, "trainer.resume=true"), run)
+
+
+def test_a_history_row_holding_a_string_is_refused():
+    from regbench.records import METRIC_COLUMNS
+    from regbench.state import checkpoint_rows
+
+    row = {c: 1.0 for c in METRIC_COLUMNS} | {"epoch": 1, "step": 2}
+    assert checkpoint_rows(json.dumps([row])) == [row]
+    with pytest.raises(ValueError, match=r"row 1 of its history holds a non-number \(lr\)"):
+        checkpoint_rows(json.dumps([row | {"lr": "os.system"}]))
+    with pytest.raises(ValueError, match=r"holds a non-number \(epoch\)"):
+        checkpoint_rows(json.dumps([row | {"epoch": 1.5}]))

@@ -368,7 +368,15 @@ def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[
     from regbench.logs import read_metrics
 
     if "history" in state:
-        return list(state["history"]), list(state["history"])
+        from regbench.state import checkpoint_rows
+
+        try:
+            rows = checkpoint_rows(state["history"])
+        except (ValueError, RecursionError) as e:
+            raise RegbenchError(f"cannot resume {run_dir}: its checkpoint of epoch {state['epoch']} is not one "
+                                f"regbench wrote ({e}); fix: delete that checkpoint to resume from the one "
+                                "before, or start a new run folder") from None
+        return rows, list(rows)
     epoch = state["epoch"]
     rows = [{**r, "step": int(r["step"])} for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= epoch]
     missing = sorted(set(range(1, epoch + 1)) - {r["epoch"] for r in rows})
