@@ -230,7 +230,8 @@ def table(results: dict[str, list[dict]], base: str) -> str:
             rng(ratios, "{:.2f}") if ratios else "-"
         outside = rng([r["outside"] for r in reps]) if "outside" in reps[0] else "-"
         train = rng([r["train"] for r in reps]) if "train" in reps[0] else "-"
-        overhead = rng([100 * r["overhead"] for r in reps], "{:.0f} %") if "overhead" in reps[0] else "-"
+        overheads = [100 * r["overhead"] for r in reps] if "overhead" in reps[0] else []
+        overhead = f"{statistics.median(overheads):.1f} % ({rng(overheads, '{:.1f}')})" if overheads else "-"
         label = name + (f" ({reps[0]['impl']}, {reps[0]['step']} step, compile {reps[0]['compile']})"
                         if "impl" in reps[0] else "")
         lines.append(f"| {label} | {rng(per)} | {ratio} | {rng([r['epochs'][0] for r in reps], '{:.2f}')} "

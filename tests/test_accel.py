@@ -295,7 +295,8 @@ def test_bench_step_arguments(capsys):
     lines = bench.table({"minimal": [{"epochs": [1.0, 0.4, 0.4], "run_s": 1.8}], "regbench": [run]},
                         "minimal").splitlines()
     assert lines[0].split(" | ")[1:3] == ["s / epoch (epochs 2..N)", "vs minimal"]
-    assert lines[3] == "| regbench (fused, direct step, compile none) | 0.200 | 0.50 | 1.00 | 1.4 | 0.180 | 10 % | 0.010 |"
+    assert lines[3] == ("| regbench (fused, direct step, compile none) | 0.200 | 0.50 | 1.00 | 1.4 | 0.180 | 10.0 % (10.0) "
+                        "| 0.010 |")  # overhead: median (range) over repetitions
     two = {"minimal": [{"epochs": [1.0, 0.4, 0.4], "run_s": 1.8}, {"epochs": [1.0, 0.5, 0.5], "run_s": 1.8},
                        {"epochs": [1.0, 0.4, 0.4], "run_s": 1.8}], "regbench": [run, run, run]}
     assert bench.table(two, "minimal").splitlines()[3].split(" | ")[2] == "0.50 (0.40–0.50)"  # median (range)

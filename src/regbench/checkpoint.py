@@ -153,9 +153,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 
 def write_epoch(ckpts: "Checkpoints", epoch: int, checkpoint: Optional[bytes], best: bool, summary_path: Path,
-                summary: bytes) -> None:
-    """An epoch's files in their crash-safe order: its checkpoint (then last.pt/best.pt links, pruning), then
+                summary: bytes, flush_events: Callable[[], None] = lambda: None) -> None:
+    """An epoch's files in their crash-safe order: its TensorBoard events (``flush_events``: before its checkpoint,
+    so a resume from that checkpoint never lacks them), its checkpoint (then last.pt/best.pt links, pruning), then
     summary.json (run by a run's background writer, or at once)."""
+    flush_events()
     if checkpoint is not None:
         ckpts.save(epoch, checkpoint, best=best)
     write_bytes(summary_path, summary)

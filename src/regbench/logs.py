@@ -118,6 +118,11 @@ class RunLogger:
 
         values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in row.scalars().items()]
         self.tb._get_file_writer().add_summary(Summary(value=values), step)
+
+    def flush(self) -> None:
+        """Wait until the events logged so far are in the event file (the epoch's background write calls it:
+        TensorBoard's writer thread checksums each event in pure Python, ~0.3 ms an epoch off the training
+        thread)."""
         self.tb.flush()
 
     def log_images(self, before: torch.Tensor, after: torch.Tensor) -> None:

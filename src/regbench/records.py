@@ -95,6 +95,16 @@ class EpochRow:
             clean_gap_acc=clean["acc"] - val["acc"] if clean else None,
             weight_l1=norms[0], weight_l2=norms[1], epoch_time_s=round(seconds, 4))
 
+    def evaluation_text(self) -> str:
+        """The log line's evaluation part: clean train metrics, validation and gap (nothing on an epoch that
+        trainer.eval_every skips)."""
+        if self.val_loss is None:
+            return ""
+        has_clean = self.clean_train_loss is not None
+        clean = f" (clean {self.clean_train_loss:.4f} / {self.clean_train_acc:.4f})" if has_clean else ""
+        return (f"{clean} | val loss {self.val_loss:.4f} acc {self.val_acc:.4f} | "
+                f"gap {self.clean_gap_loss if has_clean else self.gap_loss:.4f}")
+
     def to_dict(self) -> dict[str, Any]:
         """column -> value, in column order (the form rows take in checkpoints, summary.json and the stack)."""
         return {name: getattr(self, name) for name in METRIC_COLUMNS}

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import torch
@@ -223,6 +224,10 @@ class _Run:
     writer: BackgroundWriter = field(default_factory=BackgroundWriter, init=False)
     timing: EpochTiming = field(default_factory=EpochTiming, init=False)  # summary.json "timing"
     data_loaded: Any = field(default=None, init=False)
+    trainer: Any = field(default=None, init=False)  # cfg.trainer as plain attributes (~8 us less per read)
+
+    def __post_init__(self) -> None:
+        self.trainer = SimpleNamespace(**OmegaConf.to_container(self.cfg.trainer, resolve=True))
 
     def run(self) -> float:
         """The epochs and the end; summary.json records how the run ended, however it ended. Returns the best
@@ -270,7 +275,7 @@ class _Run:
 
     def epoch(self, epoch: int) -> bool:
         """Train, measure, log and checkpoint one epoch; True when a member (early stopping) stops the run."""
-        t, exp, state = self.cfg.trainer, self.exp, self.state
+        t, exp, state = self.trainer, self.exp, self.state
         epoch_start = time.perf_counter()
         self.bar.set_description(f"epoch {epoch}/{t.max_epochs}")
         out = train_one_epoch(
@@ -283,7 +288,7 @@ class _Run:
         """Everything after an epoch's training (``out``: train_one_epoch's sums): measure, log, the stack's epoch
         end, checkpoint (unless ``save`` is False: the caller saves, see :meth:`checkpoint_due`), summary.json.
         True when a member (early stopping) stops the run."""
-        t, exp, state = self.cfg.trainer, self.exp, self.state
+        t, exp, state = self.trainer, self.exp, self.state
         state.step += exp.steps_per_epoch
         row, trained = self.measure(epoch, out, epoch_start)
         measured = time.perf_counter()
@@ -294,7 +299,7 @@ class _Run:
         self.bar.set_postfix(train_loss=f"{row.train_loss:.4f}", **(
             {} if row.val_loss is None else {"val_loss": f"{row.val_loss:.4f}", "val_acc": f"{row.val_acc:.4f}"}))
         log.info("epoch %d/%d  train loss %.4f acc %.4f%s | lr %.3g | %.2fs", epoch, t.max_epochs, row.train_loss,
-                 row.train_acc, _evaluation_text(row), row.lr, row.epoch_time_s)
+                 row.train_acc, row.evaluation_text(), row.lr, row.epoch_time_s)
         stopped = exp.stack.on_epoch_end(epoch, state.history[-1], exp.model)
         # Encoded now (the tensors change with the next step), written by the background writer: the checkpoint,
         # its links and pruning, then summary.json — the order a synchronous write has.
@@ -303,7 +308,7 @@ class _Run:
         self.summary.update(epochs_completed=epoch, final=state.history[-1], best=state.best_row,
                             regularizer_info=exp.stack.info(), timing=timing)
         write = partial(write_epoch, self.ckpts, epoch, checkpoint, self.improved, self.run_dir / "summary.json",
-                        self.summary.encode())
+                        self.summary.encode(), self.logger.flush)
         self.writer.submit(write) if save else write()  # a stack member: written now, the stack saves after
         fault_point("after_summary", epoch, settle=self.writer.wait)
         if stopped:
@@ -311,13 +316,13 @@ class _Run:
         return stopped
 
     def checkpoint_due(self, epoch: int, stopped: bool) -> bool:
-        t = self.cfg.trainer
+        t = self.trainer
         return t.save_checkpoints and (epoch % t.checkpoint_every == 0 or epoch == t.max_epochs or stopped)
 
     def measure(self, epoch: int, out: dict, epoch_start: float) -> tuple[EpochRow, float]:
         """(the epoch's row from its training sums and the evaluations, when the sums were read back: the end of
         the epoch's training); a non-finite loss or weight is an error."""
-        exp, step, bs = self.exp, self.state.step, self.cfg.data.eval_batch_size
+        exp, step = self.exp, self.state.step
         seen = out["seen"]
         train_loss, train_acc = out["loss"].item() / seen, out["correct"].item() / seen  # the epoch's sync
         trained = time.perf_counter()
@@ -325,7 +330,8 @@ class _Run:
         if not (math.isfinite(train_loss) and math.isfinite(penalty)):
             raise self.divergence(f"non-finite training loss ({train_loss}, penalty {penalty})", epoch)
         val = clean = None
-        if evaluated(self.cfg.trainer, epoch):
+        if evaluated(self.trainer, epoch):
+            bs = self.cfg.data.eval_batch_size
             val = evaluate(exp.model, exp.data.val_x, exp.data.val_y, bs, self.rt.autocast)
             clean = evaluate(exp.model, exp.clean_x, exp.clean_y, bs, self.rt.autocast) if len(exp.clean_y) else None
         l1, l2 = weight_norms(exp.model)
@@ -377,17 +383,6 @@ class _Run:
                  summary.best["epoch"], cfg.trainer.monitor)
         for name, result in extra.items():
             log.info("test (%s): acc %.4f nll %.4f ece %.4f", name, result["acc"], result["nll"], result["ece"])
-
-
-def _evaluation_text(row: EpochRow) -> str:
-    """The log line's evaluation part: clean train metrics, validation and gap (nothing on an epoch that
-    trainer.eval_every skips)."""
-    if row.val_loss is None:
-        return ""
-    has_clean = row.clean_train_loss is not None
-    clean = f" (clean {row.clean_train_loss:.4f} / {row.clean_train_acc:.4f})" if has_clean else ""
-    return (f"{clean} | val loss {row.val_loss:.4f} acc {row.val_acc:.4f} | "
-            f"gap {row.clean_gap_loss if has_clean else row.gap_loss:.4f}")
 
 
 def _stopped_status(e: BaseException) -> str:
