@@ -13,7 +13,7 @@ import torch
 from regbench.checkpoint import load_checkpoint
 from regbench.errors import ConfigError
 from regbench.logs import read_metrics
-from regbench.records import Summary
+from regbench.records import EVALUATION_COLUMNS as EVALUATION, Summary
 from regbench.report import _results
 from regbench.report_plots import _curve
 from regbench.train import fit
@@ -22,8 +22,6 @@ from tests.conftest import compose_cfg, one_line_error
 SMALL = ["data.train_size=200", "data.batch_size=50", "data.test_size=100", "trainer.max_epochs=5",
          "trainer.progress_bar=false", "model.hidden=[32]", "trainer.clean_subset=64", "trainer.keep_last=5",
          "regularizer=[dropout]", "regularizer.dropout.rate=0.2"]
-EVALUATION = ("clean_train_loss", "clean_train_acc", "val_loss", "val_acc", "val_ece", "gap_loss", "gap_acc",
-              "clean_gap_loss", "clean_gap_acc")
 EVALUATED = [2, 4, 5]  # eval_every=2 of 5 epochs: the last one always
 
 

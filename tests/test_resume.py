@@ -297,13 +297,49 @@ def test_a_checkpoint_with_a_malformed_history_is_refused_in_one_line(tmp_path, 
         fit(compose_cfg(*SMALL, "trainer.resume=true"), run)
 
 
-def test_a_history_row_holding_a_string_is_refused():
+def test_a_history_of_the_wrong_values_or_epochs_is_refused():
     from regbench.records import METRIC_COLUMNS
     from regbench.state import checkpoint_rows
 
     row = {c: 1.0 for c in METRIC_COLUMNS} | {"epoch": 1, "step": 2}
-    assert checkpoint_rows(json.dumps([row])) == [row]
-    with pytest.raises(ValueError, match=r"row 1 of its history holds a non-number \(lr\)"):
-        checkpoint_rows(json.dumps([row | {"lr": "os.system"}]))
-    with pytest.raises(ValueError, match=r"holds a non-number \(epoch\)"):
-        checkpoint_rows(json.dumps([row | {"epoch": 1.5}]))
+    skipped = row | {"epoch": 2, "val_loss": None, "gap_loss": None}  # an epoch trainer.eval_every skipped
+    assert checkpoint_rows(json.dumps([row, skipped]), 2) == [row, skipped]
+    for bad, why in [([row | {"lr": "os.system"}], r"row 1 of its history holds a non-number \(lr\)"),
+                     ([row | {"epoch": 1.5}], r"holds a non-number \(epoch\)"),
+                     ([row | {"train_loss": True}], r"holds a non-number \(train_loss\)"),
+                     ([row | {"weight_l2": None}], r"holds a non-number \(weight_l2\)"),  # only evaluations may be empty
+                     ([row, row], "row 2 of its history is of epoch 1"),
+                     ([skipped], "row 1 of its history is of epoch 2")]:
+        with pytest.raises(ValueError, match=why):
+            checkpoint_rows(json.dumps(bad))
+    with pytest.raises(ValueError, match="its history holds 2 rows for epoch 1"):
+        checkpoint_rows(json.dumps([row, skipped]), 1)
+
+
+def test_a_checkpoint_with_a_damaged_rng_state_is_refused_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    fit(compose_cfg(*SMALL), run)
+    _mark_unfinished(run)
+    path = run / "checkpoints" / "epoch_0003.pt"
+    state = load_checkpoint(path)
+    state["rng"]["python"]["state"] = torch.zeros(3, dtype=torch.int64)
+    path.unlink()
+    torch.save(state, path)
+    with pytest.raises(RegbenchError, match=f"cannot resume {run}: its checkpoint of epoch 3 is not one regbench "
+                                            "wrote \\(.*\\); fix: delete that checkpoint"):
+        fit(compose_cfg(*SMALL, "trainer.resume=true"), run)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_resumes(tmp_path):
+    """A checkpoint is loaded onto the run's device; the generators' states go back to the CPU to be restored."""
+    cuda = [*SMALL, "trainer.device=cuda"]
+    fit(compose_cfg(*cuda), tmp_path / "ref")
+    run = tmp_path / "run"
+    fit(compose_cfg(*cuda), run)
+    _mark_unfinished(run)
+    (run / "checkpoints" / "epoch_0003.pt").unlink()
+    fit(compose_cfg(*cuda, "trainer.resume=true"), run)
+    assert json.loads((run / "summary.json").read_text())["resumed_from_epoch"] == 2
+    assert [r["train_loss"] for r in read_metrics(run / "metrics.csv")] == pytest.approx(
+        [r["train_loss"] for r in read_metrics(tmp_path / "ref" / "metrics.csv")], rel=1e-5)

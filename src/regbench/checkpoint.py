@@ -191,11 +191,13 @@ def restore_rng(state: dict[str, Any], order: torch.Generator) -> None:
     words = p["state"].tolist() if isinstance(p["state"], torch.Tensor) else p["state"]
     random.setstate((p["version"], tuple(words), p["gauss"]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    order.set_state(state["order"])
+    # .cpu(): a checkpoint is loaded onto the run's device, and the generators' states are CPU byte tensors.
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    torch.set_rng_state(state["torch"].cpu())
+    order.set_state(state["order"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # -------------------------------------------------------------------------------------------- folder

@@ -62,7 +62,7 @@ class TrainerConfig:
     keep_last: int = 2  # epoch checkpoints kept (older ones are deleted; best.pt always stays)
     resume: bool = False  # continue the run in hydra.run.dir from its newest checkpoint (see `regbench resume`)
     deterministic: bool = False  # torch deterministic algorithms (+ CUBLAS_WORKSPACE_CONFIG, no cudnn benchmark)
-    clean_subset: int = 1000  # training images for the clean (eval-mode, plain CE) train metric each epoch; 0 = off
+    clean_subset: int = 1000  # training images for the clean (eval-mode, plain CE) train metric; 0 = off
     eval_every: int = 1  # epochs between evaluations (validation, clean subset); the last epoch is always evaluated
     progress_bar: Optional[bool] = None  # null = only when stdout is a terminal
     fused: bool = True  # the optimizer's fastest torch.optim implementation (fused/foreach); false = torch's default

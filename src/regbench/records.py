@@ -115,6 +115,10 @@ class EpochRow:
 
 
 METRIC_COLUMNS = [f.name for f in fields(EpochRow)]
+# The columns an epoch may leave empty: the evaluations (trainer.eval_every, trainer.clean_subset=0) and what
+# is derived from them.
+EVALUATION_COLUMNS = ("clean_train_loss", "clean_train_acc", "val_loss", "val_acc", "val_ece", "gap_loss", "gap_acc",
+                      "clean_gap_loss", "clean_gap_acc")
 TB_TAGS = {f.metadata["tb"]: f.name for f in fields(EpochRow) if "tb" in f.metadata}  # tag -> column
 
 

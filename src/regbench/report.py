@@ -151,7 +151,7 @@ def _evaluated(rows: list[dict]) -> list[dict]:
     """The rows with validation metrics (trainer.eval_every may skip epochs; the last one always has them)."""
     evaluated = [r for r in rows if r["val_loss"] is not None]
     if not evaluated:
-        raise TypeError("metrics.csv has no evaluated epoch (val_loss is empty in every row)")
+        raise _Unusable("metrics.csv has no evaluated epoch (val_loss is empty in every row)")
     return evaluated
 
 

@@ -66,7 +66,8 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
             ep, mean, std = _curve(groups[config], key)
             if not mean:
                 continue
-            ax.plot(ep, mean, style, color=c, label=f"{label_of[config]} ({label})")
+            ax.plot(ep, mean, style, color=c, label=f"{label_of[config]} ({label})",
+                    marker="o" if len(ep) == 1 else None)  # one evaluated epoch: a point, not an empty line
             ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c,
                             alpha=0.15, linewidth=0)
     ax.set(xlabel="epoch", ylabel="cross-entropy loss",
@@ -84,7 +85,7 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
         ep, mean, std = _curve(groups[config], key)
         if not mean:
             continue
-        ax.plot(ep, mean, color=c, label=label_of[config])
+        ax.plot(ep, mean, color=c, label=label_of[config], marker="o" if len(ep) == 1 else None)
         ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c,
                         alpha=0.15, linewidth=0)
     ax.axhline(0, color="grey", linewidth=0.8)

@@ -371,7 +371,7 @@ def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[
         from regbench.state import checkpoint_rows
 
         try:
-            rows = checkpoint_rows(state["history"])
+            rows = checkpoint_rows(state["history"], state["epoch"])
         except (ValueError, RecursionError) as e:
             raise RegbenchError(f"cannot resume {run_dir}: its checkpoint of epoch {state['epoch']} is not one "
                                 f"regbench wrote ({e}); fix: delete that checkpoint to resume from the one "

@@ -19,7 +19,7 @@ from torch import nn
 
 from regbench.checkpoint import Checkpoints, capture_rng, config_differences, restore_rng
 from regbench.errors import RegbenchError
-from regbench.records import METRIC_COLUMNS, monitor_sign
+from regbench.records import EVALUATION_COLUMNS, METRIC_COLUMNS, monitor_sign
 from regbench.rundir import RESUME_MAY_DIFFER, resumed_rows
 
 log = logging.getLogger(__name__)
@@ -91,18 +91,24 @@ class RunState:
         self._history_json = [json.dumps(row) for row in self.history]
 
 
-def checkpoint_rows(history: Any) -> list[dict]:
+def checkpoint_rows(history: Any, epoch: Optional[int] = None) -> list[dict]:
     """The metrics rows a checkpoint's ``history`` holds — JSON text (this regbench) or a list of rows (earlier
-    ones) — checked as data: rows of metrics.csv's columns holding numbers or nothing. Raises ValueError."""
+    ones) — checked as data: rows of metrics.csv's columns holding numbers (nothing only in the evaluation
+    columns), of epochs 1.. in order (up to ``epoch``, the checkpoint's own, when given). Raises ValueError."""
     rows = json.loads(history) if isinstance(history, str) else history
     if not isinstance(rows, list):
         raise ValueError("its history is not a list of rows")
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or set(row) != set(METRIC_COLUMNS):
             raise ValueError(f"row {i} of its history does not have metrics.csv's columns")
-        bad = [k for k, v in row.items() if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+        bad = [k for k, v in row.items() if (v is not None or k not in EVALUATION_COLUMNS)
+               and (isinstance(v, bool) or not isinstance(v, (int, float)))]
         if bad or not isinstance(row["epoch"], int) or not isinstance(row["step"], int):
             raise ValueError(f"row {i} of its history holds a non-number ({(bad or ['epoch'])[0]})")
+        if row["epoch"] != i:
+            raise ValueError(f"row {i} of its history is of epoch {row['epoch']}")
+    if epoch is not None and len(rows) != epoch:
+        raise ValueError(f"its history holds {len(rows)} rows for epoch {epoch}")
     return rows
 
 
@@ -122,7 +128,13 @@ def restore_latest(state: RunState, ckpts: Checkpoints, run_dir: Path,
                                 f"that differ: {'; '.join(differ)}; fix: resume with the run's own config "
                                 f"(`regbench resume {run_dir}`) or start a new run folder")
         history, restore = resumed_rows(run_dir, payload)  # a checkpoint of an older regbench holds no rows
-        state.load_state_dict({**payload, "history": history})
+        try:
+            state.load_state_dict({**payload, "history": history})
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # a checkpoint made by hand
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise RegbenchError(f"cannot resume {run_dir}: its checkpoint of epoch {payload.get('epoch')} is not "
+                                f"one regbench wrote ({why}); fix: delete that checkpoint to resume from the one "
+                                "before, or start a new run folder") from None
         log.info("resuming %s from epoch %d", run_dir, state.epoch)
     else:
         log.warning("warning: %s has no usable checkpoint; starting it from epoch 1", run_dir)

@@ -3,7 +3,7 @@
 The run folder holds its members as ordinary run folders (``members/<j>/``: metrics.csv, summary.json,
 checkpoints... each resumable and reportable like any run) and its own records of the ensemble: metrics.csv (per
 epoch the members' mean of every usual column, plus ``ensemble_val_loss``, ``ensemble_val_acc``,
-``ensemble_val_ece`` of the softmax averaged over the members), TensorBoard (the same, ``ensemble/*`` tags),
+``ensemble_val_ece`` of the softmax averaged over the members, empty on epochs trainer.eval_every skips), TensorBoard (the same, ``ensemble/*`` tags),
 summary.json (``test`` is the ensemble's, ``test_extra.members_mean`` the members' mean, ``bagging`` the members'
 seeds and how much of the training split each saw) and checkpoints/ensemble.pt (every member's final weights).
 
