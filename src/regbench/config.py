@@ -100,7 +100,7 @@ def evaluated(t: DictConfig, epoch: int) -> bool:
 
 def evaluations(t: DictConfig) -> int:
     """How many epochs of a full run are evaluated."""
-    return t.max_epochs // t.eval_every + (1 if t.max_epochs % t.eval_every else 0)
+    return -(-t.max_epochs // t.eval_every)  # the multiples of eval_every, and the last epoch when it is none
 
 
 @dataclass

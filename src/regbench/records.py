@@ -81,19 +81,16 @@ class EpochRow:
         """The row of one epoch from what it measured: ``train`` (loss, penalty, acc as trained), ``val`` and
         ``clean`` (evaluations: loss, acc, ece; None when not evaluated), the weight norms (l1, l2) and its wall
         time. The gaps are derived here: val − train for losses, train − val for accuracies."""
-        if val is None:
-            return cls(epoch=epoch, step=step, lr=lr, train_loss=train["loss"], train_penalty=train["penalty"],
-                       train_acc=train["acc"], clean_train_loss=None, clean_train_acc=None, val_loss=None,
-                       val_acc=None, val_ece=None, gap_loss=None, gap_acc=None, clean_gap_loss=None,
-                       clean_gap_acc=None, weight_l1=norms[0], weight_l2=norms[1], epoch_time_s=round(seconds, 4))
-        return cls(
-            epoch=epoch, step=step, lr=lr, train_loss=train["loss"], train_penalty=train["penalty"],
-            train_acc=train["acc"], clean_train_loss=clean["loss"] if clean else None,
-            clean_train_acc=clean["acc"] if clean else None, val_loss=val["loss"], val_acc=val["acc"],
-            val_ece=val["ece"], gap_loss=val["loss"] - train["loss"], gap_acc=train["acc"] - val["acc"],
-            clean_gap_loss=val["loss"] - clean["loss"] if clean else None,
-            clean_gap_acc=clean["acc"] - val["acc"] if clean else None,
-            weight_l1=norms[0], weight_l2=norms[1], epoch_time_s=round(seconds, 4))
+        evaluations = dict.fromkeys(EVALUATION_COLUMNS)  # all empty on an epoch trainer.eval_every skips
+        if val is not None:
+            evaluations.update(val_loss=val["loss"], val_acc=val["acc"], val_ece=val["ece"],
+                               gap_loss=val["loss"] - train["loss"], gap_acc=train["acc"] - val["acc"])
+        if val is not None and clean:
+            evaluations.update(clean_train_loss=clean["loss"], clean_train_acc=clean["acc"],
+                               clean_gap_loss=val["loss"] - clean["loss"], clean_gap_acc=clean["acc"] - val["acc"])
+        return cls(epoch=epoch, step=step, lr=lr, train_loss=train["loss"], train_penalty=train["penalty"],
+                   train_acc=train["acc"], **evaluations, weight_l1=norms[0], weight_l2=norms[1],
+                   epoch_time_s=round(seconds, 4))
 
     def evaluation_text(self) -> str:
         """The log line's evaluation part: clean train metrics, validation and gap (nothing on an epoch that

@@ -127,10 +127,10 @@ def restore_latest(state: RunState, ckpts: Checkpoints, run_dir: Path,
             raise RegbenchError(f"cannot resume {run_dir}: its checkpoint was written with another config; keys "
                                 f"that differ: {'; '.join(differ)}; fix: resume with the run's own config "
                                 f"(`regbench resume {run_dir}`) or start a new run folder")
-        history, restore = resumed_rows(run_dir, payload)  # a checkpoint of an older regbench holds no rows
         try:
+            history, restore = resumed_rows(run_dir, payload)  # a checkpoint of an older regbench holds no rows
             state.load_state_dict({**payload, "history": history})
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # a checkpoint made by hand
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, RecursionError) as e:  # made by hand
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise RegbenchError(f"cannot resume {run_dir}: its checkpoint of epoch {payload.get('epoch')} is not "
                                 f"one regbench wrote ({why}); fix: delete that checkpoint to resume from the one "
