@@ -569,3 +569,16 @@ def test_augmented_training_epoch_never_waits_for_the_device(preset, device):
     else:
         out = epoch()
     assert out["seen"] == 512 and math.isfinite(float(out["loss"]))
+
+
+@pytest.mark.parametrize("preset", [p for p in config_options("augmentation") if p != "none"])
+def test_every_documented_op_key_of_a_preset_can_be_overridden(preset):
+    """Each preset spells every key of its ops (README's op table), so `augmentation.ops.<i>.<key>=v` composes
+    for any of them, e.g. augmentation=mixup augmentation.ops.0.p=0.5 (Hydra refuses a key the YAML lacks)."""
+    import dataclasses
+
+    ops = compose_cfg(f"augmentation={preset}").augmentation.ops
+    for i, spec in enumerate(ops):
+        fields = [f.name for f in dataclasses.fields(OPS[spec.op])]
+        assert sorted(k for k in spec if k != "op") == sorted(fields), (preset, spec.op)
+        assert compose_cfg(f"augmentation={preset}", f"augmentation.ops.{i}.p=0.25").augmentation.ops[i].p == 0.25

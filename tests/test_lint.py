@@ -123,3 +123,9 @@ def test_run_warnings_gives_every_setup_rule_in_table_order():
 def test_a_zero_rate_dropout_before_batchnorm_and_drop_last_are_quiet():
     assert setup_rule("dropout-before-batchnorm", model=nn.Sequential(nn.Dropout(0.0), nn.BatchNorm1d(4))) == []
     assert lint.batch_of_one(65, 32, True, bn_mlp()) is None and lint.batch_of_one(64, 32, False, bn_mlp()) is None
+
+
+def test_the_readme_tta_example_on_digits_does_not_warn():
+    """README: `regbench augmentation=digits augmentation.tta.enabled=true` — the digits preset keeps TTA to
+    label-safe views (no mirror), so its own example on its own dataset is quiet."""
+    assert setup_rule("tta-no-mirror", "augmentation=digits", "augmentation.tta.enabled=true", info=DIGITS) == []

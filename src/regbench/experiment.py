@@ -101,6 +101,10 @@ def _drop_last(cfg: DictConfig, n_train: int, model: nn.Module) -> tuple[bool, O
     # Batch norm cannot normalise a training batch of one sample (torch raises): drop that last sample of the
     # epoch's permutation, as data.drop_last=true (Keras/torch users' drop_last) would.
     note = lint.batch_of_one(n_train, bs, drop_last, model)
+    if note is not None and n_train == 1:
+        raise ConfigError("data.train_size", n_train, "at least 2 with batch norm in the model (it cannot "
+                          "normalise a training batch of one image, so every epoch would train on nothing)",
+                          "raise data.train_size or drop the normalisation from the stack")
     return drop_last or note is not None, note
 
 

@@ -147,6 +147,10 @@ class RunLogger:
         writer = self.tb._get_file_writer()
         if plan is not None:  # one identical experiment in every job of the sweep (the plugin reads any one)
             writer.add_summary(_hparams_summary("experiment", experiment_pb(plan)))
+            # A member absent from this job's stack applies with strength 0: its columns get 0, not a gap (the
+            # parallel-coordinates view drops a session that lacks a column's value).
+            hparams.update({name: 0 for name in sweep_columns(plan) if name not in hparams
+                            and _is_strength(name, plan[name])})
         # Values typed as the sweep's column (a key that is a number in one job and text in another is text).
         types = {k: _hparam_type(vs) for k, vs in (plan or {}).items()}
         start = _session_start(hparams, types, sweep_label(plan, hparams) if plan else "")
@@ -257,13 +261,18 @@ def sweep_columns(plan: dict[str, list]) -> dict[str, bool]:
         if name == "seed" and grouped:  # a row is a configuration, its seeds averaged (see sweep_label)
             continue
         differs = len({_as_text(v) for v in values}) > 1
-        parts = name.split(".")
-        strength = parts[0] == "regularizer" and len(parts) == 3 and _hparam_type(values) == "number"
+        strength = _is_strength(name, values)
         if strength:  # a member's strength differs between a stack with the member and one without it
-            differs |= not all(parts[1] in stack for stack in stacks)
+            differs |= not all(name.split(".")[1] in stack for stack in stacks)
         if differs or strength or name == "regularizer":
             columns[name] = differs
     return columns
+
+
+def _is_strength(name: str, values: list) -> bool:
+    """A member's numeric key (λ, p, α...): ``regularizer.<member>.<key>`` with numbers for values."""
+    parts = name.split(".")
+    return parts[0] == "regularizer" and len(parts) == 3 and _hparam_type(values) == "number"
 
 
 def _varied(plan: dict[str, list]) -> list[str]:

@@ -9,12 +9,14 @@ augmentation's in :mod:`regbench.config`, each regularizer member's on its class
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from regbench import config, registry
+from regbench.errors import ConfigError
 
 # The groups that are one dataclass, not a table of options: group -> its one entry (ConfigStore name, schema,
 # check), checked after the tables' options.
@@ -78,3 +80,16 @@ def validate(cfg: DictConfig) -> None:
     from regbench.regularizers import Context, build_stack
 
     build_stack(cfg, Context(cfg))  # each member checks its own keys and whether it fits the model/optimizer
+    _refuse_non_finite(OmegaConf.to_container(cfg, resolve=False))
+
+
+def _refuse_non_finite(node: object, prefix: str = "") -> None:
+    """No key of regbench's takes an infinite or NaN number (a strength, a rate, a bound): each group's range
+    checks above name their own keys first; this catches what a ``>= 0`` rule lets through (``inf >= 0``).
+    ``node`` is the config as plain containers (interpolations unresolved: they are strings here)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        name = f"{prefix}[{key}]" if isinstance(node, list) else f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(name, value, "a finite number", f"set {name} to a finite value")
+        _refuse_non_finite(value, name)
