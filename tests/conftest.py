@@ -178,3 +178,35 @@ def tv_root(tmp_path, monkeypatch) -> Path:
     make_cifar(root, monkeypatch, classes=100, n_train=400, n_test=100, seed=4)
     make_svhn(root, monkeypatch, seed=5)
     return root
+
+
+def writes_fail_after_epoch(monkeypatch, epoch: int, err: int) -> None:
+    """From after ``epoch``'s summary.json on, every file regbench.io opens for writing fails with errno ``err``
+    (a run folder made read-only mid-run, a file-size limit: simulated at the OS call, since root ignores file
+    modes). The previous epochs' files are on disk as a synchronous run would have written them."""
+    import os
+    import regbench.io as rio
+    import regbench.train as train
+
+    failing = {"on": False}
+
+    class FailingOS:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def open(self, path, flags, *args, **kwargs):
+            if failing["on"] and flags & (os.O_WRONLY | os.O_RDWR):
+                raise OSError(err, os.strerror(err), str(path))
+            return os.open(path, flags, *args, **kwargs)
+
+    real = train.fault_point
+
+    def fault(point, at, settle=None):
+        real(point, at, settle)
+        if point == "after_summary" and at == epoch:
+            if settle is not None:
+                settle()
+            failing["on"] = True
+
+    monkeypatch.setattr(rio, "os", FailingOS())
+    monkeypatch.setattr(train, "fault_point", fault)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
 
 import pytest
 import torch
@@ -193,9 +194,10 @@ def test_resume_across_implementations(before, after, tmp_path, monkeypatch):
 def test_cache_lives_in_the_users_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    assert accel.use_cache() == tmp_path / "regbench" / "inductor"
+    assert accel.use_cache() == (tmp_path / "regbench" / "inductor", None)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert accel.use_cache() == tmp_path / "mine"  # the user's own choice wins
+    assert accel.use_cache() == (tmp_path / "mine", None)  # the user's own choice wins
+    assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700
 
 
 def test_no_cxx_compiler_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch, caplog):
@@ -213,6 +215,8 @@ def test_no_cxx_compiler_falls_back_to_eager_with_one_warning(tmp_path, monkeypa
 def test_compiled_runs_rerun_and_resume_bitwise(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # torch's <tempdir>/torchinductor_<user>
+    (tmp_path / "tmp").mkdir()
     run = [*SMALL, "trainer.compile=model"]
     fit(compose_cfg(*run), tmp_path / "a")
     fit(compose_cfg(*run), tmp_path / "b")
@@ -229,6 +233,7 @@ def test_compiled_runs_rerun_and_resume_bitwise(tmp_path, monkeypatch):
                {k: v for k, v in a["final"].items() if k != "epoch_time_s"}
         assert all(torch.equal(ca["model"][k], ckpt["model"][k]) for k in ca["model"])
     assert any((tmp_path / "cache" / "regbench" / "inductor").rglob("*"))  # the persistent cache was written
+    assert not list((tmp_path / "tmp").glob("torchinductor_*"))  # nothing in the shared temporary folder
 
 
 @pytest.mark.slow

@@ -347,3 +347,30 @@ def test_stopped_status_of_other_exceptions():
     assert _stopped_status(KeyboardInterrupt()) == "interrupted"
     assert _stopped_status(SystemExit(1)) == "interrupted"
     assert _stopped_status(ValueError("x")) == "failed"
+
+
+# ------------------------------------------------------------------------- a cluster sinfo cannot reach
+
+
+@pytest.mark.parametrize("sinfo,expected", [
+    (None, "(`sinfo` not found)"),
+    ("#!/bin/sh\nexec /bin/sleep 5\n", "(`sinfo` gave no answer in 0.5 s)"),
+    ("#!/bin/sh\necho 'slurm_load_partitions: Zero Bytes were transmitted or received' >&2\nexit 1\n",
+     "(`sinfo` exited with status 1: slurm_load_partitions: Zero Bytes were transmitted or received)"),
+], ids=["missing", "timeout", "fails"])
+def test_no_reachable_cluster_is_one_line_naming_it(sinfo, expected, tmp_path, monkeypatch):
+    """Without an answer from sinfo the request cannot be checked, and sbatch would fail after Hydra wrote
+    multirun.yaml and submitit a pickle per job: refused here, before anything is written."""
+    from regbench import slurm
+    from regbench.errors import RegbenchError
+
+    if sinfo is not None:
+        (tmp_path / "sinfo").write_text(sinfo)
+        (tmp_path / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(slurm, "SINFO_TIMEOUT_S", 0.5)
+    with pytest.raises(RegbenchError) as e:
+        slurm.check_resources({"cpus_per_task": 1})
+    assert str(e.value) == (f"hydra/launcher=slurm: no SLURM cluster reachable {expected}; fix: run the sweep on a "
+                            "SLURM login node where `sinfo` answers (is slurmctld up, SLURM_CONF right?), or choose "
+                            "another hydra/launcher")

@@ -280,3 +280,39 @@ def test_a_last_training_batch_of_one_is_dropped_under_batchnorm(tmp_path):
     assert sum("would hold 1 image (65 = 2·32 + 1)" in w for w in s["warnings"]) == 1
     fit(compose_cfg(*TINY, "data.train_size=65", "trainer.max_epochs=1"), tmp_path / "c")  # no BN: kept
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["steps_per_epoch"] == 3
+
+
+# ------------------------------------------------------------------------------ a folder that stops taking writes
+
+
+def test_a_folder_made_read_only_mid_run_says_the_status_was_not_recorded(tmp_path, monkeypatch):
+    import errno
+
+    from tests.conftest import writes_fail_after_epoch
+
+    writes_fail_after_epoch(monkeypatch, 1, errno.EROFS)
+    with pytest.raises(RegbenchError) as e:
+        fit(compose_cfg(*TINY, "trainer.max_epochs=3"), tmp_path / "r")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot write {tmp_path / 'r'}/checkpoints/epoch_0002.pt: "
+                                              "Read-only file system; fix: make the run folder writable")
+    assert msg.endswith("; the run's status (failed) could not be recorded: summary.json still says 'running' "
+                        "(Read-only file system)")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert (summary["status"], summary["epochs_completed"]) == ("running", 1)  # what the message says
+
+
+def test_a_file_size_limit_is_named_as_the_fix(tmp_path, monkeypatch):
+    import errno
+    import resource
+
+    from tests.conftest import writes_fail_after_epoch
+
+    writes_fail_after_epoch(monkeypatch, 1, errno.EFBIG)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (500 * 1024, resource.RLIM_INFINITY))
+    with pytest.raises(RegbenchError) as e:
+        fit(compose_cfg(*TINY, "trainer.max_epochs=2"), tmp_path / "r")
+    assert str(e.value).startswith(
+        f"cannot write {tmp_path / 'r'}/checkpoints/epoch_0002.pt: File too large; fix: raise the file-size limit of "
+        "the shell that runs regbench (`ulimit -f`, now 500 KiB; e.g. `ulimit -f unlimited`)")
+    assert "free disk space" not in str(e.value)

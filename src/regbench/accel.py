@@ -27,6 +27,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from regbench import compile_cache
+
 log = logging.getLogger(__name__)
 
 
@@ -121,22 +123,43 @@ def keep_implementation(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
 # ----------------------------------------------------------------------------------------- compile
 
 
-def cache_dir() -> Path:
-    """The persistent compile cache: $XDG_CACHE_HOME/regbench/inductor (~/.cache/regbench/inductor)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "regbench" / "inductor"
-
-
-def use_cache() -> Path:
-    """Point inductor's on-disk caches (FX graph cache, AOT-autograd cache, compiled kernels) at regbench's
-    cache folder, unless TORCHINDUCTOR_CACHE_DIR already names one. Returns the folder used."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+def use_cache() -> tuple[Optional[Path], Optional[str]]:
+    """Point inductor's on-disk caches (FX graph cache, AOT-autograd cache, compiled kernels, precompiled headers)
+    at the checked cache folder (regbench.compile_cache). Returns (the folder, None) or (None, why nothing may be
+    compiled: the one-line warning's reason)."""
+    where, reason = compile_cache.folder()
+    if where is None:
+        return None, reason
+    _keep_torch_inside(where)
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return where, None
+
+
+def _keep_torch_inside(folder: Path) -> None:
+    """torch 2.14 keeps some caches at ``default_cache_dir()`` (``<tempdir>/torchinductor_<user>``) whatever
+    TORCHINDUCTOR_CACHE_DIR says: the precompiled C++ headers of CPU kernels (``codecache._HEADER_DIR``, fixed
+    when codecache is imported) and the caching module's on-disk caches (looked up when made). Both are pointed
+    into ``folder``; a torch without these names gets its header precompilation turned off instead."""
+    import torch._inductor.codecache as codecache
+    import torch._inductor.config as inductor_config
+    import torch._inductor.runtime.cache_dir_utils as cache_dir_utils
+    import torch._inductor.runtime.runtime_utils as runtime_utils
+
+    def inside() -> str:
+        return str(folder)
+
+    for module in (cache_dir_utils, runtime_utils, codecache):
+        if hasattr(module, "default_cache_dir"):
+            module.default_cache_dir = inside
+    if hasattr(codecache, "_HEADER_DIR") and hasattr(codecache, "_HEADER_LOCK_DIR"):
+        codecache._HEADER_DIR = os.path.join(folder, "precompiled_headers")
+        codecache._HEADER_LOCK_DIR = os.path.join(codecache._HEADER_DIR, "locks")
+    else:
+        inductor_config.cpp_cache_precompile_headers = False
 
 
 def compiler_missing(device: torch.device) -> Optional[str]:
@@ -148,7 +171,9 @@ def compiler_missing(device: torch.device) -> Optional[str]:
 
         return None if has_triton() else "Triton is not installed (torch.compile needs it on CUDA)"
     cxx = _cxx()
-    return None if cxx else "no C++ compiler found (torch.compile needs one on CPU: install g++ or clang, or set CXX)"
+    if not cxx:
+        return "no C++ compiler found (torch.compile needs one on CPU: install g++ or clang, or set CXX)"
+    return _cxx_fails(cxx)
 
 
 def _cxx() -> Optional[str]:
@@ -157,6 +182,35 @@ def _cxx() -> Optional[str]:
 
     names = [os.environ.get("CXX")] + [c for c in inductor_config.cpp.cxx if c]
     return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+
+
+_CXX_WORKS: dict[str, Optional[str]] = {}  # compiler path -> why it fails (None: it works); probed once
+
+
+def _cxx_fails(cxx: str) -> Optional[str]:
+    """Why the C++ compiler ``cxx`` cannot build a shared library (None when it can): inductor's own check runs
+    ``--version``, then a one-line library is built, in a private temporary folder."""
+    import subprocess
+    import tempfile
+
+    if cxx not in _CXX_WORKS:
+        reason = None
+        with tempfile.TemporaryDirectory(prefix="regbench-cxx-") as tmp:
+            source = Path(tmp) / "probe.cpp"
+            source.write_text("extern \"C\" int regbench_probe() { return 0; }\n")
+            for args in ([cxx, "--version"], [cxx, "-shared", "-fPIC", str(source), "-o", str(Path(tmp) / "probe.so")]):
+                try:
+                    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+                    failed = done.returncode != 0
+                    said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1] if failed else ""
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    failed, said = True, str(e).splitlines()[0] if str(e) else type(e).__name__
+                if failed:
+                    reason = (f"the C++ compiler {cxx} does not work (`{' '.join(args[1:2])}`: {said[:200]}); fix: "
+                              "repair it, or set CXX to a working one (g++ or clang)")
+                    break
+        _CXX_WORKS[cxx] = reason
+    return _CXX_WORKS[cxx]
 
 
 def compile_mode(device: torch.device, what: str) -> Optional[str]:
@@ -187,16 +241,18 @@ def compile_run(what: str, model: nn.Module, optimizer: torch.optim.Optimizer,
 
     ``model`` compiles the module in place (``nn.Module.compile``: its forward and, through AOT autograd, its
     backward; state_dict keys and checkpoints stay as they are); ``step`` also compiles the optimizer's
-    update. Where compilation is unavailable it warns and runs eagerly.
+    update. Where compilation is unavailable (no working compiler, no cache folder that only this user can
+    write: regbench.compile_cache) it warns in one line and runs eagerly.
     """
     if what == "none":
         return "none", None
-    missing = compiler_missing(device)
+    folder, missing = None, compiler_missing(device)
+    if missing is None:
+        folder, missing = use_cache()
     if missing is not None:
         warning = f"trainer.compile={what} falls back to eager: {missing}"
         log.warning("warning: %s", warning)
         return "none", warning
-    folder = use_cache()
     # A fresh start per run: a process that trains several runs (a sweep's jobs) would otherwise pile up
     # recompilations until dynamo's cache limit silently drops back to eager; the on-disk cache keeps it cheap.
     torch._dynamo.reset()

@@ -201,10 +201,75 @@ def _first_job_argv(argv: list[str], args, first: DictConfig) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point: ``regbench [-m] [overrides...]``, ``regbench rerun|resume <run dir>``,
-    ``regbench report <sweep dir>``."""
+    ``regbench report <sweep dir>``. Ctrl-C and SIGTERM end it with one line saying how to continue."""
+    claimed: list = []
+    previous = _handle_sigterm()
+    try:
+        _main(list(sys.argv[1:] if argv is None else argv), claimed)
+    except KeyboardInterrupt as e:
+        print(f"regbench: {_interrupted(e, claimed[0] if claimed else None)}", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's stop), handled as Ctrl-C is: the run's summary.json says "interrupted"."""
+
+    regbench_reason = "terminated by SIGTERM"
+
+
+def _handle_sigterm():
+    """Make SIGTERM raise :class:`Terminated` in the main thread, where nothing else handles it (submitit does in
+    a SLURM job; an embedding program may). Returns the handler to restore, or None. A second SIGTERM is ignored
+    while the first one's records are written (SIGKILL still ends the process at once)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
+def _interrupted(e: KeyboardInterrupt, claim) -> str:
+    """The one line of a command ended by Ctrl-C or SIGTERM: where the run stopped and how to continue it."""
+    import shlex
+
+    what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    if getattr(e, "regbench_unrecorded", None):  # summary.json could not be written (train._Run.fail)
+        what += f" ({e.regbench_unrecorded})"
+    if claim is None:
+        return f"{what}; nothing was started"
+    folder = shlex.quote(str(claim.folder))
+    if claim.kind == "sweep":
+        return (f"{what}; continue with the same command and hydra.sweep.dir={folder} (completed jobs are skipped, "
+                "unfinished ones resume from their checkpoints)")
+    from regbench.io import JSON_LIMIT, read_folder_bytes
+
+    try:
+        epochs = json.loads(read_folder_bytes(claim.folder / "summary.json", JSON_LIMIT, "summary.json"))[
+            "epochs_completed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{what} before training started; nothing was kept"
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
+        return f"{what}; its summary.json is not regbench's; see {folder}"
+    done = f"after epoch {epochs}" if epochs else "in its first epoch"
+    return f"{what} {done}; continue with: regbench resume {folder}"
+
+
+def _main(argv: list[str], claimed: list) -> None:
+    """:func:`main`'s work; the claimed run or sweep folder is appended to ``claimed`` (for the interrupt line)."""
     from hydra._internal.utils import get_args_parser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         from regbench.report import main as report_main
 
@@ -239,6 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 if args.multirun:
                     argv = [*master_safe(argv, args.overrides), *naming_overrides(args.overrides, cfgs)]
                 claim, handed = claim_folder(cfgs[0], args.multirun)
+                claimed.append(claim)
                 argv = [*argv, *handed]
     except RegbenchError as e:
         fail(e)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -60,6 +61,7 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
         raise RegbenchError(describe(e)) from None
     with _config_search(config_dir):
         if multirun:  # a named study's hydra.sweeper.params sweep too (the command line wins for a key)
+            _refuse_bad_choices(jobs[0], config_dir)
             try:
                 base = compose(config_name=config_name, overrides=jobs[0], return_hydra_config=True)
                 params = _sweep_params(base)
@@ -70,6 +72,7 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
             except Exception as e:
                 raise RegbenchError(describe(e)) from None
         for job in jobs:
+            _refuse_bad_choices(job, config_dir)
             try:
                 cfg = compose(config_name=config_name, overrides=job, return_hydra_config=True)
             except Exception as e:
@@ -159,6 +162,30 @@ def _config_search(config_dir: Optional[str]):
         yield
     finally:
         restore_gh_from_backup(backup)
+
+
+def _refuse_bad_choices(job: Sequence[str], config_dir: Optional[str]) -> None:
+    """A config group is chosen by option names: ``regularizer=[null]``, ``model=null``, ``regularizer=[l2,7]`` end
+    in Hydra's internals (a TypeError) otherwise. ``~group`` (delete) has no value and passes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    roots = [CONFIG_DIR] + ([Path(config_dir).expanduser()] if config_dir else [])
+    for o in OverridesParser.create().parse_overrides(list(job)):
+        group = o.key_or_group
+        if o.is_delete() or group.startswith("hydra") or not any((r / group).is_dir() for r in roots):
+            continue
+        value = o.value()
+        names = value if isinstance(value, list) else [value]
+        if all(isinstance(n, str) and n for n in names):
+            continue
+        options = sorted({p.stem for r in roots for p in (r / group).glob("*.yaml")})
+        bad = next(n for n in names if not (isinstance(n, str) and n))
+        shown = "null" if bad is None else repr(bad) if isinstance(bad, str) else json.dumps(bad, default=str)
+        example = [n for n in ("l2", "dropout") if n in options] or options[:2]
+        fix = (f"list members by name, e.g. {group}=[{','.join(example)}] ({group}=[] for none)"
+               if isinstance(value, list) else f"pick one, e.g. {group}={options[0] if options else '<option>'}")
+        raise RegbenchError(f"{o.input_line}: {shown} is not an option of config group '{group}' (available: "
+                            f"{', '.join(options)}); fix: {fix}")
 
 
 def _refuse_added_keys(job: Sequence[str], cfg: DictConfig) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import unicodedata
 from typing import Optional
 
 from regbench.config import CONFIG_DIR
@@ -28,6 +29,11 @@ def describe(e: BaseException) -> str:
         key, _, value = e.override.partition("=")
         return (f"{e.override}: unquoted non-ASCII character {_unquoted_non_ascii(e.override)!r} in the value; fix: "
                 f"quote the value, e.g. \"{key}='{value}'\" (the outer quotes are for the shell)")
+    if isinstance(e, OverrideParseException) and _non_ascii_key(e.override):
+        key = e.override.partition("=")[0]
+        ascii_key = unicodedata.normalize("NFKD", key).encode("ascii", "ignore").decode()
+        return (f"{e.override}: non-ASCII character {_non_ascii_key(e.override)!r} in the key '{key}' (config keys are "
+                f"ASCII names); fix: spell the key in ASCII, e.g. {ascii_key}=...")
     if isinstance(e, OverrideParseException):
         return f"cannot parse override: {first_line(e)}; see https://hydra.cc/docs/1.3/advanced/override_grammar/basic"
     if yaml_error(e):
@@ -42,6 +48,11 @@ def describe(e: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {first_line(cause)}"
     return first_line(e)
+
+
+def _non_ascii_key(override: str) -> str:
+    """The first non-ASCII character of an override's key (Hydra's keys are ASCII names), or ''."""
+    return next((c for c in override.partition("=")[0] if ord(c) > 127), "") if "=" in override else ""
 
 
 def _unquoted_non_ascii(override: str) -> str:

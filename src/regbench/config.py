@@ -8,6 +8,7 @@ runs every check. This module imports nothing of regbench but the error helpers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -77,8 +78,10 @@ def check_trainer(t: DictConfig, cfg: DictConfig) -> None:
     check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), "trainer.device",
           dev, "auto, cpu, cuda or cuda:N")
     choice(t.amp, "trainer.amp", ("none", "bf16", "fp16"))
-    check(t.num_threads is None or t.num_threads >= 1, "trainer.num_threads", t.num_threads,
-          "an integer >= 1 or null (all cores this process may use)")
+    most = max_threads()
+    check(t.num_threads is None or 1 <= t.num_threads <= most, "trainer.num_threads", t.num_threads,
+          f"an integer in [1, {most}] or null (all cores this process may use)", f"more threads than "
+          f"{THREADS_PER_CORE}x this machine's {os.cpu_count() or 1} cores only slow torch down (very many crash it)")
     choice(t.monitor, "trainer.monitor", ("val_loss", "val_acc"))
     check(t.clean_subset >= 0, "trainer.clean_subset", t.clean_subset, "an integer >= 0 (0 = off)")
     check(t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an integer >= 1 (epochs)")
@@ -90,6 +93,15 @@ def check_trainer(t: DictConfig, cfg: DictConfig) -> None:
           "changes)", "use trainer.compile=model, or scheduler=constant")
     check(t.compile != "step" or t.amp != "fp16", "trainer.compile", t.compile, "model or none with "
           "trainer.amp=fp16 (the GradScaler steps the optimizer itself)", "use trainer.compile=model")
+
+
+THREADS_PER_CORE = 4  # trainer.num_threads' bound: this many threads per core, at least MIN_THREAD_BOUND
+MIN_THREAD_BOUND = 1024  # (a login node checks the config of jobs that run on bigger nodes)
+
+
+def max_threads() -> int:
+    """The most torch threads a run may ask for: trainer.num_threads=100000 crashed torch's OpenMP pool."""
+    return max(MIN_THREAD_BOUND, THREADS_PER_CORE * (os.cpu_count() or 1))
 
 
 def evaluated(t: DictConfig, epoch: int) -> bool:

@@ -157,7 +157,8 @@ def check_launcher(launcher) -> None:
 
 def check_resources(params: dict[str, Any]) -> None:
     """Refuse cpus_per_task / mem_gb / gpus_per_node that no node of the partition has (one line, the key
-    named). Skipped silently when sinfo cannot answer: sbatch then has the last word."""
+    named), and a cluster that ``sinfo`` cannot reach (before Hydra writes multirun.yaml or submitit its pickles).
+    A partition sinfo lists no node of is left to sbatch."""
     nodes = _partition_nodes(params.get("partition"))
     if not nodes:
         return
@@ -178,15 +179,24 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+SINFO_TIMEOUT_S = 30
+
+
 def _partition_nodes(partition: Optional[str]) -> list[dict[str, float]]:
     """[{cpus, mem_gb, gpus}] per node of the partition (the default one when None), from sinfo."""
     cmd = ["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if out.returncode != 0:
-        return []
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=SINFO_TIMEOUT_S)
+        failed = "" if out.returncode == 0 else \
+            f"exited with status {out.returncode}: {_last_line(out.stderr or out.stdout)}"
+    except subprocess.TimeoutExpired:
+        failed = f"gave no answer in {SINFO_TIMEOUT_S} s"
+    except OSError as e:
+        failed = "not found" if isinstance(e, FileNotFoundError) else f"cannot run: {e.strerror or e}"
+    if failed:
+        raise RegbenchError(f"hydra/launcher=slurm: no SLURM cluster reachable (`sinfo` {failed}); fix: run the sweep "
+                            "on a SLURM login node where `sinfo` answers (is slurmctld up, SLURM_CONF right?), or "
+                            "choose another hydra/launcher")
     nodes = []
     for line in out.stdout.splitlines():
         try:

@@ -26,7 +26,7 @@ from regbench import conventions, lint, provenance, runtime
 from regbench.checkpoint import Checkpoints, encode_checkpoint, fault_point, write_epoch
 from regbench.config import evaluated
 from regbench.validation import validate
-from regbench.errors import RegbenchError
+from regbench.errors import RegbenchError, stopped_reason, unrecorded, with_write_fix
 from regbench.evaluation import evaluate, weight_norms
 from regbench.experiment import Experiment, build_experiment
 from regbench.io import BackgroundWriter, write_json
@@ -255,18 +255,20 @@ class _Run:
         return self.complete()
 
     def fail(self, e: BaseException, started: float) -> None:
-        """summary.json says how the run ended when ``e`` ended it (the caller re-raises or reports it)."""
+        """summary.json says how the run ended when ``e`` ended it (the caller re-raises or reports it); where it
+        cannot (a folder made read-only, a full disk), ``e``'s one line says so."""
         try:
             self.writer.close()  # the last epoch's files first: nothing may overwrite the failed summary
         except Exception as write_error:  # noqa: BLE001 — the original error is the one to report
             log.warning("warning: %s", str(write_error).splitlines()[0] if str(write_error) else write_error)
-        self.summary.update(status=_stopped_status(e), error=getattr(e, "regbench_reason", None)
-                            or (str(e).splitlines()[0] if str(e) else type(e).__name__), finished=provenance.now(),
+        with_write_fix(e)  # a file-size limit is named as such
+        status = _stopped_status(e)
+        self.summary.update(status=status, error=stopped_reason(e), finished=provenance.now(),
                             time_s=round(time.perf_counter() - started, 2))
         try:
             self.summary.write(self.run_dir / "summary.json")
-        except RegbenchError:
-            pass  # the original error is the one to report
+        except RegbenchError as write_error:  # the original error is the one to report; it says what is lost
+            log.warning("warning: %s", unrecorded(e, status, write_error))
 
     def complete(self) -> float:
         """The completion marker, written last: sweeps skip a run folder that has it. Returns the best value."""
@@ -393,3 +395,4 @@ def _stopped_status(e: BaseException) -> str:
     if status is not None:
         return status
     return "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+
