@@ -74,7 +74,7 @@ def test_a_state_dict_of_another_arch_or_a_pickle_is_refused(tmp_path):
         TorchvisionNet("mobilenet_v3_small", 3, (1, 28, 28), str(path), input_size=32)
     bad = tmp_path / "evil.pt"
     bad.write_bytes(b"junk")
-    with pytest.raises(RegbenchError, match="weights_only=True"):
+    with pytest.raises(RegbenchError, match="cannot be loaded safely \\(truncated or corrupt: not a torch.save file"):
         TorchvisionNet("mobilenet_v3_small", 3, (1, 28, 28), str(bad), input_size=32)
 
 
@@ -88,9 +88,32 @@ def test_arch_is_validated_with_a_did_you_mean():
 def test_pretrained_weights_need_unnormalised_data(hub):
     hub_file(weights_enum("resnet18", "DEFAULT")).parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet18().state_dict(), hub_file(weights_enum("resnet18", "DEFAULT")))
-    with pytest.raises(ConfigError, match="data.normalize='per_channel': expected none with pretrained weights"):
-        validate(compose_cfg(*TINY, "model=torchvision"))
-    validate(compose_cfg(*TINY, "model=torchvision", "data.normalize=none", "model.download=false"))
+    with pytest.raises(ConfigError, match="data.normalize='per_channel': expected none with pretrained weights "
+                       r".*; drop the data.normalize override \(model=torchvision sets none\), or use model.weights=null"):
+        validate(compose_cfg(*TINY, "model=torchvision", "data.normalize=per_channel"))
+    validate(compose_cfg(*TINY, "model=torchvision", "model.download=false"))
+    validate(compose_cfg(*TINY, "model=torchvision", "model.weights=null", "data.normalize=per_channel"))
+
+
+@pytest.mark.parametrize("data", ["mnist5k", "cifar10"])
+def test_the_model_group_sets_the_data_normalisation_it_needs(data):
+    """model=torchvision sets data.normalize=none itself, whichever dataset; other models keep per_channel; an
+    experiment or the command line still sets it."""
+    assert compose_cfg(f"data={data}", "model=torchvision").data.normalize == "none"
+    assert compose_cfg(f"data={data}", "model=mlp").data.normalize == "per_channel"
+    assert compose_cfg("model=torchvision", "data.normalize=per_channel").data.normalize == "per_channel"
+    assert compose_cfg("experiment=transfer_cifar10").data.normalize == "none"
+
+
+def test_pretrained_torchvision_trains_without_a_data_override(hub, tmp_path):
+    """The issue's case: `regbench model=torchvision` (cached DEFAULT weights, no download) trains as it is."""
+    w = weights_enum("mobilenet_v3_small", "DEFAULT")
+    hub_file(w).parent.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), hub_file(w))
+    fit(compose_cfg(*TINY, "model=torchvision", "model.arch=mobilenet_v3_small", "model.input_size=32",
+                    "model.download=false"), tmp_path / "run")
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["status"] == "completed" and s["data"]["normalize"] == "none"
 
 
 def test_offline_names_the_weights_file_and_where_to_put_it_without_downloading(hub):

@@ -5,7 +5,8 @@ Layout of ``<run>/checkpoints/``: ``epoch_NNNN.pt`` (the last ``trainer.keep_las
 file + fsync + rename), so a SIGKILL at any moment leaves the previous checkpoint intact. A checkpoint holds
 everything the next epoch depends on — model, optimizer, schedule, AMP scaler, regularizer state (early
 stopping, snapshots), best-so-far, every RNG state (as tensors and primitives), the resolved config — and is
-loaded with ``torch.load(weights_only=True)`` only.
+loaded with ``torch.load(weights_only=True)`` only, after :mod:`regbench.safe_load`'s checks (a regular file of at
+most CHECKPOINT_LIMIT bytes, uncompressed zip records, no refused global in its pickle).
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ from __future__ import annotations
 import io
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
 import signal
 import struct
 import time
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -29,12 +28,36 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from regbench.errors import RegbenchError
+from regbench.errors import ConfigError, RegbenchError
 from regbench.io import LogWriteError, atomic_write, write_bytes
+from regbench.safe_load import CHECKPOINT, load_weights_only
 
 log = logging.getLogger(__name__)
 
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+# The most bytes regbench reads from one checkpoint file: a generous fixed bound (the checkpoint's model is not
+# known when a transfer source is read). torchvision's largest model, regnet_y_128gf, is 2.6 GB of float32; with
+# Adam's two moments 7.8 GB; 32 GiB leaves room for snapshot ensembles and bagging members, and refuses sparse or
+# runaway files far beyond anything regbench writes.
+CHECKPOINT_LIMIT = 32 << 30
+
+
+# The test hooks' forms: REGBENCH_FAULT=<point>:<epoch> (the points are fault_point's names: after_metrics, ...,
+# after_member_record_<id>, after_ensemble_row, ...) or during_write:<file name> (io.py); REGBENCH_PAUSE=<epoch>:<s>.
+_HOOK_FORMS = {"REGBENCH_FAULT": re.compile(r"^(?:[a-z][a-z0-9_]*:\d+|during_write:[^/\x00]+)$"),
+               "REGBENCH_PAUSE": re.compile(r"^\d+:\d+(?:\.\d+)?$")}
+
+
+def check_test_hooks() -> None:
+    """ConfigError (one line) for a set test-hook variable whose value is malformed: it would be ignored, or end
+    in a traceback at the hook. Called before a command writes anything, and by :func:`fault_point` itself."""
+    for var, form in _HOOK_FORMS.items():
+        value = os.environ.get(var)
+        if value and not form.match(value):
+            expected = ("<point>:<epoch> (e.g. after_checkpoint:2) or during_write:<file name> (a crash-safety "
+                        "test hook: regbench SIGKILLs itself there)" if var == "REGBENCH_FAULT" else
+                        "<epoch>:<seconds>, e.g. 1:30 (a test hook: regbench sleeps after that epoch)")
+            raise ConfigError(var, value, expected, f"unset it (unset {var}): it is for regbench's own tests")
 
 
 def fault_point(name: str, epoch: int, settle: Optional[Callable[[], None]] = None) -> None:
@@ -42,7 +65,10 @@ def fault_point(name: str, epoch: int, settle: Optional[Callable[[], None]] = No
     ``REGBENCH_PAUSE=<epoch>:<seconds>`` sleeps after that epoch's summary, so the SLURM tests can interrupt a
     run at a known epoch (a resumed run does not repeat the epoch, so it does not pause again; a sleep changes
     nothing a run computes). ``settle`` (a background writer's wait) runs first when a hook acts here, so the
-    disk holds what a synchronous run would have written by this point."""
+    disk holds what a synchronous run would have written by this point. A malformed value is a ConfigError."""
+    if not (os.environ.get("REGBENCH_FAULT") or os.environ.get("REGBENCH_PAUSE")):
+        return
+    check_test_hooks()
     pause = os.environ.get("REGBENCH_PAUSE", "").split(":")
     kill = os.environ.get("REGBENCH_FAULT") == f"{name}:{epoch}"
     sleep = name == "after_summary" and len(pause) == 2 and pause[0] == str(epoch)
@@ -127,29 +153,12 @@ def save_checkpoint(path: Path, state: dict | bytes | bytearray) -> None:
         atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with the safe unpickler only (tensors and primitives); never runs code from the file."""
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol of a raw pickle before refusing it
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise RegbenchError(f"checkpoint {path}: no such file") from None
-    except pickle.UnpicklingError as e:  # the safe unpickler refused something: code, or a foreign object
-        path = Path(path)
-        if not zipfile.is_zipfile(path) and path.read_bytes()[:1] == b"\x80":  # a bare pickle stream (PROTO)
-            raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (it is a raw pickle file, not a "
-                                "torch.save checkpoint; regbench never unpickles files, which could run code); fix: "
-                                "use a checkpoint written by regbench") from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it references {found.group(1)}" if found else str(e).strip().splitlines()[-1][:160]
-        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely ({what}, which the weights-only loader "
-                            "refuses; regbench never loads checkpoints unsafely); fix: use a checkpoint written by "
-                            "regbench from a source you trust") from None
-    except Exception as e:  # truncated or corrupt file
-        reason = str(e).strip().splitlines()[0].split(". This is an internal")[0][:160]
-        raise RegbenchError(f"checkpoint {path}: cannot be loaded safely (truncated or corrupt: {reason}); "
-                            "fix: delete it, or use another checkpoint written by regbench") from None
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", limit: int = CHECKPOINT_LIMIT) -> dict:
+    """Load a checkpoint with the safe unpickler only (tensors and primitives); never runs code from the file.
+    Before torch reads it (:func:`regbench.safe_load.load_weights_only`): a regular file, not a link, at most
+    ``limit`` bytes, a torch.save zip of uncompressed records whose pickle references no refused global."""
+    return load_weights_only(Path(path), f"checkpoint {path}", CHECKPOINT, limit, map_location,
+                             why="regbench's bound for one checkpoint" if limit == CHECKPOINT_LIMIT else "")
 
 
 def write_epoch(ckpts: "Checkpoints", epoch: int, checkpoint: Optional[bytes], best: bool, summary_path: Path,

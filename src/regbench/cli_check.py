@@ -80,6 +80,10 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
             _refuse_added_keys(job, cfg)
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what the task sees
             cfgs.append(cfg)
+    if runs:  # a malformed test-hook variable is one line before anything is written (not at the first hook)
+        from regbench.checkpoint import check_test_hooks
+
+        check_test_hooks()
     if multirun and runs and cfgs:
         _check_sweep(overrides, cfgs)
     if runs and multirun and cfgs:  # before a job array no node can run is submitted (it would pend forever)

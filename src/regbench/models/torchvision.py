@@ -9,7 +9,8 @@ same thing): grayscale repeated to 3 channels; resized with ``F.interpolate`` (b
 torchvision's ``Resize``) to the weights' input size (``weights.transforms().crop_size``), or to
 ``model.input_size``; then normalised with the weights' mean/std. The dataset images are whole objects, so they
 are resized straight to the crop size (torchvision's resize-to-``resize_size``-then-centre-crop would cut off
-their borders). Pretrained weights therefore need ``data.normalize=none`` (pixels in [0, 1]).
+their borders). Pretrained weights therefore need ``data.normalize=none`` (pixels in [0, 1]), which
+``model=torchvision`` sets itself (configs/model/torchvision.yaml); another value is refused with them.
 
 Weights: ``DEFAULT`` / ``IMAGENET1K_V1`` / ... (the arch's torchvision weights enum), read from torch hub's
 checkpoints folder (downloaded there only when ``model.download`` is true); ``null`` (random init); or the path
@@ -33,6 +34,7 @@ from torch import nn
 from regbench.errors import ConfigError, DataError, RegbenchError
 from regbench.models.slots import SLOT_NAMES, LayerSlots
 from regbench.registry import MODELS
+from regbench.safe_load import WEIGHTS, check_regular, load_weights_only
 
 
 @dataclass
@@ -84,7 +86,7 @@ def check(m: DictConfig, cfg: DictConfig) -> None:
     if m.weights is not None and cfg.data.normalize != "none":
         raise ConfigError("data.normalize", cfg.data.normalize, f"none with pretrained weights (model.weights="
                           f"{m.weights}): the model normalises [0, 1] pixels with the weights' own mean/std",
-                          "add data.normalize=none")
+                          "drop the data.normalize override (model=torchvision sets none), or use model.weights=null")
 
 
 def check_config(m: DictConfig) -> None:
@@ -102,12 +104,16 @@ def check_config(m: DictConfig) -> None:
     if m.weights is None:
         return
     if is_path(m.weights):
-        if not Path(m.weights).expanduser().is_file():
+        path = Path(m.weights).expanduser()
+        if not os.path.lexists(path):
             raise ConfigError("model.weights", m.weights, "a state dict file of " + m.arch + " (no file there)",
                               "give the path of a .pt/.pth state dict, a torchvision weights name or null")
+        check_regular(path, f"model.weights={m.weights}", WEIGHTS)  # a link, FIFO or device: refused up front
         return
     w = weights_enum(m.arch, m.weights)
-    if not _download(m) and not hub_file(w).is_file():
+    if os.path.lexists(hub_file(w)):
+        check_regular(hub_file(w), f"model.weights={m.weights}: the cached file {hub_file(w)}", WEIGHTS)
+    elif not _download(m):
         raise missing_weights(m.arch, m.weights, w, "model.download=false")
 
 
@@ -157,24 +163,29 @@ def _classifier_keys(arch: str) -> tuple[str, ...]:
     return ("fc.", "AuxLogits.", "aux1.", "aux2.", "classifier.")
 
 
-def load_state(arch: str, weights: str, download: bool) -> dict[str, torch.Tensor]:
-    """The arch's full state dict from torch hub's cache (or a download), or from a state dict file."""
+def weights_limit(net: nn.Module) -> int:
+    """The most bytes regbench reads from a weights file of ``net``'s arch: twice its state dict (float32, with
+    its ImageNet classifier; room for a float64 copy or a larger classifier, whose keys are ignored) + 64 MiB.
+    (torchvision's largest, regnet_y_128gf, is 2.6 GB: its bound is 5.2 GB; mobilenet_v3_small's is 84 MB.)"""
+    return 2 * sum(t.numel() * t.element_size() for t in net.state_dict().values()) + (64 << 20)
+
+
+def load_state(arch: str, weights: str, download: bool, limit: int) -> dict[str, torch.Tensor]:
+    """The arch's full state dict from torch hub's cache (or a download), or from a state dict file: either file
+    read by :func:`regbench.safe_load.load_weights_only` (a regular file of at most ``limit`` bytes, uncompressed
+    zip records, no refused global; then torch's weights-only loader)."""
     if is_path(weights):
-        path = Path(weights).expanduser()
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise RegbenchError(f"model.weights={weights}: cannot be loaded as a state dict with weights_only=True "
-                                f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); fix: save it "
-                                "with torch.save(model.state_dict(), path)") from None
+        state = load_weights_only(Path(weights).expanduser(), f"model.weights={weights}", WEIGHTS, limit,
+                                  why=f"twice a {arch} state dict + 64 MiB")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise RegbenchError(f"model.weights={weights}: not a state dict (a mapping of names to tensors); fix: "
                                 "save it with torch.save(model.state_dict(), path)")
         return state
     w = weights_enum(arch, weights)
     path = hub_file(w)
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.lexists(path):
+        return load_weights_only(path, f"model.weights={weights}: the cached file {path}", WEIGHTS, limit,
+                                 why=f"twice a {arch} state dict + 64 MiB")
     if not download:
         raise missing_weights(arch, weights, w, "model.download=false")
     try:
@@ -201,7 +212,7 @@ class TorchvisionNet(nn.Module):
         meta = None
         if weights is not None:
             meta = weights_enum(arch, "DEFAULT" if is_path(weights) else weights).transforms()
-            state = load_state(arch, weights, download)
+            state = load_state(arch, weights, download, weights_limit(net))
             ours = net.state_dict()
             theirs = {k: v for k, v in state.items() if not k.startswith(_classifier_keys(arch)) or k in ours}
             missing = [k for k in ours if k not in theirs and not k.startswith(_classifier_keys(arch))]

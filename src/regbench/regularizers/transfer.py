@@ -1,11 +1,13 @@
 """Transfer learning: start from another run's weights, freeze the first k layers and/or parameters matching
 name patterns, fine-tune the rest. Layers whose shapes differ must be named in ``skip`` (e.g. a new head).
-Checkpoints load with ``torch.load(weights_only=True)`` only.
+Checkpoints load with :func:`regbench.checkpoint.load_checkpoint` only: a regular file (not a link, FIFO or device)
+of bounded size, uncompressed zip records, then ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -64,7 +66,7 @@ class Transfer(Regularizer):
         path = Path(self.cfg.init_from).expanduser()
         if path.is_dir():
             path = path / "checkpoints" / f"{self.cfg.checkpoint}.pt"
-        if not path.is_file():
+        if not os.path.lexists(path):  # a link, FIFO or device there: load_checkpoint refuses it by name
             raise RegbenchError(f"{self.key}.init_from={self.cfg.init_from!r}: no checkpoint at {path}; fix: give a "
                                 "run folder that has checkpoints/ or a .pt file written by regbench")
         return path
