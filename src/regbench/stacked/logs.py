@@ -1,7 +1,9 @@
 """Each stack member's log lines in its own ``<run>/regbench.log``; on the console, prefixed by the member.
 
 While the stack works on member k (``logs.member(k)``), what is logged goes to member k's file only; lines of
-the stack as a whole go to every member's file.
+the stack as a whole go to every member's file. On the console every line of the stack is formatted as a single
+run's job prints it (``[time][regbench.train][INFO] - ...``, Hydra's job-logging format), not in the launcher's
+``[HYDRA]`` format that a stacked sweep's console handler has (issue 25).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Iterator, Optional, Sequence
 from regbench.logs import RunLogHandler
 
 _CURRENT: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("regbench_stack_member", default=None)
+# A job's log line, as Hydra's job logging writes it (its "simple" formatter) to a single run's console and file.
+JOB_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 class _OnlyMember(logging.Filter):
@@ -28,15 +32,15 @@ class _OnlyMember(logging.Filter):
 
 
 class _Prefix(logging.Formatter):
-    """Console lines of a member start with its name in the stack (wraps the handler's own formatter; the record
+    """Console lines of the stack in a job's format, a member's starting with its name in the stack (the record
     itself is not changed, so the member's file gets the plain line)."""
 
-    def __init__(self, inner: Optional[logging.Formatter], names: Sequence[str]):
-        super().__init__()
-        self.inner, self.names = inner or logging.Formatter(), names
+    def __init__(self, names: Sequence[str]):
+        super().__init__(JOB_FORMAT)
+        self.names = names
 
     def format(self, record: logging.LogRecord) -> str:
-        line = self.inner.format(record)
+        line = super().format(record)
         current = _CURRENT.get()
         return line if current is None else f"[{self.names[current]}] {line}"
 
@@ -56,7 +60,7 @@ class MemberLogs:
             handler = files.pop(path, None)
             if handler is None:
                 handler = RunLogHandler(str(path), encoding="utf-8")
-                handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+                handler.setFormatter(logging.Formatter(JOB_FORMAT))
                 root.addHandler(handler)
                 self.added.append(handler)
             self._filter(handler, _OnlyMember(k))
@@ -65,7 +69,7 @@ class MemberLogs:
         for h in root.handlers:
             if h not in self.added and not any(h is f for f, _ in self.filtered):
                 self.formatted.append((h, h.formatter))  # the console, and any other file the launcher opened
-                h.setFormatter(_Prefix(h.formatter, names))
+                h.setFormatter(_Prefix(names))
 
     def _filter(self, handler: logging.Handler, f: logging.Filter) -> None:
         handler.addFilter(f)

@@ -1,11 +1,12 @@
 """StackedModel: K members of one architecture as one batched model (parameters and buffers [K, ...]).
 
-torch.func.stack_module_state + vmap(functional_call): the member dimension is vmapped, so a Linear becomes a
-batched matrix product and a Conv2d a grouped convolution, for every architecture regbench builds (MLP, lecture
-CNN, ResNet) without a hand-written stacked layer per module type. BatchNorm keeps per-member running statistics
-(its buffers are stacked and updated in place under vmap). Dropout layers are replaced in the template by a layer
-that multiplies by noise drawn outside the vmapped call, per member, exactly as the member's own layer draws it
-(``dropout_noise``), so masks come from the member's own RNG stream and its own rate.
+torch.func.stack_module_state + functional_call of one template: on a GPU the member dimension is vmapped, so a
+Linear becomes a batched matrix product, for every architecture regbench builds (MLP, lecture CNN, ResNet) without a
+hand-written stacked layer per module type; on a CPU (and for convolutions) the members run one by one over views of
+the stacked leaves, each by its single run's own kernels, so bitwise as its single run (``loop``, below). BatchNorm
+keeps per-member running statistics (its buffers are stacked and updated in place). Dropout layers are replaced in
+the template by a layer that multiplies by noise drawn outside the model's call, per member, exactly as the member's
+own layer draws it (``dropout_noise``), so masks come from the member's own RNG stream and its own rate.
 """
 
 from __future__ import annotations
@@ -69,11 +70,17 @@ class StackedModel:
         self.buffers = [torch.stack([bs[i].detach() for bs in self._member_buffers_all()])
                         for i in range(len(self.buffer_names))]
         self.template.to("meta")
-        # Convolutions: vmap turns a batched-weight conv into one grouped convolution, which CPU kernels run
-        # far slower than the members' convolutions one by one (measured: a 4-member lecture CNN epoch 7–10 s
-        # vs about 1 s per member); those models run member by member over views of the stacked leaves
-        # (unbind: one gradient op per leaf), still one step, one optimizer call, one epoch end for all.
-        self.loop = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.template.modules())
+        # Member by member over views of the stacked leaves (unbind: one gradient op per leaf; still one step, one
+        # optimizer call, one epoch end for all): on a CPU always, on a GPU for convolutions. On a CPU each member
+        # then runs its single run's very kernels (addmm per Linear...), so its gradients are bitwise its single
+        # run's; vmap's batched ones are not (bmm then a bias add rounds otherwise than addmm, and with 2 threads MKL
+        # splits a bmm otherwise than a mm): one ulp per step, which Adam's ε turns into lr-sized steps of
+        # near-zero gradients — 7e-3 relative by epoch 5 for one seed of the default experiment (issue 25). It is
+        # also faster on a CPU (docs/benchmarks.md, issue 25: 16 default MLPs 23 vs 31 ms of CPU per step), and
+        # for convolutions far faster: vmap makes one grouped convolution, which CPU kernels run far slower (a
+        # 4-member lecture CNN epoch 7–10 s vs about 1 s per member).
+        self.loop = self.params[0].device.type == "cpu" or \
+            any(isinstance(m, nn.modules.conv._ConvNd) for m in self.template.modules())
         self.training = True
         self.shapes = self._probe(input_shape) if kinds else []
 

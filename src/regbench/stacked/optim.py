@@ -8,24 +8,29 @@ own hyperparameters (different lr, momentum, betas, eps, weight decay per member
 its state is torch's own (its state_dict() is an ordinary checkpoint; a resumed member's loaded state moves with
 it), and the update is bitwise what that optimizer computes for those gradients (tests/test_stacked_optim.py).
 
-Measured against a vectorised rewrite of the rules over the member dimension (one elementwise op over [K, ...] per
-term): the rewrite costs about a dozen memory passes per step where torch's fused Adam makes one per member, and was
-slower on 2 CPU cores (0.25 vs 0.09 s per epoch for 8 lecture MLPs).
+While the members' hyperparameters agree (a seed sweep; a grid over regularizer strengths), one torch optimizer of
+the same kind steps every member's rows at once: its groups hold all the members' rows, its state IS the members'
+state (the same dicts), so a fused Adam is one kernel call over K·n tensors — each row updated exactly as in its
+member's own call (torch's kernels treat each tensor of the list alone), unlike one optimizer over the stacked
+leaves [K, ...], whose fused CPU kernel splits a tensor into SIMD blocks and a scalar tail by position, so an
+element could take the other path than in its member's own tensor. Fused Adam/AdamW/SGD steps run as one direct
+kernel call (regbench.fastoptim), as the single run's direct step does.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from regbench.fastoptim import direct_optimizer
 
-def _value(group: dict, key: str) -> float:
-    if key.startswith("beta"):
-        return float(group["betas"][int(key[-1]) - 1])
-    return float(group[key])
+
+def _stepper(opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """``opt.step()``, by one direct kernel call where regbench.fastoptim applies (bitwise the same)."""
+    direct = direct_optimizer(opt)
+    return direct if direct is not None else opt.step
 
 
 class StackedOptimizer:
@@ -38,6 +43,7 @@ class StackedOptimizer:
         self.rows: list[list[torch.Tensor]] = []
         for k, (opt, own) in enumerate(zip(self.optimizers, member_params)):
             self.rows.append(self._repoint(opt, own, [p[k] for p in self.params], k))
+        self.steppers = [_stepper(o) for o in self.optimizers]
         self.shared: Optional[torch.optim.Optimizer] = None
         self._share()
 
@@ -46,46 +52,34 @@ class StackedOptimizer:
         return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
     def _share(self) -> None:
-        """While every member's optimizer has the same hyperparameters (a seed sweep; a grid over regularizer
-        strengths), one torch optimizer of the same kind steps the stacked leaves themselves: the same elementwise
-        update for every row, one call instead of K (equal to each member's own optimizer to float rounding, not
-        bitwise: the fused CPU kernels treat an element by its position — SIMD block or scalar tail). Its state
-        rows are the members' states (moved in here; handed back at :meth:`export_member` and when the members'
-        hyperparameters part, e.g. a member-specific schedule)."""
+        """One optimizer over every member's rows while their hyperparameters agree (see the module's doc)."""
         first = self._hypers(self.optimizers[0])
         if any(self._hypers(o) != first for o in self.optimizers[1:]):
             return
         opt0 = self.optimizers[0]
-        where = {id(r): i for i, r in enumerate(self.rows[0])}
-        groups = [{**h, "params": [self.params[where[id(r)]] for r in g["params"]]}
-                  for h, g in zip(first, opt0.param_groups)]
-        shared = type(opt0)(groups)
-        for i, p in enumerate(self.params):
-            states = [o.state.get(rows[i]) for o, rows in zip(self.optimizers, self.rows)]
-            if all(states):
-                shared.state[p] = {key: (torch.stack([s[key] for s in states]) if _is_row(states[0][key], p)
-                                         else states[0][key].clone()) for key in states[0]}
-            for o, rows in zip(self.optimizers, self.rows):
-                o.state.pop(rows[i], None)
-        self.shared = shared
+        # Built over placeholders (torch refuses views as parameters), then given the rows, as _repoint does.
+        shared = type(opt0)([{**h, "params": [self.params[0].new_empty(0).requires_grad_()]} for h in first])
+        for j, group in enumerate(shared.param_groups):
+            group["params"] = [r for o in self.optimizers for r in o.param_groups[j]["params"]]
+        for o in self.optimizers:
+            shared.state.update(o.state)  # the very state dicts: stepped in place, for both
+        self.shared, self._shared_step = shared, _stepper(shared)
 
     def _unshare(self) -> None:
-        """Hand every member its state rows back (the members' hyperparameters parted)."""
+        """Every member's optimizer on its own again (the members' hyperparameters parted)."""
         for k in range(len(self.optimizers)):
             self.export_member(k)
         self.shared = None
 
     def export_member(self, k: int) -> None:
-        """Member k's state into its own torch optimizer, in torch's format (its state_dict() is then an ordinary
-        checkpoint); a no-op while each member's optimizer steps its own row."""
+        """Member k's state complete in its own torch optimizer (its state_dict() is then an ordinary checkpoint):
+        the states the shared optimizer created (at its first step) are linked in; the others already are."""
         if self.shared is None:
             return
-        opt, rows = self.optimizers[k], self.rows[k]
-        for i, p in enumerate(self.params):
-            st = self.shared.state.get(p)
-            if st:
-                opt.state[rows[i]] = {key: (v[k].clone() if _is_stacked(v, p) else v.clone() if torch.is_tensor(v)
-                                            else v) for key, v in st.items()}
+        own = self.optimizers[k].state
+        for r in self.rows[k]:
+            if r not in own and r in self.shared.state:
+                own[r] = self.shared.state[r]
 
     def _sync_shared(self) -> bool:
         """The shared optimizer takes this step's hyperparameters (the schedules moved the members' ones); False
@@ -111,11 +105,6 @@ class StackedOptimizer:
                 opt.state[new[where[id(p)]]] = opt.state.pop(p)
         return new
 
-    def hyper(self, key: str, group: int = 0) -> torch.Tensor:
-        """Every member's current ``key`` of ``group`` (e.g. this step's lr): a tensor [K]."""
-        return torch.tensor([_value(o.param_groups[group], key) for o in self.optimizers],
-                            dtype=self.params[0].dtype, device=self.params[0].device)
-
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
@@ -123,19 +112,22 @@ class StackedOptimizer:
             for r in rows:
                 r.grad = None
 
+    def attach_grads(self) -> None:
+        """Each member's rows get their gradients: views of the stacked leaves' gradients (row k)."""
+        for i, p in enumerate(self.params):
+            g = p.grad
+            for k, rows in enumerate(self.rows):
+                rows[i].grad = None if g is None else g[k]
+
     def step(self) -> None:
+        self.attach_grads()
         if self.shared is not None:
             if self._sync_shared():
-                self.shared.step()
+                self._shared_step()
                 return
             self._unshare()
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            for k, rows in enumerate(self.rows):
-                rows[i].grad = p.grad[k]
-        for opt in self.optimizers:
-            opt.step()
+        for step in self.steppers:
+            step()
 
     def select(self, keep: list[int], params: list[torch.Tensor]) -> None:
         """Keep these members; ``params``: the model's new stacked leaves (row j = member keep[j])."""
@@ -145,42 +137,5 @@ class StackedOptimizer:
         self.optimizers = [self.optimizers[k] for k in keep]
         self.rows = [self._repoint(opt, self.rows[k], [p[j] for p in self.params], k)
                      for j, (k, opt) in enumerate(zip(keep, self.optimizers))]
+        self.steppers = [_stepper(o) for o in self.optimizers]
         self._share()
-
-
-def _is_row(value, stacked: torch.Tensor) -> bool:
-    """A state entry with one value per parameter entry (exp_avg, momentum_buffer...), not a scalar (step)."""
-    return torch.is_tensor(value) and value.ndim > 0 and tuple(value.shape) == tuple(stacked.shape[1:])
-
-
-def _is_stacked(value, stacked: torch.Tensor) -> bool:
-    return torch.is_tensor(value) and tuple(value.shape) == tuple(stacked.shape)
-
-
-def _per_member(x: torch.Tensor, ndim: int) -> torch.Tensor:
-    return x.view(-1, *[1] * (ndim - 1))
-
-
-@torch.no_grad()
-def clip_grad_norm_(grads: list[torch.Tensor], max_norm: torch.Tensor, norm_type: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ applied to each member's own gradients (``grads``: [K, ...] tensors, e.g. the
-    flat leaf's gradient): per member the total norm over all of them, and the same clip coefficient
-    max / (norm + 1e-6), capped at 1. Returns the norms [K]."""
-    if math.isinf(norm_type):
-        norms = torch.stack([g.abs().flatten(1).amax(1) for g in grads]).amax(0)
-    else:
-        norms = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.flatten(1), norm_type, dim=1) for g in grads]), norm_type, dim=0)
-    coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(_per_member(coef, g.ndim))
-    return norms
-
-
-@torch.no_grad()
-def clip_grad_value_(grads: list[torch.Tensor], clip: torch.Tensor) -> None:
-    """torch.nn.utils.clip_grad_value_ per member: each member's gradient entries clamped to [−clip_k, clip_k]."""
-    for g in grads:
-        c = _per_member(clip, g.ndim)
-        torch.maximum(g, -c, out=g)
-        torch.minimum(g, c, out=g)
