@@ -19,6 +19,25 @@ from omegaconf import DictConfig, OmegaConf
 from regbench import provenance
 from regbench.cli_errors import first_line, yaml_error
 from regbench.errors import RegbenchError
+from regbench.io import FolderFileError, load_folder_yaml
+
+
+def record_subdir() -> Optional[str]:
+    """``hydra.output_subdir`` (configs/hydra/default.yaml, resolver ``rb_record_subdir``): ``.hydra``, or None —
+    Hydra then writes no record — for a folder whose run is resumed or skipped (regbench.sweep.keeps_record): a
+    saved record is never rewritten, whatever a bookkeeping key says now."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from regbench.sweep import keeps_record
+
+    try:
+        folder = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # noqa: BLE001 - not inside a job (e.g. --cfg hydra --resolve): Hydra's default
+        return ".hydra"
+    return None if keeps_record(folder) else ".hydra"
+
+
+OmegaConf.register_new_resolver("rb_record_subdir", record_subdir, replace=True)
 
 
 def saved_config_dir(run_dir: Path) -> Path:
@@ -34,11 +53,13 @@ def saved_config_dir(run_dir: Path) -> Path:
     import tempfile
 
     saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
+    if not os.path.lexists(saved):
         raise RegbenchError(f"{run_dir}: not a regbench run folder (no .hydra/config.yaml); fix: give the folder "
                             "printed as 'run dir:' by the run")
+    data = load_folder_yaml(saved, "the run's saved config", root=run_dir)
+    refuse_interpolations(data, saved)
     try:
-        cfg = OmegaConf.load(saved)
+        cfg = OmegaConf.create(data)
     except Exception as e:
         raise RegbenchError(yaml_error(e) or f"{saved}: cannot be read as a regbench config ({first_line(e)})"
                             ) from None
@@ -52,6 +73,58 @@ def saved_config_dir(run_dir: Path) -> Path:
         f"# The saved config of {json.dumps(str(run_dir))}, typed by regbench's schemas.\n"
         + OmegaConf.to_yaml({"defaults": defaults}) + "\n" + OmegaConf.to_yaml(cfg))
     return folder
+
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def refuse_interpolations(data, saved: Path) -> None:
+    """A saved config is read as data: an interpolation in it (``${oc.env:VAR}`` would copy the re-running user's
+    environment into the new run; a resolver, a self-reference, a string with ``${`` inside) is refused with one
+    line naming the key and the file. Accepted are only those regbench's own configs write (Hydra saves the
+    composed config unresolved): a default of regbench's schemas at its own key, exactly as the schema has it
+    (``data.root: ${oc.env:REGBENCH_DATA,data}``, the download switches: bookkeeping keys, read from the
+    environment as a new run reads them), and a value that is exactly ``${<root key>}`` naming a root key that
+    holds a plain string or number (``regularizer.batchnorm.convention: ${convention}``), evaluated by no
+    resolver and unable to refer to itself."""
+    root = data if isinstance(data, dict) else {}
+    written = _schema_interpolations()
+
+    def walk(node, key: str) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            dotted = f"{key}.{k}" if key else str(k)
+            if "${" in str(k):
+                _refused(saved, dotted, k)
+            if isinstance(v, str) and "${" in v and (dotted, v) not in written:
+                m = _REFERENCE.fullmatch(v)
+                target = root.get(m.group(1)) if m else None
+                if target is None or isinstance(target, (dict, list, bool)) or "${" in str(target):
+                    _refused(saved, dotted, v)
+            walk(v, dotted)
+
+    walk(data, "")
+
+
+def _schema_interpolations() -> set[tuple[str, str]]:
+    """(key, value) of every default of regbench's schemas that is an interpolation, at its key in a config."""
+    from regbench.validation import group_schemas
+
+    out = set()
+    for group, schemas in group_schemas().items():
+        for name, schema in schemas.items():
+            prefix = f"regularizer.{name}" if group == "regularizer" else group
+            out.update((f"{prefix}.{f.name}", f.default) for f in dataclasses.fields(schema)
+                       if isinstance(f.default, str) and "${" in f.default)
+    return out
+
+
+def _refused(saved: Path, key: str, value) -> None:
+    text = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise RegbenchError(f"{saved}: {key}: {text} is an interpolation; a saved config holds resolved values, and "
+                        "regbench evaluates nothing from a run folder (no ${oc.env:...}, no resolvers, no references "
+                        "but a root key's plain value); fix: replace it with the value itself, or rerun a folder "
+                        "regbench wrote")
 
 
 def _saved_schemas(cfg, saved: Path) -> list[str]:
@@ -95,10 +168,14 @@ def _hydra_quoted(value: str) -> str:
 
 def _finished(run_dir: Path) -> bool:
     """``regbench resume`` of a finished run prints one line and exits 0: there is nothing left to do."""
+    from regbench.records import Summary
+
     try:
-        done = json.loads((run_dir / "summary.json").read_text())["status"] == "completed"  # the record decides
-    except (OSError, ValueError, TypeError, KeyError):
-        return False
+        done = Summary.load(run_dir / "summary.json").status == "completed"  # the record decides
+    except FolderFileError:
+        raise  # a link, a FIFO, a huge file: one line
+    except (OSError, ValueError):
+        return False  # no summary yet, or a malformed one: the resume itself says what it finds
     if done:
         print(f"regbench: {run_dir} is already finished (completed); nothing to resume")
     return done
@@ -111,6 +188,10 @@ def subcommand(argv: list[str]) -> Optional[list[str]]:
     if not rest or ("=" in rest[0] and not Path(rest[0]).expanduser().exists()):
         raise RegbenchError(f"usage: regbench {verb} <run dir> [overrides...]")
     run_dir = Path(rest[0]).expanduser().resolve()
+    if not run_dir.is_dir():
+        what = "no such folder" if not os.path.lexists(run_dir) else "not a folder"
+        raise RegbenchError(f"{run_dir}: {what}; fix: give the run folder printed as 'run dir:' by the run "
+                            f"(regbench {verb} <run dir>)")
     if verb == "resume" and _finished(run_dir):
         return None
     provenance.set_origin(verb, run_dir, ["regbench", *argv])

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,9 +27,10 @@ except ImportError:  # Windows: no flock; the lock file's PID and host decide
     fcntl = None
 
 LOCK = ".regbench.lock"
-# Everything regbench writes into a run folder: none of them may be a symbolic link (we would write through it).
-RECORD = (".hydra", "tb", "checkpoints", "metrics.csv", "summary.json", "regbench.log", "COMPLETED",
-          "sweep_job.json", "attempts", LOCK)
+# Everything regbench writes into a run folder: none of them, nor anything inside its folders, may be a symbolic
+# link (we would write through it) or a FIFO, device or socket (reading or appending to it would hang or worse).
+RECORD_DIRS = (".hydra", "tb", "checkpoints", "attempts")
+RECORD = (*RECORD_DIRS, "metrics.csv", "summary.json", "regbench.log", "COMPLETED", "sweep_job.json", LOCK)
 HOST = socket.gethostname()
 
 _held: dict[str, "Lock"] = {}  # folders this process holds, by resolved path (claims are re-entrant)
@@ -186,18 +188,31 @@ def live_ancestor(folder: Path) -> Optional[FolderInUse]:
 
 
 def refuse_links(folder: Path) -> None:
-    """Refuse a run folder in which something regbench writes is a symbolic link (it would write through it)."""
+    """Refuse (one line) a run folder in which something regbench writes or reads — a RECORD entry, or anything
+    below its folders (.hydra/, tb/, checkpoints/, attempts/) — is a symbolic link (it would be written or read
+    through) or neither a regular file nor a folder (a FIFO, a device, a socket: reading or appending to it hangs
+    or worse). Usable on any folder regbench is about to write into (a bagging run's members/ folders too)."""
     for name in RECORD:
-        p = folder / name
-        if p.is_symlink():
-            raise RegbenchError(f"{p} is a symbolic link; regbench never writes through links in a run folder; "
-                                "fix: replace it with the real file or folder (or choose another run folder)")
-    hydra = folder / ".hydra"
-    if hydra.is_dir():
-        for p in hydra.iterdir():
-            if p.is_symlink():
-                raise RegbenchError(f"{p} is a symbolic link; regbench never writes through links in a run "
-                                    "folder; fix: replace it with the real file (or choose another run folder)")
+        _check_entry(folder / name)
+    for name in RECORD_DIRS:
+        top = folder / name
+        if os.path.isdir(top) and not os.path.islink(top):
+            for parent, dirs, files in os.walk(top):  # a linked folder is listed in dirs, never entered
+                for n in [*dirs, *files]:
+                    _check_entry(Path(parent) / n)
+
+
+def _check_entry(p: Path) -> None:
+    try:
+        mode = os.lstat(p).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise RegbenchError(f"{p} is a symbolic link; regbench never writes through links in a run folder; fix: "
+                            "replace it with the real file or folder (or choose another run folder)")
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise RegbenchError(f"{p} is not a regular file (a FIFO, device or socket); regbench never reads or writes "
+                            "such files in a run folder; fix: remove it (or choose another run folder)")
 
 
 def _unwritable(folder: Path, e: OSError) -> RegbenchError:
@@ -228,10 +243,8 @@ class Claim:
 
     def started(self) -> bool:
         """Whether a run wrote its summary (it then records its own outcome, failed or not)."""
-        try:
-            return (self.folder / "summary.json").read_bytes() != self.summary
-        except OSError:
-            return False
+        now = _summary_bytes(self.folder)
+        return now is not None and now != self.summary
 
     def undo(self) -> None:
         """Remove what the command created, restore the run log's length, and unlock."""
@@ -259,6 +272,15 @@ class Claim:
             self.undo()
         elif self.lock is not None:
             self.lock.release()
+
+
+def _summary_bytes(folder: Path) -> Optional[bytes]:
+    from regbench.io import JSON_LIMIT, read_folder_bytes
+
+    try:
+        return read_folder_bytes(folder / "summary.json", JSON_LIMIT, "summary.json")
+    except (OSError, ValueError):
+        return None
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -314,10 +336,7 @@ def claim(folder: Path, fresh: bool, kind: str = "run") -> Claim:
         _rmdirs(made)
         raise
     names = set(os.listdir(folder))
-    try:
-        summary = (folder / "summary.json").read_bytes() if not (folder / "summary.json").is_symlink() else None
-    except OSError:
-        summary = None
+    summary = _summary_bytes(folder)
     log = folder / "regbench.log"
     log_size = log.stat().st_size if log.is_file() and not log.is_symlink() else None
     try:
@@ -329,11 +348,15 @@ def claim(folder: Path, fresh: bool, kind: str = "run") -> Claim:
 
 
 # ------------------------------------------------------------------------------------ the run's records
-# Keys that may differ between a run and its resumption (they do not change what is computed; the optimizer
-# implementation and compilation only its float rounding: resuming across them is exact to that, see
-# regbench.accel).
-RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress_bar", "trainer.fused", "trainer.compile",
-                     "trainer.fast_step", "trainer.eval_every")
+# Bookkeeping keys: where the data lies and whether it may be downloaded, threads, progress bar, device, the resume
+# switch. They do not change what a run computes (threads and device at most its float rounding): a resume, and a
+# re-run of a sweep that skips or resumes an earlier job's folder, may differ in them (README, "Sweeps").
+BOOKKEEPING = ("data.root", "data.download", "trainer.num_threads", "trainer.progress_bar", "trainer.device",
+               "trainer.resume")
+# Keys that may differ between a run and its resumption: the bookkeeping keys, the optimizer implementation,
+# compilation and the fast step (only the float rounding changes: resuming across them is exact to that, see
+# regbench.accel), and how often validation runs.
+RESUME_MAY_DIFFER = (*BOOKKEEPING, "trainer.fused", "trainer.compile", "trainer.fast_step", "trainer.eval_every")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
@@ -349,8 +372,10 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
         from regbench.records import Summary  # lazy: the lock helpers stay free of torch
 
         status = Summary.load(summary_path).status
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError) as e:
+        if isinstance(e, RegbenchError):
+            raise  # a FIFO, a huge file: one line
+        status = None
     if status == "completed":
         raise RegbenchError(f"{run_dir} already holds the results of a completed run; refusing to overwrite them; "
                             "fix: choose a new folder with hydra.run.dir=...")
@@ -359,27 +384,6 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
                             "refusing to overwrite them; fix: continue it with trainer.resume=true "
                             f"(or `regbench resume {run_dir}`), or choose a new folder with hydra.run.dir=...")
     return True
-
-
-def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[dict]]]:
-    """(metrics rows of epochs 1..the checkpoint's, the rows to write back into metrics.csv or None to keep its
-    own). A checkpoint holds every row so far (metrics.csv may have lost some); one written by an older regbench
-    holds none, and then metrics.csv must hold them all, or the resumed run would have a gap."""
-    from regbench.logs import read_metrics
-
-    if "history" in state:
-        from regbench.state import checkpoint_rows
-
-        rows = checkpoint_rows(state["history"], state["epoch"])  # ValueError: refused by the caller
-        return rows, list(rows)
-    epoch = state["epoch"]
-    rows = [{**r, "step": int(r["step"])} for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= epoch]
-    missing = sorted(set(range(1, epoch + 1)) - {r["epoch"] for r in rows})
-    if missing:
-        raise RegbenchError(f"cannot resume {run_dir}: metrics.csv lacks the rows of epochs "
-                            f"{', '.join(map(str, missing))} and its checkpoint (written by an older regbench) holds "
-                            "no copy of them; fix: put the rows back into metrics.csv, or start a new run folder")
-    return rows, None
 
 
 def last_row(run_dir: Path) -> Optional[dict]:

@@ -20,7 +20,7 @@ from torch import nn
 from regbench.checkpoint import Checkpoints, capture_rng, config_differences, restore_rng
 from regbench.errors import RegbenchError
 from regbench.records import EVALUATION_COLUMNS, METRIC_COLUMNS, monitor_sign
-from regbench.rundir import RESUME_MAY_DIFFER, resumed_rows
+from regbench.rundir import RESUME_MAY_DIFFER
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +140,22 @@ def restore_latest(state: RunState, ckpts: Checkpoints, run_dir: Path,
         log.warning("warning: %s has no usable checkpoint; starting it from epoch 1", run_dir)
     ckpts.clean_temporaries()  # only now: a refused resume leaves the folder as it was
     return restore, warnings
+
+
+def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[dict]]]:
+    """(metrics rows of epochs 1..the checkpoint's, the rows to write back into metrics.csv or None to keep its
+    own). A checkpoint holds every row so far (metrics.csv may have lost some); one written by an older regbench
+    holds none, and then metrics.csv must hold them all, or the resumed run would have a gap."""
+    from regbench.logs import read_metrics
+
+    if "history" in state:
+        rows = checkpoint_rows(state["history"], state["epoch"])  # ValueError: refused by the caller
+        return rows, list(rows)
+    epoch = state["epoch"]
+    rows = [{**r, "step": int(r["step"])} for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= epoch]
+    missing = sorted(set(range(1, epoch + 1)) - {r["epoch"] for r in rows})
+    if missing:
+        raise RegbenchError(f"cannot resume {run_dir}: metrics.csv lacks the rows of epochs "
+                            f"{', '.join(map(str, missing))} and its checkpoint (written by an older regbench) holds "
+                            "no copy of them; fix: put the rows back into metrics.csv, or start a new run folder")
+    return rows, None

@@ -9,7 +9,6 @@ A failing job never stops the others: the failure is recorded, and after the las
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,8 +25,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from regbench.errors import RegbenchError
-from regbench.io import write_json
+from regbench.io import FolderFileError, read_json, write_json
 from regbench.records import Summary
+from regbench.rundir import refuse_links
 from regbench.sweep_names import NAMING_KEY
 
 log = logging.getLogger(__name__)
@@ -44,28 +44,51 @@ def job_plan(run_dir: Path) -> tuple[str, str]:
 
     A run is complete once its summary.json says so (written atomically, last); a job killed between that and
     its COMPLETED marker gets the marker now, made from the summary, and is skipped like any completed one."""
-    if (run_dir / MARKER).exists():
-        return "skip", "completed earlier"
-    path = run_dir / "summary.json"
-    status = None
-    if path.exists():
-        try:
-            summary = Summary.load(path)
-            status = summary.status
-        except (OSError, ValueError):
-            status = "unreadable"
-    if status == "completed":
+    action, reason, summary = _plan(run_dir)
+    if summary is not None:
         try:  # the same marker train.fit writes last
             marker = summary.marker()
         except (KeyError, TypeError):
             return "retry", "its summary.json says completed but lacks the results"
         write_json(run_dir / MARKER, marker)
-        return "skip", "completed earlier (its COMPLETED marker was missing and is now written)"
+    return action, reason
+
+
+def _plan(run_dir: Path) -> tuple[str, str, Optional[Summary]]:
+    """job_plan without writing anything (the summary: a completed run's that lacks its marker). A summary.json
+    that is a link, a FIFO or far too large is refused with one line (FolderFileError)."""
+    if os.path.lexists(run_dir / MARKER):
+        return "skip", "completed earlier", None
+    path = run_dir / "summary.json"
+    status = None
+    if os.path.lexists(path):
+        try:
+            summary = Summary.load(path)
+            status = summary.status
+        except FolderFileError:
+            raise
+        except (OSError, ValueError):
+            status = "unreadable"
+    if status == "completed":
+        return "skip", "completed earlier (its COMPLETED marker was missing and is now written)", summary
     if status == "failed":
-        return "retry", "failed earlier"
-    if status is not None or (run_dir / "metrics.csv").exists():
-        return "resume", f"unfinished ({status or 'no summary'})"
-    return "new", ""
+        return "retry", "failed earlier", None
+    if status is not None or os.path.lexists(run_dir / "metrics.csv"):
+        return "resume", f"unfinished ({status or 'no summary'})", None
+    return "new", "", None
+
+
+def keeps_record(run_dir: Path) -> bool:
+    """Whether the job (or run) in ``run_dir`` continues what the folder holds — skipped or resumed — so that
+    its ``.hydra/`` record (config, overrides, Hydra settings) is left as it was started: a re-run of the sweep
+    with a bookkeeping key added (trainer.num_threads...) never rewrites it. A failed job runs again from scratch
+    and gets this command's record; so does a new one. (configs/hydra/default.yaml: hydra.output_subdir.)"""
+    if not os.path.lexists(run_dir / ".hydra" / "config.yaml"):
+        return False
+    try:
+        return _plan(run_dir)[0] in ("skip", "resume")
+    except FolderFileError:
+        return True  # the job refuses the folder in one line; its record stays as it is
 
 
 def archive_failed(run_dir: Path) -> Path:
@@ -89,7 +112,14 @@ def run_job(cfg: DictConfig, run_dir: Path, fit, default_threads: Optional[int])
     Under submitit (hydra/launcher=slurm|processes) a preemption or time limit ends the job through submitit's
     signal handler: it checkpoints the launcher call, requeues the job and raises SystemExit, which must reach
     submitit (the requeued job resumes this run folder); the outcome says why it stopped."""
-    action, reason = job_plan(run_dir)
+    try:
+        refuse_links(run_dir)  # before anything is moved or written: never through a link, never into a FIFO
+        action, reason = job_plan(run_dir)
+    except RegbenchError as e:
+        log.error("job failed: %s", e)
+        print(f"regbench: error: {e}", file=sys.stderr)
+        _record(run_dir, "failed", str(e), None)
+        return math.nan
     if action == "skip":
         value = _monitored(run_dir, cfg.trainer.monitor)
         _record(run_dir, "skipped", reason, value)
@@ -99,6 +129,7 @@ def run_job(cfg: DictConfig, run_dir: Path, fit, default_threads: Optional[int])
         dest = archive_failed(run_dir)
         log.info("retrying %s (the failed attempt is kept in %s)", run_dir, dest)
     _tag_requeue_signal()
+    _record(run_dir, "not run", "started by this command; no outcome recorded (the job was killed?)", None)
     try:
         value = fit(cfg, run_dir, resume=action == "resume", default_threads=default_threads)
     except KeyboardInterrupt:
@@ -220,7 +251,7 @@ def collect(sweep_dir: Path, sweep_id: Optional[str] = None, since: Optional[flo
             continue
         info = {"run": str(run_dir.relative_to(sweep_dir)), "outcome": "not run", "reason": ""}
         try:
-            record = json.loads((run_dir / OUTCOME).read_text())
+            record = read_json(run_dir / OUTCOME, root=sweep_dir)
             if isinstance(record, dict):
                 info.update({k: record.get(k) for k in ("outcome", "reason", "value", "sweep_id") if k in record})
                 stack = record.get("stack")
@@ -244,8 +275,11 @@ def _belongs(run_dir: Path, recorded: Optional[str], sweep_id: str, since: Optio
         return True
     if since is None:
         return recorded is None
-    hydra = run_dir / ".hydra" / "overrides.yaml"
-    return hydra.exists() and hydra.stat().st_mtime >= since - 2.0  # 2 s: coarse file-system clocks
+    try:
+        mtime = os.lstat(run_dir / ".hydra" / "overrides.yaml").st_mtime
+    except OSError:
+        return False
+    return mtime >= since - 2.0  # 2 s: coarse file-system clocks
 
 
 def status_table(jobs: list[dict[str, Any]]) -> str:

@@ -7,10 +7,13 @@ naming before Hydra launches the jobs, and checks the folders a sweep would reus
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Optional
 
 from regbench.errors import RegbenchError
+from regbench.io import load_folder_yaml, refuse_linked_parts
+from regbench.rundir import BOOKKEEPING, RESUME_MAY_DIFFER, refuse_links
 
 # ------------------------------------------------------------------------------------ folder names
 # A job's folder is <sweep dir>/<what this job varies>/seed=<n>: the overrides that differ between the jobs of
@@ -18,9 +21,9 @@ from regbench.errors import RegbenchError
 # The command computes which keys vary and hands Hydra the others as override_dirname.exclude_keys; the stack
 # is written in its fixed order ([dropout,l2] and [l2,dropout] are one run, one folder).
 NAMING_KEY = "hydra.job.config.override_dirname.exclude_keys"
-# Keys that do not change what a run computes: a job folder of an earlier command may differ in them.
-NOT_DEFINING = ("data.root", "data.download", "trainer.num_threads", "trainer.progress_bar", "trainer.device",
-                "trainer.resume")
+# Keys that do not change what a run computes: a job folder of an earlier command may differ in them (one that
+# is resumed, in any key a resume may differ in).
+NOT_DEFINING = BOOKKEEPING
 
 
 def canonical_name(override_dirname: str) -> str:
@@ -108,34 +111,35 @@ def check_folders(overrides: list[str], params: dict, sweep_dir: Path, default_s
             raise RegbenchError(f"two jobs of this sweep map to one folder, {folder}: {what}; fix: list each "
                                 "configuration once")
         seen[folder] = job
-        _check_earlier(sweep_dir / folder, job)
+        _check_earlier(sweep_dir / folder, job, sweep_dir)
 
 
-def _defining(job: list[str]) -> set[str]:
-    return {canonical_name(line) for k, line in _parsed(job).items() if k not in NOT_DEFINING}
+def _defining(job: list[str], free: tuple[str, ...] = NOT_DEFINING) -> set[str]:
+    return {canonical_name(line) for k, line in _parsed(job).items() if k.lstrip("+~") not in free}
 
 
-def _check_earlier(run_dir: Path, job: list[str]) -> None:
+def _check_earlier(run_dir: Path, job: list[str], sweep_dir: Path) -> None:
+    refuse_linked_parts(run_dir / ".hydra", sweep_dir)  # a job folder is never reached through a link
+    refuse_links(run_dir)
     saved = run_dir / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
+    if not os.path.lexists(saved):
         return
     from regbench.sweep import job_plan  # the sweep module decides what a job does with its folder
 
     action, _ = job_plan(run_dir)
     if action not in ("skip", "resume"):
         return  # a failed or empty earlier attempt is retried (and kept under attempts/)
+    free = RESUME_MAY_DIFFER if action == "resume" else NOT_DEFINING
+    earlier = load_folder_yaml(saved, "the job's saved overrides", root=sweep_dir)
+    valid = isinstance(earlier, list) and all(isinstance(x, str) for x in earlier)
     try:
-        import yaml
-
-        earlier = yaml.safe_load(saved.read_text())
-        valid = isinstance(earlier, list) and all(isinstance(x, str) for x in earlier)
-        earlier_set = _defining(earlier) if valid else None
-    except Exception:  # noqa: BLE001 - a run folder is data: anything unreadable counts as "other overrides"
+        earlier_set = _defining(earlier, free) if valid else None
+    except Exception:  # noqa: BLE001 - a run folder is data: an override Hydra cannot parse counts as "other"
         earlier_set = None
-    if earlier_set != _defining(job):
-        theirs = " ".join(sorted(earlier_set - _defining(job))) if earlier_set is not None else "unreadable"
+    if earlier_set != _defining(job, free):
+        theirs = " ".join(sorted(earlier_set - _defining(job, free))) if earlier_set is not None else "unreadable"
         raise RegbenchError(
             f"{run_dir}: holds a job of an earlier command with other overrides ({theirs or 'fewer overrides'}; "
-            f"now: {' '.join(sorted(_defining(job) - (earlier_set or set()))) or 'fewer overrides'}); this sweep "
-            f"would {'skip' if action == 'skip' else 'resume'} it as its own; fix: choose another "
+            f"now: {' '.join(sorted(_defining(job, free) - (earlier_set or set()))) or 'fewer overrides'}); this "
+            f"sweep would {'skip' if action == 'skip' else 'resume'} it as its own; fix: choose another "
             "hydra.sweep.dir=..., or repeat the earlier command's overrides")
