@@ -204,3 +204,47 @@ def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, capsys):
                    "'run dir:' by the run (regbench resume <run dir>)")
     (tmp_path / "file").write_text("x")
     assert "file: not a folder" in one_line_error(capsys, "rerun", str(tmp_path / "file"))
+
+
+def test_appending_never_changes_a_hard_linked_copys_original(tmp_path):
+    """A log opened for append that has other hard links (a run folder copied with `cp -al`, a planted link to a
+    file elsewhere) is replaced by a copy of its own first: the other name keeps its bytes."""
+    original, copy = tmp_path / "orig.log", tmp_path / "copy.log"
+    original.write_text("one\n")
+    os.link(original, copy)
+    with open_append(copy) as f:
+        f.write("two\n")
+    assert original.read_text() == "one\n" and copy.read_text() == "one\ntwo\n"
+    assert os.stat(original).st_nlink == os.stat(copy).st_nlink == 1
+
+
+def test_resuming_a_cp_al_copy_leaves_the_original_run_byte_identical(tmp_path):
+    """`regbench resume` of a copy made with `cp -al` appends to its regbench.log: the original's stays as it was."""
+    import json
+    import subprocess
+
+    from regbench.cli import main
+
+    run = tmp_path / "run"
+    main([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={run}"])
+    summary = json.loads((run / "summary.json").read_text())
+    summary["status"] = "failed"
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "checkpoints" / "epoch_0002.pt").unlink()
+    subprocess.run(["cp", "-al", str(run), str(tmp_path / "copy")], check=True)  # every file hard-linked
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert (run / "regbench.log").stat().st_nlink == 2
+    main(["resume", str(tmp_path / "copy")])
+    assert json.loads((tmp_path / "copy" / "summary.json").read_text())["status"] == "completed"
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", ["fifo", "zero", "dir"])
+def test_metrics_csv_is_read_as_a_bounded_regular_file(tmp_path, name):
+    """metrics.csv (read back on resume, by report and by bagging) gets the same refusals as the other records."""
+    from regbench.logs import read_metrics
+
+    path = special_files(tmp_path)[name]
+    with within(10), pytest.raises(FolderFileError) as e:
+        read_metrics(path)
+    assert "\n" not in str(e.value)

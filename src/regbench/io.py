@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import stat
 from pathlib import Path
@@ -128,7 +129,26 @@ def _jsonable(v: Any) -> Any:
 
 def open_append(path: Path, **kwargs):
     """``open(path, "a")`` that never follows a symbolic link (a link planted in a run folder is refused, OSError
-    ELOOP) and never blocks on, or appends to, anything but a regular file (a FIFO, a device: FolderFileError)."""
+    ELOOP) and never blocks on, or appends to, anything but a regular file (a FIFO, a device: FolderFileError).
+    A file with other hard links (a run folder copied with ``cp -al``, a planted link to a file elsewhere) is
+    first replaced by a copy of its own (written aside, renamed over it), so appending never changes the other
+    names' file."""
+    fd = _open_append(path)
+    if os.fstat(fd).st_nlink > 1:
+        try:
+            with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW), "rb") as shared:
+                atomic_write(path, lambda f: shutil.copyfileobj(shared, f))
+        finally:
+            os.close(fd)
+        fd = _open_append(path)
+    try:
+        return os.fdopen(fd, "a", **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_append(path: Path) -> int:
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | NOFOLLOW | NONBLOCK
     try:
         fd = os.open(path, flags, 0o644)
@@ -145,7 +165,7 @@ def open_append(path: Path, **kwargs):
             import fcntl
 
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~NONBLOCK)
-        return os.fdopen(fd, "a", **kwargs)
+        return fd
     except BaseException:
         os.close(fd)
         raise

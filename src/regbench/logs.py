@@ -20,7 +20,7 @@ from typing import Any, ContextManager
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from regbench.io import LogWriteError, atomic_write, open_append
+from regbench.io import METRICS_LIMIT, LogWriteError, atomic_write, open_append, read_folder_text
 from regbench.records import METRIC_COLUMNS, EpochRow
 
 # Which keys a sweep varies and the values they take, written by the sweep's pre-check (``sweep_hparams``) for
@@ -39,8 +39,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _complete_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text()
+    try:  # a regular file, never through a link, bounded (a run folder is data)
+        text = read_folder_text(path, METRICS_LIMIT, "metrics.csv")
     except FileNotFoundError:
         return []
     lines = text.split("\n")[:-1]  # the last element is "" after a final newline, or a cut-off line
