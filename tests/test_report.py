@@ -83,7 +83,7 @@ def test_an_all_failed_sweep_still_gets_a_report_of_its_failures(tmp_path, capsy
     err = run_report(capsys, sweep)
     md = (sweep / "report.md").read_text()
     assert "No completed run in this sweep" in md and "## Failed or unfinished jobs (2)" in md
-    assert "| regularizer=[]/seed=0 | failed | training diverged: boom |" in md
+    assert "| regularizer=\\[\\]/seed=0 | failed | training diverged: boom |" in md
     assert "![" not in md and not list(sweep.glob("*.png"))  # no plots of nothing
     assert (sweep / "report.csv").read_text().startswith("label,config,regularizers,n,best_val_loss")
     assert "no completed run, so no table or plots" in err
@@ -156,8 +156,8 @@ def test_error_text_with_newlines_and_pipes_stays_in_its_table_cell(tmp_path, ca
     failed_job(sweep / "regularizer=[l2]" / "seed=0", "line one\n| injected | row |\nline three")
     run_report(capsys, sweep)
     md = (sweep / "report.md").read_text().splitlines()
-    rows = [line for line in md if line.startswith("| regularizer=[l2]/seed=0")]
-    assert rows == ["| regularizer=[l2]/seed=0 | failed | line one \\| injected \\| row \\| line three |"]
+    rows = [line for line in md if line.startswith("| regularizer=\\[l2\\]/seed=0")]
+    assert rows == ["| regularizer=\\[l2\\]/seed=0 | failed | line one \\| injected \\| row \\| line three |"]
     assert not any(line.startswith("| injected") for line in md)
 
 
@@ -169,7 +169,7 @@ def test_symlinked_configuration_folders_are_named_not_silently_skipped(tmp_path
     err = run_report(capsys, sweep)
     assert "regularizer=[l2]: a symbolic link, not followed" in err
     md = (sweep / "report.md").read_text()
-    assert "## Symlinked folders not followed (1)" in md and "- `regularizer=[l2]`" in md
+    assert "## Symlinked folders not followed (1)" in md and "- regularizer=\\[l2\\]" in md
     assert [row["config"] for row in report(sweep)["table"]] == ["regularizer=[]"]  # not counted
 
 
@@ -208,7 +208,7 @@ def test_a_nan_summary_value_is_reported_as_nan_and_sorted_last(tmp_path, capsys
     assert math.isnan(l2["best_val_loss"]) and math.isnan(l2["best_val_loss_std"])
     assert l2["test_acc"] == math.inf
     assert table[0]["test_acc"] == pytest.approx(0.8) and table[0]["test_acc_std"] == 0.0
-    assert "| regularizer=[l2] | 2 | nan ± nan" in (sweep / "report.md").read_text()
+    assert "| regularizer=\\[l2\\] | 2 | nan ± nan" in (sweep / "report.md").read_text()
 
 
 def test_a_summary_of_the_wrong_types_is_unreadable_data_not_a_traceback(tmp_path, capsys):
@@ -222,3 +222,80 @@ def test_a_summary_of_the_wrong_types_is_unreadable_data_not_a_traceback(tmp_pat
     failed = report(sweep)["failed"]
     assert [(f["run"], f["status"], f["error"]) for f in failed] == [
         ("regularizer=[l2]/seed=0", "unreadable", "summary.json: key 'test' is \"__import__('os')\", expected dict")]
+
+
+# ------------------------------------------------------------------------------- what a careful user expects
+
+
+def test_text_cells_a_spreadsheet_would_evaluate_are_prefixed_in_report_csv(tmp_path, capsys):
+    import csv
+
+    sweep = tmp_path / "sweep"
+    for name in ("=HYPERLINK(1)", "+cmd", "-x", "@SUM(1)"):
+        completed(sweep / name / "seed=0")
+    run_report(capsys, sweep)
+    rows = list(csv.DictReader(open(sweep / "report.csv", newline="")))
+    assert sorted(r["config"] for r in rows) == ["'+cmd", "'-x", "'=HYPERLINK(1)", "'@SUM(1)"]
+    assert all(r["label"].startswith("'") for r in rows)
+    assert all(float(r["best_val_loss"]) == 0.7 for r in rows)  # numbers stay numbers
+
+
+def test_report_md_shows_markup_from_folder_names_and_errors_as_text(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    completed(sweep / "[click](http:evil.example)" / "seed=0")
+    completed(sweep / "![img](http:x.example)<b>" / "seed=0")
+    failed_job(sweep / "regularizer=[l2]" / "seed=0", "<script>alert(1)</script> see https://x.example or `code`")
+    run_report(capsys, sweep)
+    md = (sweep / "report.md").read_text()
+    assert "<script>" not in md and "<b>" not in md and "&lt;script&gt;" in md
+    assert "](" not in md.replace("](curves.png)", "").replace("](gap.png)", "").replace("](final_gap.png)", "")
+    assert "\\[click\\]\\(http:evil.example\\)" in md and "\\!\\[img\\]" in md
+    assert "https://" not in md and "`code`" not in md
+
+
+def test_control_characters_in_folder_names_are_not_printed_raw(tmp_path, capsys):
+    sweep = tmp_path / "sweep\x1b]0;owned\x07"
+    completed(sweep / "regularizer=[]" / "seed=0")
+    (sweep / "x\x1b[2Jy").symlink_to(tmp_path, target_is_directory=True)
+    main(["report", str(sweep)])
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "\x07" not in out + err
+    assert "sweep\\x1b]0;owned\\x07" in out and "x\\x1b[2Jy: a symbolic link" in err
+    assert "\x1b" not in (sweep / "report.md").read_text()
+
+
+def test_best_epoch_val_acc_is_the_best_epochs(tmp_path):
+    """The column says best-epoch: the val acc of the epoch the run chose (by val_loss), not the highest val acc
+    of any epoch (here 0.5 in every row, 0.8 at the best epoch)."""
+    sweep = tmp_path / "sweep"
+    completed(sweep / "regularizer=[]" / "seed=0")
+    assert report(sweep)["table"][0]["best_val_acc"] == 0.8
+
+
+def test_one_seed_has_no_std_and_no_error_bar(tmp_path, monkeypatch, capsys):
+    import csv
+
+    sweep = tmp_path / "sweep"
+    completed(sweep / "regularizer=[]" / "seed=0")
+    for seed, gap in ((0, 0.1), (1, 0.3)):
+        job = completed(sweep / "regularizer=[l2]" / f"seed={seed}", seed=seed, stack=["l2"])
+        s = json.loads((job / "summary.json").read_text())
+        s["final"]["clean_gap_loss"] = gap
+        (job / "summary.json").write_text(json.dumps(s))
+    bars = {}
+    save = plots_mod._save
+
+    def keep(fig, path):
+        from matplotlib.collections import LineCollection
+
+        bars[path.name] = sum(len(c.get_segments()) for c in fig.axes[0].collections if isinstance(c, LineCollection))
+        return save(fig, path)
+
+    monkeypatch.setattr(plots_mod, "_save", keep)
+    run_report(capsys, sweep)
+    table = {row["config"]: row for row in report(sweep)["table"]}
+    assert table["regularizer=[]"]["best_val_loss_std"] is None
+    assert table["regularizer=[l2]"]["final_gap_std"] == pytest.approx(math.sqrt(0.02))
+    rows = {r["config"]: r for r in csv.DictReader(open(sweep / "report.csv", newline=""))}
+    assert rows["regularizer=[]"]["best_val_loss_std"] == "" and rows["regularizer=[l2]"]["final_gap_std"] != ""
+    assert bars["final_gap.png"] == 1  # the error bar of the two seeds only

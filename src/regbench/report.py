@@ -7,6 +7,7 @@ Reads every run's summary.json and metrics.csv below the sweep folder, groups th
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import sys
@@ -14,15 +15,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from regbench.errors import RegbenchError
-from regbench.io import read_json
-from regbench.logs import read_metrics
-from regbench.records import Summary, monitor_sign
-from regbench.report_files import split_overrides, write_csv, write_markdown
+from regbench.io import METRICS_LIMIT, FolderFileError, read_folder_text, read_json
+from regbench.records import METRIC_COLUMNS, Summary
+from regbench.report_files import printable, split_overrides, write_csv, write_markdown
 from regbench.report_plots import mean_std, plot
 
 # column -> (label, higher is better)
 METRICS = {
-    "best_val_loss": ("best-epoch val loss", False),
+    "best_val_loss": ("best-epoch val loss", False),  # the values of the run's best epoch (by trainer.monitor)
     "best_val_acc": ("best-epoch val acc", True),
     "final_gap": ("final gap (val − clean train loss)", False),
     "min_val_loss_epoch": ("epoch of min val loss", True),
@@ -32,6 +32,7 @@ METRICS = {
 }
 # Extra test evaluations (summary.json test_extra) get columns of their own when a sweep has them.
 EXTRA = {"acc": ("acc", True), "nll": ("NLL", False), "ece": ("ECE", False)}
+EXTRA_NAMES = {"members_mean": "bagging members' mean"}  # a bagging run's members, averaged (its row is the ensemble)
 
 
 def find_jobs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -50,8 +51,9 @@ def find_jobs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
             if (here / d).is_symlink():
                 links.append(here / d)
         # attempts/ holds archived failed attempts; the others are a run's own subfolders, no jobs below them
-        dirnames[:] = sorted(d for d in dirnames if d not in (".hydra", "tb", "checkpoints", "attempts")
-                             and not (here / d).is_symlink())
+        # (members/ of a bagging run: its members are reported in its row, not as configurations of their own)
+        own = (".hydra", "tb", "checkpoints", "attempts") + (("members",) if here in jobs else ())
+        dirnames[:] = sorted(d for d in dirnames if d not in own and not (here / d).is_symlink())
     return sorted(jobs), sorted(links)
 
 
@@ -101,27 +103,34 @@ class _Unusable(Exception):
 
 
 def _results(run_dir: Path, summary: Summary) -> dict:
-    """The report's numbers of one completed run (summary.json + metrics.csv)."""
+    """The report's numbers of one completed run (summary.json + metrics.csv). A bagging run's validation and test
+    numbers are its ensemble's (``ensemble_val_*``, summary.json ``test``), the gap and the curves its members'
+    mean (an ensemble has no training loss); its members' mean test results are the ``members_mean`` columns."""
+    bagging = "bagging" in (summary.regularizers or [])
     try:
-        rows = read_metrics(run_dir / "metrics.csv")
+        rows = read_rows(run_dir / "metrics.csv", bagging)
+    except FolderFileError as e:
+        raise _Unusable(str(e)) from None
     except (ValueError, TypeError, IndexError) as e:
         raise _Unusable(f"metrics.csv has a malformed row ({e})") from None
     if not rows:
         raise _Unusable("metrics.csv has no epoch rows")
+    val = "ensemble_val_" if bagging else "val_"  # the columns of the run's validation results
     try:
-        final, test = _need(summary.final, "final"), _need(summary.test, "test")
+        final, test, best = _need(summary.final, "final"), _need(summary.test, "test"), _need(summary.best, "best")
         gap = final.get("clean_gap_loss")
         result = dict(
             seed=summary.seed, regularizers=list(summary.regularizers or []), rows=rows,
-            best_val_loss=_best(summary, rows, "val_loss"), best_val_acc=_best(summary, rows, "val_acc"),
+            best_val_loss=best[val + "loss"], best_val_acc=best[val + "acc"],
             final_gap=gap if gap is not None else final["gap_loss"],
-            min_val_loss_epoch=min(_evaluated(rows), key=lambda r: r["val_loss"])["epoch"],
+            min_val_loss_epoch=min(_evaluated(rows, val + "loss"), key=lambda r: r[val + "loss"])["epoch"],
             test_acc=test["acc"], test_nll=test["loss"], test_ece=test["ece"],
         )
         for name, extra in (summary.test_extra or {}).items():
             for k in EXTRA:
-                if k in extra:
-                    result[f"test_{name}_{k}"] = extra[k]
+                value = extra.get(k, extra.get("loss") if k == "nll" else None)  # members_mean says "loss"
+                if value is not None:
+                    result[f"test_{name}_{k}"] = value
         for k, v in result.items():
             if k not in ("seed", "regularizers", "rows") and not isinstance(v, (int, float)):
                 raise TypeError(f"{k} is {v!r}, expected a number")
@@ -139,20 +148,34 @@ def _need(value: Any, key: str) -> Any:
     return value
 
 
-def _best(summary: Summary, rows: list[dict], column: str) -> float:
-    """The best value of ``column``: the best epoch's, when the run monitored it, else the best over its epochs
-    (in the column's own direction)."""
-    if _need(summary.monitor, "monitor") == column:
-        return _need(summary.best, "best")[column]
-    return min(_evaluated(rows), key=lambda r: monitor_sign(column) * r[column])[column]
-
-
-def _evaluated(rows: list[dict]) -> list[dict]:
+def _evaluated(rows: list[dict], column: str = "val_loss") -> list[dict]:
     """The rows with validation metrics (trainer.eval_every may skip epochs; the last one always has them)."""
-    evaluated = [r for r in rows if r["val_loss"] is not None]
+    evaluated = [r for r in rows if r[column] is not None]
     if not evaluated:
-        raise _Unusable("metrics.csv has no evaluated epoch (val_loss is empty in every row)")
+        raise _Unusable(f"metrics.csv has no evaluated epoch ({column} is empty in every row)")
     return evaluated
+
+
+def read_rows(path: Path, bagging: bool = False) -> list[dict]:
+    """A run's metrics.csv rows (values as floats, empty as None; a line cut short by a crash is dropped), read as
+    regbench reads any file of a folder it is given (a regular file, no link, bounded: regbench.io); a bagging
+    run's rows have its ensemble columns too. Raises ValueError (FolderFileError: the file itself is refused)."""
+    from regbench.stacked.bagging import BAGGING_COLUMNS
+
+    columns = BAGGING_COLUMNS if bagging else METRIC_COLUMNS
+    try:
+        text = read_folder_text(path, METRICS_LIMIT, "metrics.csv")
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")[:-1]  # the last element is "" after a final newline, or a cut-off line
+    if bagging and lines and lines[0].rstrip("\r").split(",") != list(columns):
+        raise ValueError("its header is not a bagging run's")
+    rows = []
+    for line in [ln for ln in lines if ln.count(",") == len(columns) - 1][1:]:
+        values = next(csv.reader([line]))
+        rows.append({k: (float(v) if v != "" else None) for k, v in zip(columns, values)})
+        rows[-1]["epoch"] = int(rows[-1]["epoch"])
+    return rows
 
 
 def _job_outcome(run_dir: Path) -> dict:
@@ -199,7 +222,7 @@ def metric_columns(runs: list[dict]) -> dict[str, tuple[str, bool]]:
     cols = dict(METRICS)
     for key in sorted({k for r in runs for k in r if k.startswith("test_") and k not in METRICS}):
         name, _, metric = key[len("test_"):].rpartition("_")
-        cols[key] = (f"test {EXTRA[metric][0]} ({name})", EXTRA[metric][1])
+        cols[key] = (f"test {EXTRA[metric][0]} ({EXTRA_NAMES.get(name, name)})", EXTRA[metric][1])
     return cols
 
 
@@ -243,12 +266,14 @@ def aggregate(runs: list[dict], sort: str = "best_val_loss") -> list[dict]:
 def report(sweep_dir: Path, sort: str = "best_val_loss", out: Optional[Path] = None) -> dict:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise RegbenchError(f"{sweep_dir}: no such folder; fix: give the sweep folder printed at the end of a sweep")
+        raise RegbenchError(f"{printable(sweep_dir)}: no such folder; fix: give the sweep folder printed at the end "
+                            "of a sweep")
     out = Path(out) if out else sweep_dir
     runs, failed = load_runs(sweep_dir)
     _, links = find_jobs(sweep_dir)
     if not runs and not failed:
-        raise RegbenchError(f"{sweep_dir}: no completed run below it (and no failed or unfinished job either); "
+        raise RegbenchError(f"{printable(sweep_dir)}: no completed run below it (and no failed or unfinished job "
+                            "either); "
                             "fix: give the sweep folder printed at the end of a sweep, or run the sweep first")
     table = aggregate(runs, sort) if runs else []
     if not runs and sort not in METRICS:
@@ -269,10 +294,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--out", type=Path, default=None, help="folder for the report (default: the sweep folder)")
     args = p.parse_args(argv)
     result = report(args.sweep_dir, args.sort, args.out)
-    for f in result["files"]:
-        print(f)
+    for f in result["files"]:  # folder names may hold control characters: shown escaped, never sent raw
+        print(printable(f))
     for link in result["links"]:
-        print(f"regbench: warning: {link}: a symbolic link, not followed (listed in report.md)", file=sys.stderr)
+        print(f"regbench: warning: {printable(link)}: a symbolic link, not followed (listed in report.md)",
+              file=sys.stderr)
     if result["failed"]:
         print(f"regbench: warning: {len(result['failed'])} failed or unfinished jobs (listed apart in report.md)"
               + ("; no completed run, so no table or plots" if not result["table"] else ""), file=sys.stderr)

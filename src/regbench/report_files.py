@@ -22,8 +22,16 @@ def write_csv(table: list[dict], path: Path, columns: dict[str, tuple[str, bool]
     w = csv.DictWriter(text, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for row in table:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
+        w.writerow({k: ("" if row.get(k) is None else _csv_cell(row.get(k))) for k in cols})
     write_file(path, text.getvalue().encode())
+
+
+def _csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would evaluate as a formula (starting with = + - @, or a tab / carriage return
+    before one) gets a leading ' (OWASP's advice); numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -37,10 +45,26 @@ def write_file(path: Path, data: bytes) -> None:
                             "or write the report elsewhere with --out <folder>") from None
 
 
+# Markdown's and HTML's own characters in text from a folder (its name, an error text): as themselves, never markup.
+# <, >, & as HTML entities; the rest backslash-escaped (CommonMark: any ASCII punctuation may be), and the ":" of
+# "://", the "." of "www." and every "@" too, so that no URL or e-mail address becomes a link (GFM's autolinks).
+_MD_ESCAPES = {"<": "&lt;", ">": "&gt;", "&": "&amp;", **{c: "\\" + c for c in "\\`*_[](){}!|~#@"}}
+
+
 def _cell(value: Any) -> str:
-    """Text for one Markdown table cell: newlines would end the row and pipes would split it."""
-    text = " ".join(str(value if value is not None else "").split())  # all whitespace runs (\n, \r, \t) -> " "
-    return text.replace("\\", "\\\\").replace("|", "\\|")
+    """Text for one Markdown table cell (or line) from a folder name or an error text: whitespace runs (newlines
+    would end the row) become one space, control characters are shown as escapes, and Markdown / HTML markup
+    (links, images, tags, code spans, emphasis; | would split the cell) is escaped, so it shows as written."""
+    text = " ".join(printable(value if value is not None else "").split())  # all whitespace runs -> " "
+    return "".join(_MD_ESCAPES.get(c, c) for c in text).replace("://", "\\://").replace("www.", "www\\.")
+
+
+def printable(value: Any) -> str:
+    """``value`` as text with control characters (terminal escape sequences, C1 codes, DEL) shown as Python's
+    escapes (``\\x1b``), so a folder name cannot drive the terminal or the renderer; tab and newline kept."""
+    text = str(value)
+    return "".join(c if c in "\t\n" or (c >= " " and c != "\x7f" and not "\x80" <= c <= "\x9f")
+                   else repr(c)[1:-1] for c in text)
 
 
 def write_markdown(table: list[dict], failed: list[dict], links: list[Path], sweep_dir: Path, sort: str,
@@ -68,6 +92,12 @@ def write_markdown(table: list[dict], failed: list[dict], links: list[Path], swe
                 cells.append(cell)
             name = f"**{_cell(row['label'])}** (baseline)" if row["baseline"] else _cell(row["label"])
             lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
+        if any("bagging" in row["regularizers"].strip("[]").split(",") for row in table):
+            lines += ["", "Bagging runs (regularizer=\\[bagging\\]): each is one run of its configuration (n counts "
+                      "runs, not members). Its validation and test columns are its ensemble's (the softmax averaged "
+                      "over its members), its final gap and its curves its members' mean (an ensemble has no "
+                      "training loss); its members (members/\\<j\\>/ in its folder) are not configurations of "
+                      "their own, and their mean test results are the columns marked (bagging members' mean)."]
         lines += ["", "## Overfitting curves", ""]
         alt = {"curves.png": "train vs validation loss", "gap.png": "generalization gap over epochs",
                "final_gap.png": "final gap per configuration"}
@@ -85,7 +115,7 @@ def write_markdown(table: list[dict], failed: list[dict], links: list[Path], swe
         lines += [f"## Symlinked folders not followed ({len(links)})", "",
                   "The report does not follow symbolic links (a link could point outside the sweep, or at a "
                   "configuration counted already); copy the folder in if it belongs to the sweep.", ""]
-        lines += [f"- `{_cell(link.relative_to(sweep_dir))}`" for link in links]
+        lines += [f"- {_cell(link.relative_to(sweep_dir))}" for link in links]
         lines.append("")
     write_file(path, "\n".join(lines).encode())
 

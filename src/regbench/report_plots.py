@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Optional
 
 from regbench.report_files import write_file
 
@@ -14,14 +15,17 @@ GAP_SIZE = (1000, 600)
 BARS_SIZE = (1000, 600)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std; a NaN or inf among the values makes them NaN/inf instead of an exception
-    (the statistics module raises on non-finite floats)."""
+def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample std (None for one value: one seed has no spread to report, which is not a spread of 0); a
+    NaN or inf among the values makes them NaN/inf instead of an exception (the statistics module raises on
+    non-finite floats)."""
     n = len(values)
+    if n < 2:
+        return (values[0] if values else math.nan), None
     if not all(math.isfinite(v) for v in values):
-        return sum(values) / n, (math.nan if n > 1 else 0.0)
+        return sum(values) / n, math.nan
     mean = math.fsum(values) / n
-    return mean, (math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def _curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float]]:
@@ -68,8 +72,7 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
                 continue
             ax.plot(ep, mean, style, color=c, label=f"{label_of[config]} ({label})",
                     marker="o" if len(ep) == 1 else None)  # one evaluated epoch: a point, not an empty line
-            ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c,
-                            alpha=0.15, linewidth=0)
+            _band(ax, ep, mean, std, c)
     ax.set(xlabel="epoch", ylabel="cross-entropy loss",
            title="Train (dashed, clean: eval mode, plain CE) vs validation (solid); mean ± std over seeds")
     ax.legend(fontsize=7, loc="upper right")
@@ -86,8 +89,7 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
         if not mean:
             continue
         ax.plot(ep, mean, color=c, label=label_of[config], marker="o" if len(ep) == 1 else None)
-        ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c,
-                        alpha=0.15, linewidth=0)
+        _band(ax, ep, mean, std, c)
     ax.axhline(0, color="grey", linewidth=0.8)
     # Say which train loss the gap subtracts: the clean one (eval mode, plain CE) unless a run has none.
     ylabel = {frozenset({"clean_gap_loss"}): "val loss − clean train loss",
@@ -99,13 +101,25 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
     paths.append(_save(fig, out / "gap.png"))
 
     fig, ax = plt.subplots(figsize=(BARS_SIZE[0] / 100, BARS_SIZE[1] / 100), dpi=100)
-    ax.bar(range(len(table)), [r["final_gap"] for r in table], yerr=[r["final_gap_std"] for r in table], capsize=4,
+    ax.bar(range(len(table)), [r["final_gap"] for r in table],
            color=[colors[i % len(colors)] for i in range(len(table))])
+    spread = [i for i, r in enumerate(table) if r["final_gap_std"] is not None]  # one seed: no error bar at all
+    if spread:
+        ax.errorbar(spread, [table[i]["final_gap"] for i in spread], yerr=[table[i]["final_gap_std"] for i in spread],
+                    fmt="none", ecolor="black", capsize=4)
     ax.set_xticks(range(len(table)), [r["label"] for r in table], rotation=20, ha="right", fontsize=8)
     ax.set(ylabel="final val loss − clean train loss", title="Final generalization gap (mean ± std over seeds)")
     fig.subplots_adjust(bottom=0.22)
     paths.append(_save(fig, out / "final_gap.png"))
     return paths
+
+
+def _band(ax, epochs: list[int], mean: list[float], std: list[Optional[float]], color) -> None:
+    """mean ± std over seeds as a band; none where there is one seed (no std)."""
+    if any(s is None for s in std):
+        return
+    ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color,
+                    alpha=0.15, linewidth=0)
 
 
 def _save(fig, path: Path) -> Path:

@@ -7,7 +7,9 @@ one :class:`StackedModel`, their torch optimizers (driven by their own scheduler
 :class:`StackedOptimizer`. After every epoch each member's weights go back into its own model and its own
 ``_Run.record`` does the rest (evaluation, logs, early stopping, summary.json); checkpoints are written in the
 ordinary format, for every member of the epoch before any is pruned, so a killed stack resumes every member
-from one common epoch. A member that stops early or fails (divergence) leaves the stack; the others go on.
+from one common epoch; an observer's records of the epoch (a bagging run's ensemble row) are written before
+them, so no checkpoint is ever ahead of them (a kill in between redoes the epoch). A member that stops early or
+fails (divergence) leaves the stack; the others go on.
 
 Random draws: each member owns a torch RNG state, swapped in around its batch (augmentation) and its dropout
 masks, in the order its single run draws them; its data order has its own generator (RunState.order).
@@ -27,6 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from regbench import runtime
+from regbench.checkpoint import fault_point
 from regbench.errors import RegbenchError
 from regbench.stacked.logs import member_logs
 from regbench.stacked.model import StackedModel
@@ -74,7 +77,7 @@ def _fit_stack(cfgs, run_dirs, resume, default_threads, observer, member_data, g
     _check_same(cfgs)
     resuming = [prepare_run_dir(d, r) for d, r in zip(run_dirs, resume)]
     rt = runtime.set_up(cfgs[0].trainer, default_threads)
-    common = _common_epoch(cfgs, run_dirs, resuming)
+    common = common_epoch(cfgs, run_dirs, resuming)
     runs, rngs, values, shared = [], [], [math.nan] * len(cfgs), None
     with member_logs(run_dirs) as logs:
         for k, cfg in enumerate(cfgs):
@@ -116,7 +119,7 @@ def _check_same(cfgs) -> None:
                                 "(hydra/launcher=stacked groups a sweep's jobs by what they share)")
 
 
-def _common_epoch(cfgs, run_dirs, resuming) -> Optional[int]:
+def common_epoch(cfgs, run_dirs, resuming) -> Optional[int]:
     """The newest epoch every resuming member has a checkpoint of (a stack killed while it wrote one epoch's
     checkpoints resumes all members from the previous one, which is pruned only after every member wrote)."""
     from regbench.checkpoint import Checkpoints
@@ -247,19 +250,21 @@ class Stack:
                     self._failed(k, e, started)
                     done.append(k)
                     continue
+            fault_point(f"after_member_record_{self.ids[k]}", epoch)
             if run.checkpoint_due(epoch, stopped):
                 saving.append((slot, k))
             if stopped:
                 done.append(k)
+        if self.observer is not None:  # its records of the epoch before any checkpoint of it (redone on resume)
+            self.observer.on_epoch_end(epoch, self)
         for slot, k in saving:  # every member's checkpoint of this epoch first, then the pruning
             self.optimizer.export_member(slot)
             with self.member_rng(k):
                 self.runs[k].ckpts.save(epoch, self.runs[k].state.state_dict(), best=self.runs[k].improved,
                                         prune=False)
+            fault_point(f"after_member_checkpoint_{self.ids[k]}", epoch)
         for _, k in saving:
             self.runs[k].ckpts.prune()
-        if self.observer is not None:
-            self.observer.on_epoch_end(epoch, self)
         return done
 
     def train_epoch(self) -> list[dict]:
@@ -365,6 +370,7 @@ class Stack:
                 return math.nan
             finally:
                 run.logger.close()
+        fault_point(f"after_member_complete_{self.ids[k]}", run.summary.epochs_completed)
         return value
 
     def _failed(self, k: int, e: BaseException, started: float) -> None:
