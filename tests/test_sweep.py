@@ -159,7 +159,9 @@ def test_report_numbers_plots_and_failed_runs(tmp_path):
     d = table["regularizer=[dropout]"]
     assert d["test_acc_delta"] == pytest.approx(d["test_acc"] - table["regularizer=[]"]["test_acc"])
     md = (sweep / "report.md").read_text()
-    assert "| **regularizer=[]** (baseline) | 2 |" in md and "regularizer=[l2]/seed=0 | failed | training diverged: boom" in md
+    # folder names are escaped for Markdown (no link or image can be made of them): brackets as \[ \]
+    assert "| **regularizer=\\[\\]** (baseline) | 2 |" in md
+    assert "regularizer=\\[l2\\]/seed=0 | failed | training diverged: boom" in md
     csv_text = (sweep / "report.csv").read_text()
     assert csv_text.splitlines()[0].startswith("label,config,regularizers,n,best_val_loss")
     import matplotlib.image

@@ -335,12 +335,14 @@ class Stack:
         if not losses:
             zero = torch.zeros((), device=device)
             return [{"loss": zero, "penalty": None, "correct": zero.long(), "seen": 0} for _ in range(K)]
-        weights = torch.tensor(sizes, dtype=torch.float32, device=device).view(-1, 1)
-        loss = (torch.stack(losses).float() * weights).sum(0)
-        pen = (torch.stack(pens).float() * weights).sum(0) if pens else None
+        # Each member's column summed on its own ([steps] · [steps]), the order metrics.epoch_sums sums a single
+        # run's steps in: a [steps, K].sum(0) would reduce in another order (last-digit differences).
+        weights = torch.tensor(sizes, dtype=torch.float32, device=device)
+        loss, pen = torch.stack(losses).float(), (torch.stack(pens).float() if pens else None)
         correct = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1)
-        return [{"loss": loss[s], "correct": correct[s], "seen": sum(sizes),
-                 "penalty": pen[s] if pen is not None and self.rules.has_penalty[s] else None} for s in range(K)]
+        return [{"loss": (loss[:, s] * weights).sum(), "correct": correct[s], "seen": sum(sizes),
+                 "penalty": (pen[:, s] * weights).sum() if pen is not None and self.rules.has_penalty[s] else None}
+                for s in range(K)]
 
     # ------------------------------------------------------------------------------------ members
     def export(self) -> None:
