@@ -335,6 +335,145 @@ def case_resume_metrics_gap(tmp_path, monkeypatch, capsys):
     return msg
 
 
+BAGGING = [*TINY, "regularizer=[bagging]", "regularizer.bagging.members=2", "trainer.max_epochs=2"]
+
+
+def unfinished_bagging_run(tmp_path: Path) -> Path:
+    run = tmp_path / "bagging"
+    fit(compose_cfg(*BAGGING), run)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    (run / "COMPLETED").unlink()
+    return run
+
+
+def case_bagging_members_symlink(tmp_path, monkeypatch, capsys):
+    run = unfinished_bagging_run(tmp_path)
+    (run / "members").rename(tmp_path / "outside")
+    (run / "members").symlink_to(tmp_path / "outside", target_is_directory=True)
+    before = {p: p.read_bytes() for p in (tmp_path / "outside").rglob("*") if p.is_file()}
+    msg = run_cli(capsys, *BAGGING, "trainer.resume=true", f"hydra.run.dir={run}")
+    assert {p: p.read_bytes() for p in (tmp_path / "outside").rglob("*") if p.is_file()} == before
+    return msg
+
+
+def case_bagging_ensemble_rows_lost(tmp_path, monkeypatch, capsys):
+    run = unfinished_bagging_run(tmp_path)
+    lines = (run / "metrics.csv").read_text().splitlines(keepends=True)
+    (run / "metrics.csv").write_text(lines[0] + lines[2])  # epoch 1's ensemble row lost (an older regbench)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    msg = run_cli(capsys, *BAGGING, "trainer.resume=true", f"hydra.run.dir={run}")
+    assert {p: p.read_bytes() for p in before} == before  # refused: nothing rewritten
+    return msg
+
+
+# --- helper H-B: binary files from someone else, test hooks (issue 25) -----------------------------------------
+
+def case_compressed_checkpoint(tmp_path, monkeypatch, capsys):
+    import io
+    import zipfile
+
+    buf, out = io.BytesIO(), io.BytesIO()
+    torch.save({"model": {}, "epoch": 1}, buf)
+    with zipfile.ZipFile(buf) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as w:
+        for info in z.infolist():
+            w.writestr(info.filename, z.read(info))
+    (tmp_path / "bomb.pt").write_bytes(out.getvalue())
+    return run_cli(capsys, *TINY, "regularizer=[transfer]", f"regularizer.transfer.init_from={tmp_path}/bomb.pt",
+                   f"hydra.run.dir={tmp_path}/r")
+
+
+def case_checkpoint_fifo(tmp_path, monkeypatch, capsys):
+    os.mkfifo(tmp_path / "fifo.pt")  # opened non-blocking, refused by fstat: it cannot hang the run
+    return run_cli(capsys, *TINY, "regularizer=[transfer]", f"regularizer.transfer.init_from={tmp_path}/fifo.pt",
+                   f"hydra.run.dir={tmp_path}/r")
+
+
+def case_malicious_weights(tmp_path, monkeypatch, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    torch.save({"features.0.0.weight": Payload()}, tmp_path / "evil.pth", pickle_protocol=4)
+    msg = run_cli(capsys, *TINY, "model=torchvision", "model.arch=mobilenet_v3_small", "model.input_size=32",
+                  f"model.weights={tmp_path}/evil.pth", f"hydra.run.dir={tmp_path}/r")
+    assert not (tmp_path / "pwned").exists() and "weights_only=False" not in msg
+    return msg
+
+
+def case_test_hook_malformed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REGBENCH_FAULT", "after_metrics")
+    msg = run_cli(capsys, *TINY, f"hydra.run.dir={tmp_path}/r")
+    assert not (tmp_path / "r").exists()  # refused by the pre-run check, not at the first hook mid-run
+    return msg
+
+
+def case_slurm_unreachable(tmp_path, monkeypatch, capsys):
+    """sbatch and srun are there, but sinfo cannot reach the controller: refused before anything is written (it
+    left multirun.yaml and a pickle per job when sinfo's failure was skipped)."""
+    fake_slurm(tmp_path, monkeypatch, "never called")
+    (tmp_path / "slurm-bin" / "sinfo").write_text("#!/bin/sh\necho 'slurm_load_partitions: Unable to contact slurm "
+                                                  "controller (connect failure)' >&2\nexit 1\n")
+    msg = run_cli(capsys, "-m", *TINY, "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}/s")
+    assert not (tmp_path / "s").exists()
+    return msg
+
+
+def case_read_only_mid_run(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from tests.conftest import writes_fail_after_epoch
+
+    writes_fail_after_epoch(monkeypatch, 1, errno.EROFS)
+    return run_cli(capsys, *TINY, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/r")
+
+
+def case_file_size_limit(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from tests.conftest import writes_fail_after_epoch
+
+    writes_fail_after_epoch(monkeypatch, 1, errno.EFBIG)
+    return run_cli(capsys, *TINY, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/r")
+
+
+def _saved_run(tmp_path: Path) -> Path:
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose_cfg(*TINY)))
+    return run
+
+
+def case_saved_config_interpolation(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VAR", "mnist5k")
+    run = _saved_run(tmp_path)
+    path = run / ".hydra" / "config.yaml"
+    path.write_text(path.read_text().replace("name: mnist5k", "name: ${oc.env:VAR}"))
+    return run_cli(capsys, "rerun", str(run))
+
+
+def case_folder_file_not_regular(tmp_path, monkeypatch, capsys):
+    run = _saved_run(tmp_path)
+    (run / ".hydra" / "config.yaml").unlink()
+    os.mkfifo(run / ".hydra" / "config.yaml")
+    return run_cli(capsys, "rerun", str(run))
+
+
+def case_folder_yaml_unbounded(tmp_path, monkeypatch, capsys):
+    run = _saved_run(tmp_path)
+    (run / ".hydra" / "config.yaml").write_text("a: &a [lol, lol]\nb: [*a, *a, *a]\n")
+    return run_cli(capsys, "resume", str(run))
+
+
+def case_run_dir_special_file(tmp_path, monkeypatch, capsys):
+    run = unfinished_run(tmp_path, "running")
+    (run / "checkpoints" / "last.pt").unlink()
+    os.mkfifo(run / "checkpoints" / "last.pt")
+    return run_cli(capsys, *TINY, "trainer.max_epochs=2", "trainer.resume=true", f"hydra.run.dir={run}")
+
+
 # (row id, how to provoke it, text the message contains). Rows given as a list are plain command lines.
 CASES = [
     ("typo-key", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
@@ -344,6 +483,8 @@ CASES = [
     ("bad-syntax", ["model.hidden=[1,2"], "cannot parse override: no viable alternative at input '[1,2'"),
     ("lr-range", ["optimizer.lr=0"], "optimizer.lr=0.0: expected a number > 0"),
     ("batch-range", ["data.batch_size=0"], "data.batch_size=0: expected an integer >= 1"),
+    ("non-finite-value", ["regularizer=[l2]", "regularizer.l2.lam=inf"],
+     "regularizer.l2.lam=inf: expected a finite number; set regularizer.l2.lam to a finite value"),
     ("val-fraction-range", ["data.val_fraction=1.5"], "data.val_fraction=1.5: expected a number in (0, 1)"),
     ("train-size-range", ["data.train_size=3601"], "data.train_size=3601: expected at most 3600"),
     ("val-split-last-sorted", ["data.val_split=last"],
@@ -384,7 +525,7 @@ CASES = [
      "model.arch='resnet19': expected a torchvision classification model"),
     ("torchvision-weights-offline", case_torchvision_weights_offline,
      "model.weights=DEFAULT: the mobilenet_v3_small weights file mobilenet_v3_small-047dcff4.pth is not in"),
-    ("torchvision-normalize", ["model=torchvision", "model.download=true"],
+    ("torchvision-normalize", ["model=torchvision", "model.download=true", "data.normalize=per_channel"],
      "data.normalize='per_channel': expected none with pretrained weights (model.weights=DEFAULT)"),
     ("torchvision-weights-path", ["model=torchvision", "model.weights=./resnet18.pt"],
      "model.weights='./resnet18.pt': expected a state dict file of resnet18 (no file there)"),
@@ -404,6 +545,8 @@ CASES = [
      "regularizer.transfer.freeze_layers=3: expected fewer than the model's 3 dense/conv layers"),
     ("batchnorm-batch-of-one", ["regularizer=[batchnorm]", "data.batch_size=1"],
      "data.batch_size=1: expected at least 2 with batchnorm"),
+    ("batchnorm-train-size-one", ["regularizer=[batchnorm]", "data.train_size=1"],
+     "data.train_size=1: expected at least 2 with batch norm in the model"),
     ("sweep-same-folder", lambda t, m, c: run_cli(c, "-m", "regularizer=[l2,dropout],[dropout,l2]",
                                                    f"hydra.sweep.dir={t}/s"),
      "two jobs of this sweep map to one folder, regularizer=[l2,dropout]/seed=0: regularizer=[l2,dropout] and "
@@ -482,6 +625,54 @@ CASES = [
      "hydra.launcher.max_members=0: expected an integer >= 1"),
     ("bagging-members", ["regularizer=[bagging]", "regularizer.bagging.members=1"],
      "regularizer.bagging.members=1: expected an integer in 2..64 (models in the ensemble)"),
+    # helper H-D: bagging runs' folders
+    ("bagging-members-symlink", case_bagging_members_symlink,
+     "bagging/members is a symbolic link; regbench never writes through links in a run folder; fix: replace it"),
+    ("bagging-ensemble-rows-lost", case_bagging_ensemble_rows_lost,
+     "metrics.csv lacks the ensemble rows of epochs 1 (they cannot be recomputed from the members' checkpoints); "
+     "fix: start the bagging run again in a new folder"),
+    # helper H-B: binary files from someone else, test hooks (issue 25)
+    ("checkpoint-compressed", case_compressed_checkpoint,
+     "bomb.pt: cannot be loaded safely (its record archive/data.pkl is compressed (zip method 8); torch.save writes "
+     "uncompressed records only, and a compressed one can inflate to gigabytes)"),
+    ("checkpoint-not-regular", case_checkpoint_fifo,
+     "fifo.pt: is a FIFO, not a regular file; regbench reads checkpoints only from regular files"),
+    ("weights-malicious", case_malicious_weights,
+     "evil.pth: cannot be loaded safely (it references posix.system, which the weights-only loader refuses; regbench "
+     "never loads weights files unsafely); fix: use a state dict saved with torch.save(model.state_dict(), path)"),
+    ("test-hook-malformed", case_test_hook_malformed,
+     "REGBENCH_FAULT='after_metrics': expected <point>:<epoch> (e.g. after_checkpoint:2) or during_write:<file name>"),
+    # helper H-C: the command line, threads, SLURM, a folder that stops taking writes (issue 25)
+    ("num-threads-range", ["trainer.num_threads=100000"], "trainer.num_threads=100000: expected an integer in [1, "),
+    ("regularizer-null", ["regularizer=[null]"],
+     "regularizer=[null]: null is not an option of config group 'regularizer' (available: bagging, batchnorm,"),
+    ("non-ascii-key", ["trainér.max_epochs=1"],
+     "trainér.max_epochs=1: non-ASCII character 'é' in the key 'trainér.max_epochs' (config keys are ASCII names); "
+     "fix: spell the key in ASCII, e.g. trainer.max_epochs=..."),
+    ("slurm-unreachable", case_slurm_unreachable,
+     "hydra/launcher=slurm: no SLURM cluster reachable (`sinfo` exited with status 1: slurm_load_partitions: Unable "
+     "to contact slurm controller (connect failure)); fix: run the sweep on a SLURM login node where `sinfo` answers"),
+    ("run-dir-read-only-mid-run", case_read_only_mid_run,
+     "checkpoints/epoch_0002.pt: Read-only file system; fix: make the run folder writable (or choose another with "
+     "hydra.run.dir=...) and free disk space; the run's status (failed) could not be recorded: summary.json still "
+     "says 'running' (Read-only file system)"),
+    ("file-size-limit", case_file_size_limit,
+     "checkpoints/epoch_0002.pt: File too large; fix: raise the file-size limit of the shell that runs regbench "
+     "(`ulimit -f`, now "),
+    ("saved-config-interpolation", case_saved_config_interpolation,
+     "/.hydra/config.yaml: data.name: '${oc.env:VAR}' is an interpolation; a saved config holds resolved values, "
+     "and regbench evaluates nothing from a run folder"),
+    ("folder-file-not-regular", case_folder_file_not_regular,
+     "/.hydra/config.yaml is a FIFO, not a regular file; regbench reads only the regular files it wrote into a run "
+     "or sweep folder (the run's saved config), never through a link; fix: replace it"),
+    ("folder-yaml-unbounded", case_folder_yaml_unbounded,
+     "/.hydra/config.yaml is not YAML regbench writes (line 1): an anchor or alias (&name / *name), which "
+     "regbench never writes"),
+    ("run-dir-special-file", case_run_dir_special_file,
+     "/checkpoints/last.pt is not a regular file (a FIFO, device or socket); regbench never reads or "
+     "writes such files in a run folder; fix: remove it"),
+    ("resume-no-such-folder", lambda t, m, c: run_cli(c, "resume", str(t / "nope")),
+     "/nope: no such folder; fix: give the run folder printed as 'run dir:' by the run (regbench resume <run dir>)"),
 ]
 
 
