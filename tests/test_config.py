@@ -22,7 +22,9 @@ def test_every_yaml_names_its_schema():
     for group in GROUPS[:-1]:
         for path in (REPO / "configs" / group).glob("*.yaml"):
             text = path.read_text()
-            assert f"/schema/{group}/" in text and "@_here_" in text, path
+            # @_here_; a `# @package _global_` file (it also sets what the option needs elsewhere) names @<group>
+            package = f"@{group}" if text.startswith("# @package _global_") else "@_here_"
+            assert f"/schema/{group}/" in text and package in text, path
             schema = text.split(f"/schema/{group}/")[1].split("@")[0]
             assert schema in schemas[group], path
 
