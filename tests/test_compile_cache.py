@@ -183,3 +183,34 @@ def test_a_plain_run_creates_no_shared_temp_cache(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert not list((tmp_path / "tmp").glob("torchinductor_*"))
     assert (tmp_path / "xdg" / "regbench" / "inductor").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_link_on_the_way_owned_by_another_user_is_refused(tmp_path, monkeypatch):
+    """The folder torch opens is the path as given: a symbolic link on it that another user owns (who can point it
+    at a folder of theirs after the check) is refused, even when it points at a private folder of yours now."""
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "cache").symlink_to(mine)
+    os.chown(theirs, 4242, 4242)
+    os.lchown(theirs / "cache", 4242, 4242)
+    _mine(monkeypatch, theirs / "cache")
+    where, reason = compile_cache.folder()
+    assert where is None and f"passes through {theirs / 'cache'}, a symbolic link owned by user" in reason
+
+
+def test_torch_s_own_default_set_by_an_earlier_import_is_not_the_users_choice(tmp_path):
+    """`import torchvision` (or torch._dynamo) before regbench sets the variable to <tempdir>/torchinductor_<user>:
+    regbench still points it at the user's own folder (that value is torch's default, not a choice)."""
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, MARK, "XDG_CACHE_HOME")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    code = ("import os, torch._dynamo; before = os.environ['%s']; import regbench; from regbench import compile_cache; "
+            "print(before, compile_cache.folder()[0])" % ENV)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.split()
+    assert before == compile_cache.torch_default().replace(os.path.dirname(compile_cache.torch_default()),
+                                                           str(tmp_path / "tmp"))
+    assert after == str(tmp_path / "xdg" / "regbench" / "inductor")

@@ -35,7 +35,12 @@ def test_the_schema_module_imports_nothing_of_regbench_but_the_error_helpers():
 
     code = "import sys, regbench.config; print(sorted(m for m in sys.modules if m.startswith('regbench')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(["regbench", "regbench.config", "regbench.errors"])
+    # regbench.compile_cache: `import regbench` points torch's compile cache at the user's own folder before any
+    # torch import (issue 25); it imports no torch either
+    assert out.strip() == str(["regbench", "regbench.compile_cache", "regbench.config", "regbench.errors"])
+    assert "'torch'" not in subprocess.run([sys.executable, "-c", code.replace(
+        "print(sorted(m for m in sys.modules if m.startswith('regbench')))", "print(sorted(sys.modules))")],
+        capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.parametrize("group", list(registry.GROUPS))

@@ -95,3 +95,19 @@ def test_sigterm_is_handled_only_where_nobody_else_does_and_restored():
         assert cli._handle_sigterm() is None
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.slow
+def test_ctrl_c_pressed_three_times_is_still_one_line(tmp_path):
+    """Impatient Ctrl-C: the second and third arrive while the first one's records are written (or at exit); they
+    are ignored, not a traceback from an atexit callback."""
+    run = tmp_path / "r"
+    p = _start(run)
+    _after_epoch_one(p, run)
+    for _ in range(3):
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert err == f"regbench: interrupted after epoch 1; continue with: regbench resume {run}\n"
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"

@@ -255,3 +255,18 @@ def test_well_formed_test_hook_values_are_accepted(value, monkeypatch):
     monkeypatch.setenv("REGBENCH_PAUSE", "1:0")
     check_test_hooks()
     fault_point("after_summary", 1)  # pauses 0 s; the fault is at another point
+
+
+@pytest.mark.parametrize("body", [lambda n: b"N" * n + b"(t" * (n // 2),   # many MARK/TUPLE pairs over a deep stack
+                                  lambda n: b"".join(b"c" + b"m%d\nf\n" % i + b"0" for i in range(n // 8))],  # globals
+                         ids=["marks", "globals"])
+def test_the_pickle_scan_is_linear_in_the_file(body, tmp_path):
+    """A hostile pickle cannot stall the scan: 1 MB of MARK-closing opcodes over a deep stack (quadratic before:
+    minutes), or of distinct refused globals, is scanned in well under a second's work per MB."""
+    import time
+
+    data = b"\x80\x02" + body(1 << 20) + b"N."
+    start = time.process_time()
+    scan = safe_load.scan_pickles(io.BytesIO(data), 1)
+    assert time.process_time() - start < 20  # linear: ~1 s on a slow core; quadratic: far beyond
+    assert len(scan.refused) <= 8

@@ -207,13 +207,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         _main(list(sys.argv[1:] if argv is None else argv), claimed)
     except KeyboardInterrupt as e:
+        previous = None  # exiting: a further Ctrl-C or SIGTERM stays ignored through the interpreter's exit
         print(f"regbench: {_interrupted(e, claimed[0] if claimed else None)}", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
     finally:
-        if previous is not None:
+        if previous is not None:  # back to the embedding program's handlers (tests call main in-process)
             import signal
 
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Terminated(KeyboardInterrupt):
@@ -237,6 +239,12 @@ def _handle_sigterm():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
+    def interrupt(signum, frame):  # Ctrl-C: a second one (or a third) while the first's records are written, and
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # at exit, would end in a traceback; it is ignored instead
+        raise KeyboardInterrupt()
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
     return signal.signal(signal.SIGTERM, terminate)
 
 

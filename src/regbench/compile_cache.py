@@ -46,9 +46,27 @@ def default_folder() -> Optional[Path]:
     return Path(home) / ".cache" / "regbench" / "inductor"
 
 
+def torch_default() -> str:
+    """The folder torch sets ENV to when it finds it unset (torch._inductor.runtime.cache_dir_utils.
+    default_cache_dir): a value equal to it was put there by an import of torch._dynamo / torchvision before
+    regbench's, not chosen by the user."""
+    import getpass
+    import re
+
+    try:
+        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+    except (KeyError, OSError):
+        return ""
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + user)
+
+
+def _chosen_by_user(value: Optional[str]) -> bool:
+    return bool(value) and value not in (os.environ.get(MARK), torch_default())
+
+
 def set_env() -> None:
     """Point ENV at regbench's folder (created 0700) unless the user named one; see the module's text."""
-    if os.environ.get(ENV) and os.environ.get(ENV) != os.environ.get(MARK):
+    if _chosen_by_user(os.environ.get(ENV)):
         return  # the user's own: checked by problem() before anything is compiled
     folder = default_folder()
     try:
@@ -64,7 +82,7 @@ def set_env() -> None:
 def folder() -> tuple[Optional[Path], Optional[str]]:
     """(the folder compiled code is cached in, None), or (None, why nothing may be compiled)."""
     value = os.environ.get(ENV)
-    if not value or value == os.environ.get(MARK):  # regbench's default: follow XDG_CACHE_HOME / HOME as they are
+    if not _chosen_by_user(value):  # regbench's default: follow XDG_CACHE_HOME / HOME as they are
         default = default_folder()
         if default is None:
             return None, NO_HOME
@@ -87,6 +105,13 @@ def problem(path: Path, variable: str) -> Optional[str]:
     except OSError as e:
         return f"the compile cache {path} cannot be created ({e.strerror or e}); fix: set {variable} to a folder of yours"
     me = os.geteuid()
+    for part in (path, *path.parents):  # the path as given: torch opens it, links and all
+        up = os.lstat(part)
+        if stat.S_ISLNK(up.st_mode) and up.st_uid not in (me, 0):
+            return (f"the compile cache {path} passes through {part}, a symbolic link owned by user "
+                    f"{_user(up.st_uid)} (who can point it elsewhere at any time); {fix}")
+        if part != path and stat.S_ISDIR(up.st_mode) and up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX:
+            return f"the compile cache {path} lies in {part}, which another user can write (and so replace it); {fix}"
     if not stat.S_ISDIR(st.st_mode):
         return f"the compile cache {path} is not a folder; {fix}"
     if st.st_uid != me:

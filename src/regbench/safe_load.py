@@ -260,7 +260,7 @@ def _step(op, arg, stack: list, memo: dict, scan: Scan, storages: dict, ok) -> N
             if name == "INST":
                 _pop_mark(stack)
         g = _global(module, qualname)
-        if not ok(g) and g not in scan.refused:
+        if not ok(g) and len(scan.refused) < 8 and g not in scan.refused:  # a bounded list: linear in the pickle
             scan.refused.append(g)
         stack.append(g)
     elif name == "MARK":
@@ -296,7 +296,14 @@ def _step(op, arg, stack: list, memo: dict, scan: Scan, storages: dict, ok) -> N
 
 
 def _pop_mark(stack: list) -> list:
-    at = max(i for i, v in enumerate(stack) if v is _MARK)
+    """The items above the topmost MARK (popped with it). Searched from the top: every item passed over is popped
+    too, so a whole scan stays linear in the pickle's length (a search from the bottom made a hostile pickle of
+    many MARK-closing ops quadratic: minutes for a 1 MB file)."""
+    at = len(stack) - 1
+    while at >= 0 and stack[at] is not _MARK:
+        at -= 1
+    if at < 0:
+        raise ValueError("a MARK-closing opcode without a MARK")
     items = stack[at + 1:]
     del stack[at:]
     return items
