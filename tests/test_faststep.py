@@ -67,6 +67,9 @@ def _direct_step(model, loss_fn, penalty_fn, x, y):
     for p in model.parameters():
         p.grad = None
     logits, loss, _ = direct(x, y, penalty_fn)
+    # the first step ran both ways and returned autograd's results: they agreed bit for bit (else the direct
+    # step would be off); the direct step alone from the second step on (the whole-run tests below)
+    assert direct.checked and direct.path.on
     return logits, loss, [p.grad for p in model.parameters()]
 
 
@@ -149,6 +152,7 @@ def test_batch_norm_steps_equal_autograds_with_their_running_statistics(variant)
         assert all(torch.equal(a, b) for a, b in zip(ga, gb))
         for a, b in zip(models[0].buffers(), models[1].buffers()):
             assert torch.equal(a, b)  # running mean and variance, num_batches_tracked
+        assert direct.checked and direct.path.on  # steps 2 and 3: the direct step alone
 
 
 def test_a_batch_of_one_is_refused_as_torch_refuses_it():
@@ -295,8 +299,11 @@ def test_the_direct_adam_step_is_the_fused_kernel_call_bitwise(cls, kw):
     def counters_at_2_24(opt):  # step counters where float32 stops counting (2^24): both add 1 the same way
         for state in opt.state.values():
             state["step"].fill_(2.0 ** 24 - 2)
-    _steps_with_schedules((ref, fast), (opt_ref, opt_fast), fastoptim.DirectAdam(opt_fast), counters_at_2_24)
-    assert calls == [1]  # only the first step (it creates the state) went through optimizer.step()
+    direct = fastoptim.DirectAdam(opt_fast)
+    _steps_with_schedules((ref, fast), (opt_ref, opt_fast), direct, counters_at_2_24)
+    # only the first step (it creates the state) and the second (the first direct call, checked against
+    # optimizer.step(), which steps) went through optimizer.step(); the direct call ran steps 3-5
+    assert calls == [1, 1] and direct.checked and direct.path.on
     for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
         assert torch.equal(a, b)
 
@@ -400,8 +407,10 @@ def test_the_direct_adam_step_applies_under_a_real_lr_schedule(cls):
     direct = fastoptim.DirectAdam(plain)
     for p in plain.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)
-    direct()  # optimizer.step() (no state yet), then the direct call
+    direct()  # optimizer.step() (no state yet), then the direct call (checked against optimizer.step(), then alone)
     direct()
+    direct()
+    assert direct.checked and direct.path.on
     assert not hasattr(plain, "_opt_called")  # only an LR scheduler's wrapper notes calls
 
 
@@ -418,8 +427,9 @@ def test_the_direct_sgd_step_is_the_fused_kernel_call_bitwise(kw):
             if "momentum_buffer" in state:
                 state["momentum_buffer"] = state["momentum_buffer"].clone()
     _steps_with_schedules((ref, fast), (opt_ref, opt_fast), direct, new_buffers)
-    # with momentum only the first step (it creates the buffers) went through optimizer.step()
-    assert calls == ([1] if kw else [])
+    # with momentum only the first step (it creates the buffers) went through optimizer.step(), and the first
+    # direct call's check (optimizer.step() steps, the kernel steps copies: they agree)
+    assert calls == ([1, 1] if kw else [1]) and direct.checked and direct.path.on
     for a, b in zip(list(ref.parameters()) + _state(opt_ref), list(fast.parameters()) + _state(opt_fast)):
         assert torch.equal(a, b)
 

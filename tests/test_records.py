@@ -28,7 +28,7 @@ COLUMNS = ["epoch", "step", "lr", "train_loss", "train_penalty", "train_acc", "c
 # summary.json's keys in the order fit writes them (test_extra appears once the test evaluation ran).
 SUMMARY_KEYS = ["status", "epochs_completed", "max_epochs", "seed", "regularizers", "params", "monitor", "final",
                 "best", "test", "data", "device", "amp", "num_threads", "deterministic", "steps_per_epoch",
-                "warnings", "optimizer_impl", "compile", "channels_last", "step_impl", "timing", "regularizer_info", "convention", "augmentation", "versions", "git", "command",
+                "warnings", "optimizer_impl", "compile", "channels_last", "step_impl", "checkpoint_impl", "timing", "regularizer_info", "convention", "augmentation", "versions", "git", "command",
                 "provenance", "run_dir", "resumed_from_epoch", "started", "finished", "time_s", "error",
                 "test_extra"]
 

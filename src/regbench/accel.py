@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from regbench import compile_cache
+from regbench.speed import FastPath, failure
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,32 @@ def _all_float(params: Iterable) -> bool:
 
 def has_fused(cls: type, device_type: str) -> bool:
     """Whether torch has a fused implementation of optimizer class ``cls`` on ``device_type``."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    return "fused" in inspect.signature(cls.__init__).parameters and \
-        device_type in _get_fused_kernels_supported_devices()
+    return "fused" in inspect.signature(cls.__init__).parameters and _supported("fused", device_type)
 
 
 def has_foreach(cls: type, device_type: str) -> bool:
-    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+    return "foreach" in inspect.signature(cls.__init__).parameters and _supported("foreach", device_type)
 
-    return "foreach" in inspect.signature(cls.__init__).parameters and \
-        device_type in _get_foreach_kernels_supported_devices()
+
+_probe: Optional[FastPath] = None  # this process's use of torch's private lists of kernel devices
+
+
+def _supported(kind: str, device_type: str) -> bool:
+    """Whether torch has ``kind`` ("fused" / "foreach") optimizer kernels on ``device_type``, by torch's own
+    (private) list; False — torch's default implementation — outside regbench.speed's gate or where the list is
+    gone (a fast path of regbench.speed: "fused-kernel probe")."""
+    global _probe
+    if _probe is None:
+        _probe = FastPath("fused-kernel probe", "torch's default optimizer implementation")
+    if not _probe.on:
+        return False
+    try:
+        from torch.utils import _foreach_utils
+
+        return device_type in getattr(_foreach_utils, f"_get_{kind}_kernels_supported_devices")()
+    except Exception as e:  # noqa: BLE001
+        _probe.off(failure(e))
+        return False
 
 
 def implementation(cls: type, params: list, fused: bool) -> dict:

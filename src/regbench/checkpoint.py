@@ -31,6 +31,7 @@ import torch
 from regbench.errors import ConfigError, RegbenchError
 from regbench.io import LogWriteError, atomic_write, write_bytes
 from regbench.safe_load import CHECKPOINT, load_weights_only
+from regbench.speed import FastPath, failure
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,51 @@ def fill_zip_crc(data: bytes) -> bytearray:
     return buf  # written as it is: a second copy of a large checkpoint would only cost memory
 
 
+class Complete(bytes):
+    """A checkpoint file's complete bytes (torch.save's own, or with the CRCs filled): written as they are."""
+
+
+def _torch_save_bytes(state: dict) -> Complete:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return Complete(buf.getvalue())
+
+
+class CheckpointEncoder:
+    """``encoder(state) -> bytes`` for :func:`save_checkpoint`, in the training thread: :func:`encode_checkpoint`'s
+    bytes (CRCs filled by the writer), or torch.save's complete bytes once the encoder is off.
+
+    A fast path of regbench.speed ("checkpoint encoder", summary.json ``checkpoint_impl``: ``encoder`` /
+    ``torch.save``): only on the torch versions it was tested on; its first file is filled at once and compared
+    byte for byte with torch.save's (one extra torch.save per run); any exception or difference turns it off for
+    the rest of the run."""
+
+    def __init__(self) -> None:
+        self.path = FastPath("checkpoint encoder", "torch.save", key="checkpoint_impl",
+                             impls=("encoder", "torch.save"), used=False)
+        self.checked = False
+
+    def speed_paths(self) -> list[FastPath]:
+        return [self.path]
+
+    def __call__(self, state: dict) -> bytes:
+        self.path.used = True
+        if self.path.on:
+            try:
+                data = encode_checkpoint(state)
+                if self.checked:
+                    return data
+                filled, plain = fill_zip_crc(data), _torch_save_bytes(state)
+                if filled == plain:
+                    self.checked = True
+                    return plain
+                self.path.off("its first file is not torch.save's, byte for byte")
+                return plain
+            except Exception as e:  # noqa: BLE001 — torch.save (a state it cannot save raises there too)
+                self.path.off(failure(e))
+        return _torch_save_bytes(state)
+
+
 def _hash_combine(seed: int, value: int) -> int:
     """c10::hash_combine on 64-bit size_t (torch's serialization id)."""
     mask = (1 << 64) - 1
@@ -144,10 +190,10 @@ def _hash_combine(seed: int, value: int) -> int:
 
 
 def save_checkpoint(path: Path, state: dict | bytes | bytearray) -> None:
-    """Write a checkpoint atomically: a state dict, or the bytes :func:`encode_checkpoint` made of one (their
-    CRC-32 fields are filled here)."""
+    """Write a checkpoint atomically: a state dict, the bytes :func:`encode_checkpoint` made of one (their
+    CRC-32 fields are filled here), or :class:`Complete` bytes (written as they are)."""
     if isinstance(state, (bytes, bytearray)):
-        data = fill_zip_crc(state)
+        data = state if isinstance(state, Complete) else fill_zip_crc(state)
         atomic_write(path, lambda f: f.write(data))
     else:
         atomic_write(path, lambda f: torch.save(state, f))

@@ -1,13 +1,19 @@
 """The direct step's optimizer half (regbench.faststep): a fused Adam/AdamW (:class:`DirectAdam`) or SGD
-(:class:`DirectSGD`) step on the CPU as one direct call of torch's kernel, bitwise equal to ``optimizer.step()``."""
+(:class:`DirectSGD`) step on the CPU as one direct call of torch's kernel, bitwise equal to ``optimizer.step()``.
+
+A fast path of regbench.speed ("direct optimizer step"): only on the torch versions it was tested on; its first
+direct call is checked bit for bit against ``optimizer.step()``; any exception or mismatch turns it off for the
+rest of the run (``optimizer.step()`` then, from the state before the failed call)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 from torch.optim import optimizer as _optimizer_module  # the global step hooks
+
+from regbench.speed import FastPath, failure, same_bits
 
 
 @dataclass
@@ -22,6 +28,8 @@ class _AdamGroup:
     max_exp_avg_sqs: list
     steps: list
     ones: list  # +1 as one-tensors: foreach's CPU path converts a Scalar per tensor (~3x slower); the same sum
+
+    TENSORS = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps")  # what a step updates
 
     @classmethod
     def of(cls, state: dict, group: dict) -> Optional["_AdamGroup"]:
@@ -66,6 +74,8 @@ class _SGDGroup:
     states: list  # the state dicts (with momentum)
     buffers: list
 
+    TENSORS = ("params", "buffers")
+
     @classmethod
     def of(cls, state: dict, group: dict) -> Optional["_SGDGroup"]:
         params = list(group["params"])
@@ -88,6 +98,11 @@ class _SGDGroup:
             return False
         return all(state.get(p) is s and s.get("momentum_buffer") is b
                    for p, s, b in zip(params, self.states, self.buffers))
+
+
+def _copy(lists: "_AdamGroup | _SGDGroup") -> "_AdamGroup | _SGDGroup":
+    """The group's lists with every tensor a step updates cloned (for the first direct call's check)."""
+    return replace(lists, **{k: [t.detach().clone() for t in getattr(lists, k)] for k in lists.TENSORS})
 
 
 def direct_optimizer(optimizer: torch.optim.Optimizer) -> Optional["_Direct"]:
@@ -116,6 +131,12 @@ class _Direct:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self._cache: list = []  # per parameter group: its lists as of the last step
+        self.path = FastPath("direct optimizer step", "optimizer.step()")
+        self.checked = False  # the first direct call was compared with optimizer.step() and agreed
+        self.fused_checked = False  # torch's own first fused step was compared with its for-loop step
+
+    def speed_paths(self) -> list[FastPath]:
+        return [self.path]
 
     def applies(self) -> bool:
         """Whether the optimizer as a whole allows the direct call (its groups are checked by ``_lists``)."""
@@ -152,17 +173,137 @@ class _Direct:
 
     def __call__(self) -> None:
         opt = self.optimizer
-        groups = self._lists() if self.applies() else None
-        grads = [[p.grad for p in g.params] for g in groups] if groups is not None else None
+        if not self.path.on:
+            self.plain()
+            return
+        try:
+            groups = self._lists() if self.applies() else None
+            grads = [[p.grad for p in g.params] for g in groups] if groups is not None else None
+        except Exception as e:  # noqa: BLE001 — torch's internals changed: its own step from now on
+            self.path.off(failure(e))
+            groups = None
         if groups is None or any(g is None or g.is_sparse for gs in grads for g in gs):
-            opt.step()
+            self.plain()
+            return
+        if not self.checked:
+            self._check(groups, grads)
             return
         if "step" in opt.__dict__:
             opt._opt_called = True  # what the LR scheduler's wrapper of step() notes
-        with torch.no_grad():
-            for g, group_grads in zip(groups, grads):
-                if g.params:
-                    self.kernel(g, group_grads)
+        done = 0
+        try:
+            with torch.no_grad():
+                for done, (g, group_grads) in enumerate(zip(groups, grads)):
+                    if g.params:
+                        self.kernel(g, group_grads)
+        except Exception as e:  # noqa: BLE001 — the groups not stepped yet by torch's own step
+            self.path.off(failure(e))
+            every = opt.param_groups
+            opt.param_groups = every[done:]
+            try:
+                opt.step()
+            finally:
+                opt.param_groups = every
+
+    def _check(self, groups: list, grads: list) -> None:
+        """The first direct call: ``optimizer.step()`` steps the parameters, the kernel steps copies of them and
+        their state; the direct call takes over only where every tensor agrees bit for bit."""
+        copies = [_copy(g) for g in groups]
+        grads = [[t.clone() for t in gs] for gs in grads]
+        self.plain()
+        if not self.path.on:  # torch's own fused step failed its check: the optimizer is unfused now
+            return
+        try:
+            with torch.no_grad():
+                for c, group_grads in zip(copies, grads):
+                    if c.params:
+                        self.kernel(c, group_grads)
+            bad = next((f"{name} of parameter group {i}" for i, (c, g) in enumerate(zip(copies, groups))
+                        for name in g.TENSORS
+                        if not all(same_bits(a, b) for a, b in zip(getattr(c, name), getattr(g, name)))), None)
+        except Exception as e:  # noqa: BLE001
+            bad = None
+            self.path.off(failure(e))
+        if bad is not None:
+            self.path.off(f"its first step differs from optimizer.step() in the {bad}")
+        self.checked = self.path.on
+
+
+    def plain(self) -> None:
+        """``optimizer.step()``. Its first fused step (torch's fused kernels are the direct call's too) is checked
+        against torch's default for-loop step on copies, to float rounding; where it raises or differs, the
+        optimizer steps unfused (what ``trainer.fused=false`` runs) from the state before it, for the rest of
+        the run."""
+        opt, O = self.optimizer, _optimizer_module
+        # (not under global step hooks: the check's own step would run them)
+        if self.fused_checked or not any(g.get("fused") for g in opt.param_groups) or \
+                getattr(O, "_global_optimizer_pre_hooks", None) or getattr(O, "_global_optimizer_post_hooks", None):
+            opt.step()
+            return
+        self.fused_checked = True
+        before = _snapshot(opt)
+        try:
+            opt.step()
+            bad = _differs_from_for_loop(opt, before)
+        except Exception as e:  # noqa: BLE001
+            bad = f"raised {failure(e)}"
+        if bad is None:
+            return
+        self.path.off(f"torch's fused optimizer step {bad}", plain="the unfused optimizer.step() "
+                      "(trainer.fused=false's implementation)")
+        self.path.key, self.path.impls, self.path.used = "optimizer_impl", ("fused", "for-loop"), True  # summary
+        _restore(opt, before)
+        for g in opt.param_groups:
+            g["fused"] = False
+        opt.step()
+
+
+def _snapshot(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """({parameter: a copy}, {parameter: a copy of its state}) of every parameter of ``opt``."""
+    params = {p: p.detach().clone() for g in opt.param_groups for p in g["params"]}
+    return params, {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                    for p, s in opt.state.items()}
+
+
+def _restore(opt: torch.optim.Optimizer, before: tuple[dict, dict]) -> None:
+    """Parameters and state as :func:`_snapshot` saw them (the state dicts themselves kept: a stack's members
+    share them)."""
+    params, states = before
+    with torch.no_grad():
+        for p, saved in params.items():
+            p.copy_(saved)
+    for p in [p for p in opt.state if p not in states]:
+        del opt.state[p]
+    for p, saved in states.items():
+        live = opt.state[p]
+        live.clear()
+        live.update(saved)
+
+
+def _differs_from_for_loop(opt: torch.optim.Optimizer, before: tuple[dict, dict]) -> Optional[str]:
+    """None where ``opt``'s step just taken agrees, to float rounding, with torch's for-loop step of the same
+    class and groups from the state ``before`` it; else what differs."""
+    params, states = before
+    copies = {p: params[p].clone().requires_grad_(p.requires_grad) for p in params}
+    ref = type(opt)([{**{k: v for k, v in g.items() if k != "params"}, "fused": False, "foreach": False,
+                      "params": [copies[p] for p in g["params"]]} for g in opt.param_groups])
+    for p, c in copies.items():
+        c.grad = None if p.grad is None else p.grad.clone()
+        if p in states:
+            ref.state[c] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in states[p].items()}
+    ref.step()
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        scale = float(b.detach().abs().max()) if b.numel() else 0.0
+        return a.shape == b.shape and torch.allclose(a.detach().float(), b.detach().float(), rtol=1e-4,
+                                                     atol=1e-5 * scale + 1e-30, equal_nan=True)
+    for i, (p, c) in enumerate(copies.items()):
+        if not close(p - params[p], c - params[p]):
+            return f"moved parameter {i} otherwise than the for-loop step"
+        for k, v in ref.state.get(c, {}).items():
+            if isinstance(v, torch.Tensor) and not close(opt.state[p].get(k, torch.empty(0)), v):
+                return f"left state {k!r} of parameter {i} otherwise than the for-loop step"
+    return None
 
 
 class DirectAdam(_Direct):
@@ -180,12 +321,16 @@ class DirectAdam(_Direct):
     @staticmethod
     def kernel(g: "_AdamGroup", grads: list) -> None:
         group = g.group
-        torch._foreach_add_(g.steps, g.ones)
         kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        kernel(g.params, grads, g.exp_avgs, g.exp_avg_sqs, g.max_exp_avg_sqs, g.steps,
-               amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-               weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-               grad_scale=None, found_inf=None)
+        torch._foreach_add_(g.steps, g.ones)
+        try:
+            kernel(g.params, grads, g.exp_avgs, g.exp_avg_sqs, g.max_exp_avg_sqs, g.steps,
+                   amsgrad=group["amsgrad"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                   weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                   grad_scale=None, found_inf=None)
+        except BaseException:
+            torch._foreach_sub_(g.steps, g.ones)  # the counters as before (whole numbers: exact)
+            raise
 
 
 class DirectSGD(_Direct):

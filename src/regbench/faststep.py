@@ -20,6 +20,11 @@ What it covers (anything else trains through autograd, and summary.json's ``step
   kernels); any other loss (label smoothing, soft targets of MixUp/CutMix) through autograd on the logits alone;
 - penalties (L1, L2, elastic net): their gradients through autograd on the parameters alone, added to the data
   gradient as autograd's gradient buffer adds them.
+
+A fast path of regbench.speed ("direct step"): only on the torch versions it was tested on; its first step runs
+both ways (the direct step, then autograd from the same state) and it takes over only where logits, loss,
+penalty, gradients, running statistics and the RNG agree bit for bit; any later exception turns it off for the
+rest of the run (autograd redoes that step from the state before it). summary.json's ``step_impl`` says which ran.
 """
 
 from __future__ import annotations
@@ -32,8 +37,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench.fastoptim import direct_optimizer
+from regbench.speed import FastPath, failure, gate, same_bits
 
 aten = torch.ops.aten
+
+
+def _aten(name: str) -> Callable:
+    """ATen's op ``name`` (its default overload); where this torch lacks it, a stand-in that raises when called
+    (the direct step's first-step check then turns it off: importing regbench never fails on it)."""
+    try:
+        return getattr(aten, name).default
+    except Exception as e:  # noqa: BLE001 — any torch: a missing or renamed op
+        why = failure(e)
+
+        def missing(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(f"torch has no aten.{name} ({why})")
+        return missing
 
 _LEAVES = (nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.Dropout, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid,
            nn.Tanh)
@@ -101,7 +120,7 @@ def plan(model: nn.Module, loss_fn: Callable, trainer: Any, device: torch.device
     why = why or _hooked(model)
     if why is None and any(p.dtype != torch.float32 for p in model.parameters()):
         why = "parameters that are not float32"
-    if why is not None:
+    if why is not None or (why := gate("direct step")) is not None:
         return None, f"autograd: {why}"
     return DirectStep(model, layers, loss_fn), "direct"
 
@@ -126,9 +145,77 @@ class DirectStep:
         self.backward_ops = [(i, op) for i in range(len(layers) - 1, first_linear - 1, -1)
                              if (op := _backward_op(layers[i], first=i == first_linear)) is not None]
         self._opt: Optional[tuple] = None  # (the optimizer, its direct step or None)
+        self.path = FastPath("direct step", "autograd", key="step_impl", impls=("direct", "autograd"), used=False)
+        self.checked = False  # the first step ran both ways and agreed bit for bit
+        # What a step changes before its gradients exist (restored when a direct step fails part-way)
+        self._draws = any(isinstance(m, nn.Dropout) for m in layers)  # the global RNG (dropout masks)
+        self._buffers = list(model.buffers())  # running statistics
+
+    def speed_paths(self) -> list[FastPath]:
+        return [self.path] + ([self._opt[1].path] if self._opt is not None and self._opt[1] is not None else [])
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, penalty_fn: Optional[Callable] = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        if self.checked:  # (a stacked member's is never called: its summary's step_impl stays "stacked")
+            rng = torch.get_rng_state() if self._draws else None
+            buffers = [b.clone() for b in self._buffers] if self._buffers else None
+            try:
+                return self._direct(x, y, penalty_fn)
+            except Exception as e:  # noqa: BLE001 — autograd redoes the step from the state before it
+                self.path.off(failure(e))
+                self.checked = False
+                self._restore(rng, buffers)
+        elif self.path.on:
+            self.path.used = True
+            return self._check(x, y, penalty_fn)
+        return self._autograd(x, y, penalty_fn)
+
+    def _restore(self, rng: Optional[torch.Tensor], buffers: Optional[list]) -> None:
+        if rng is not None:
+            torch.set_rng_state(rng)
+        with torch.no_grad():
+            for b, saved in zip(self._buffers, buffers or ()):
+                b.copy_(saved)
+
+    def _check(self, x: torch.Tensor, y: torch.Tensor, penalty_fn: Optional[Callable],
+               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The first step: the direct step, then autograd's from the same state (its results are the step's);
+        the direct step takes over where everything agreed bit for bit."""
+        rng, buffers = torch.get_rng_state(), [b.clone() for b in self._buffers]
+        try:
+            direct = self._direct(x, y, penalty_fn)
+            direct += ([p.grad for p in self.params], torch.get_rng_state(), [b.clone() for b in self._buffers])
+        except Exception as e:  # noqa: BLE001
+            direct = None
+            self.path.off(failure(e))
+        self._restore(rng, buffers)
+        out = self._autograd(x, y, penalty_fn)
+        if direct is not None:
+            plain = out + ([p.grad for p in self.params], torch.get_rng_state(), list(self._buffers))
+            names = ("logits", "loss", "penalty", "gradients", "RNG state", "running statistics")
+            bad = next((name for name, a, b in zip(names, direct, plain) if not (
+                all(same_bits(u, v) for u, v in zip(a, b)) and len(a) == len(b) if isinstance(a, list)
+                else same_bits(a, b))), None)
+            if bad is not None:
+                self.path.off(f"its first step differs from autograd's in the {bad}")
+            self.checked = self.path.on
+        return out
+
+    def _autograd(self, x: torch.Tensor, y: torch.Tensor, penalty_fn: Optional[Callable],
+                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The step as the training loop's autograd path takes it (no autocast: the direct step has none)."""
+        for p in self.params:
+            p.grad = None
+        logits = self.model(x)
+        loss = objective = self.loss_fn(logits, y)
+        penalty = penalty_fn(self.model) if penalty_fn is not None else None
+        if penalty is not None:
+            objective = loss + penalty
+        objective.backward()
+        return logits.detach(), loss.detach(), None if penalty is None else penalty.detach()
+
+    def _direct(self, x: torch.Tensor, y: torch.Tensor, penalty_fn: Optional[Callable],
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         with torch.no_grad():
             logits, saved = self._forward(x)
         # The penalty's gradient first: autograd runs the later-recorded penalty nodes before the forward's, so
@@ -191,9 +278,9 @@ class DirectStep:
         return g, loss.detach()
 
 
-_nll_forward = aten.nll_loss_forward.default
-_nll_backward = aten.nll_loss_backward.default
-_log_softmax_backward = aten._log_softmax_backward_data.default
+_nll_forward = _aten("nll_loss_forward")
+_nll_backward = _aten("nll_loss_backward")
+_log_softmax_backward = _aten("_log_softmax_backward_data")
 
 
 def _forward_op(m: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, Any]]:
@@ -286,9 +373,9 @@ def _backward_op(m: nn.Module, first: bool) -> Optional[Callable]:
     return None  # Flatten (only the first layer, below the first Linear), Identity
 
 
-_threshold_backward = aten.threshold_backward.default
-_sigmoid_backward = aten.sigmoid_backward.default
-_tanh_backward = aten.tanh_backward.default
-_leaky_relu_backward = aten.leaky_relu_backward.default
-_elu_backward = aten.elu_backward.default
-_batch_norm_backward = aten.native_batch_norm_backward.default
+_threshold_backward = _aten("threshold_backward")
+_sigmoid_backward = _aten("sigmoid_backward")
+_tanh_backward = _aten("tanh_backward")
+_leaky_relu_backward = _aten("leaky_relu_backward")
+_elu_backward = _aten("elu_backward")
+_batch_norm_backward = _aten("native_batch_norm_backward")

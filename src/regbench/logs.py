@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regbench.io import METRICS_LIMIT, LogWriteError, atomic_write, open_append, read_folder_text
 from regbench.records import METRIC_COLUMNS, EpochRow
+from regbench.speed import FastPath, attempt
 
 # Which keys a sweep varies and the values they take, written by the sweep's pre-check (``sweep_hparams``) for
 # every job: TensorBoard's HParams tab shows the keys that differ, and every key of the sweep, in every job.
@@ -80,12 +81,14 @@ class RunLogger:
                                 "writable or choose another with hydra.run.dir=...") from None
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_COLUMNS)
         self._last_epoch: int | None = None  # the test results are drawn at the last epoch's step
+        self.events = FastPath("TensorBoard batch write", "SummaryWriter.add_scalar")  # regbench.speed
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
         if resume_epoch is None:
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
             self._layout()
-            self.tb.add_text("config", _as_markdown_code(OmegaConf.to_yaml(cfg, resolve=True)), 0)
+            yaml = OmegaConf.to_yaml(cfg, resolve=True)
+            self.tb.add_text("config", "\n".join("    " + line for line in yaml.splitlines()), 0)  # as code
         else:
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_epoch + 1)
 
@@ -117,7 +120,11 @@ class RunLogger:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in row.scalars().items()]
-        self.tb._get_file_writer().add_summary(Summary(value=values), step)
+        attempt(self.events, lambda: self.tb._get_file_writer().add_summary(Summary(value=values), step),
+                lambda: [self.tb.add_scalar(v.tag, v.simple_value, step) for v in values])
+
+    def speed_paths(self) -> list[FastPath]:
+        return [self.events]
 
     def flush(self) -> None:
         """Wait until the events logged so far are in the event file (the epoch's background write calls it:
@@ -144,7 +151,7 @@ class RunLogger:
         """
         hparams = flat_hparams(self.cfg)
         plan = _sweep_plan(hparams)
-        writer = self.tb._get_file_writer()
+        writer = attempt(self.events, self.tb._get_file_writer, lambda: self.tb.file_writer)
         if plan is not None:  # one identical experiment in every job of the sweep (the plugin reads any one)
             writer.add_summary(_hparams_summary("experiment", experiment_pb(plan)))
             # A member absent from this job's stack applies with strength 0: its columns get 0, not a gap (the
@@ -217,8 +224,6 @@ def _add_value(values: list, v: Any) -> None:
 def _sweep_plan(own: dict[str, Any]) -> dict[str, list] | None:
     """The sweep's columns from the environment (None for a run outside a sweep), widened by this run's own
     values (a key or value the pre-check's jobs did not show)."""
-    import logging
-
     text = os.environ.get(SWEEP_HPARAMS_ENV)
     if not text:
         return None
@@ -371,10 +376,6 @@ class RunLogHandler(logging.FileHandler):
         print(f"regbench: warning: {self.baseFilename} was a symbolic link; replaced it with a regular file (the "
               "run log is never written through a link)", file=sys.stderr)
         return open_append(Path(self.baseFilename), encoding=self.encoding, errors=self.errors)
-
-
-def _as_markdown_code(text: str) -> str:
-    return "\n".join("    " + line for line in text.splitlines())
 
 
 def progress_bar(t: DictConfig, steps_per_epoch: int, start_epoch: int):

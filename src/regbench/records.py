@@ -155,6 +155,7 @@ class Summary:
     compile: Optional[str] = _kind(str)
     channels_last: Optional[bool] = _kind(bool)
     step_impl: Optional[str] = _kind(str)
+    checkpoint_impl: Optional[str] = _kind(str)  # encoder / torch.save (regbench.speed); null before a checkpoint
     timing: Optional[dict] = _kind(dict)
     regularizer_info: Optional[dict] = _kind(dict)
     convention: Optional[dict] = _kind(dict)
