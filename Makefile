@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench clean slurm-packages
+.PHONY: install run test test-fast test-floor bench clean slurm-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(STAMP) slurm-packages
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The floor lane (CI runs it after `make test`): the fast tests of the speed wing, checkpoints, TensorBoard,
+# launchers and config composition on Python 3.10 with the lowest versions pyproject.toml allows, in a venv cached
+# under ~/.cache/regbench/floor (scripts/floor_lane.sh says how).
+test-floor: $(STAMP)
+	bash scripts/floor_lane.sh $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_loop.py

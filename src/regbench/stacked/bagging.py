@@ -44,7 +44,8 @@ BAGGING_COLUMNS = (*METRIC_COLUMNS, *ENSEMBLE_COLUMNS, "members_training")  # th
 
 
 def member_seed(seed: int, j: int) -> int:
-    return int(np.random.SeedSequence([seed % 2 ** 63, j]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    # shifted as a Python int: numpy 1.x refuses uint64 >> int64 (no safe cast), numpy 2 gives the same value
+    return int(np.random.SeedSequence([seed % 2 ** 63, j]).generate_state(2, np.uint32).view(np.uint64)[0]) >> 1
 
 
 def member_configs(cfg: DictConfig) -> list[DictConfig]:
