@@ -218,7 +218,14 @@ def test_a_malicious_pickle_checkpoint_is_refused_without_running_it(tmp_path):
     fit(compose_cfg(*SMALL), tmp_path / "run")
     _mark_unfinished(tmp_path / "run")
     (tmp_path / "run" / "checkpoints" / "epoch_0003.pt").write_bytes(evil.read_bytes())
-    fit(compose_cfg(*SMALL, "trainer.resume=true"), tmp_path / "run")
+    # A checkpoint made to run code is no torn write: the resume is refused (no quiet fall-back past it), in one
+    # line naming it, and the run folder is left as it was.
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(RegbenchError, match="epoch_0003.pt: cannot be loaded safely \\(it references posix.system"
+                       ".*refusing to resume a run folder that holds it") as e:
+        fit(compose_cfg(*SMALL, "trainer.resume=true"), tmp_path / "run")
+    assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
     assert not marker.exists()
 
 

@@ -30,7 +30,7 @@ import torch
 
 from regbench.errors import ConfigError, RegbenchError
 from regbench.io import LogWriteError, atomic_write, write_bytes
-from regbench.safe_load import CHECKPOINT, load_weights_only
+from regbench.safe_load import CHECKPOINT, UnsafeFileError, load_weights_only
 from regbench.speed import FastPath, failure
 
 log = logging.getLogger(__name__)
@@ -315,6 +315,9 @@ class Checkpoints:
                 continue
             try:
                 state = load_checkpoint(path, map_location)
+            except UnsafeFileError as e:  # made to run code, not torn by a crash: no quiet fall-back past it
+                raise RegbenchError(f"{e}; refusing to resume a run folder that holds it (remove {path} to resume "
+                                    "from the checkpoint before it)") from None
             except RegbenchError as e:
                 problems.append(f"{e} — falling back to the previous checkpoint")
                 continue

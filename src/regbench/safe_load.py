@@ -101,6 +101,10 @@ def _too_large(size: int, limit: int, subject: str, kind: Kind, why: str) -> Reg
 # --------------------------------------------------------------------------------------- the one line
 
 
+class UnsafeFileError(RegbenchError):
+    """A file whose pickle references a global the weights-only loader refuses: made to run code, not damaged."""
+
+
 def refused(subject: str, kind: Kind, names: list[str], reason: str = "") -> RegbenchError:
     """The one line refusing a file whose pickle the weights-only loader does not load: it names the refused
     globals (the first three, in the pickle's order) when it references any, else torch's reason (cut before any
@@ -112,8 +116,9 @@ def refused(subject: str, kind: Kind, names: list[str], reason: str = "") -> Reg
         reason = reason.split("WeightsUnpickler error:")[-1].strip()
         reason = (reason.splitlines() or [""])[0].split(" Please ")[0].split("weights_only")[0].strip(" .;(")
         why = f"the weights-only loader refuses it: {reason[:160] or 'an object it cannot load'}"
-    return RegbenchError(f"{subject}: cannot be loaded safely ({why}; regbench never loads {kind.noun} unsafely); "
-                         f"fix: {kind.fix}")
+    error = UnsafeFileError if names else RegbenchError
+    return error(f"{subject}: cannot be loaded safely ({why}; regbench never loads {kind.noun} unsafely); "
+                 f"fix: {kind.fix}")
 
 
 def corrupt(subject: str, kind: Kind, reason: str) -> RegbenchError:
