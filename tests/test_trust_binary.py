@@ -240,7 +240,8 @@ def test_a_linked_weights_file_is_refused_when_the_config_is_checked(tmp_path):
 
 @pytest.mark.parametrize("var,value", [("REGBENCH_FAULT", "after_metrics"), ("REGBENCH_FAULT", "after_metrics:two"),
                                        ("REGBENCH_FAULT", "after metrics:1"), ("REGBENCH_PAUSE", "1"),
-                                       ("REGBENCH_PAUSE", "1:soon"), ("REGBENCH_PAUSE", "x:1")])
+                                       ("REGBENCH_PAUSE", "1:soon"), ("REGBENCH_PAUSE", "x:1"),
+                                       ("REGBENCH_PAUSE", "1:99999999999999999999")])  # overflowed time.sleep
 def test_a_malformed_test_hook_variable_is_one_line(var, value, monkeypatch):
     monkeypatch.setenv(var, value)
     with pytest.raises(ConfigError, match=f"^{var}='{value}': expected .*; unset it \\(unset {var}\\)"):

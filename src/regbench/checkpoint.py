@@ -46,7 +46,7 @@ CHECKPOINT_LIMIT = 32 << 30
 # The test hooks' forms: REGBENCH_FAULT=<point>:<epoch> (the points are fault_point's names: after_metrics, ...,
 # after_member_record_<id>, after_ensemble_row, ...) or during_write:<file name> (io.py); REGBENCH_PAUSE=<epoch>:<s>.
 _HOOK_FORMS = {"REGBENCH_FAULT": re.compile(r"^(?:[a-z][a-z0-9_]*:\d+|during_write:[^/\x00]+)$"),
-               "REGBENCH_PAUSE": re.compile(r"^\d+:\d+(?:\.\d+)?$")}
+               "REGBENCH_PAUSE": re.compile(r"^\d{1,9}:\d{1,6}(?:\.\d{1,6})?$")}  # at most ~11 days of sleep
 
 
 def check_test_hooks() -> None:
