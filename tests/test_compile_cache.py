@@ -214,3 +214,25 @@ def test_torch_s_own_default_set_by_an_earlier_import_is_not_the_users_choice(tm
     assert before == compile_cache.torch_default().replace(os.path.dirname(compile_cache.torch_default()),
                                                            str(tmp_path / "tmp"))
     assert after == str(tmp_path / "xdg" / "regbench" / "inductor")
+
+
+@pytest.mark.slow
+def test_a_compiler_that_refuses_inductor_s_flags_falls_back_to_eager(tmp_path):
+    """A compiler that passes `--version` and builds a plain library but refuses inductor's own flags (-O3,
+    -march=native, -fopenmp: clang without OpenMP) ended the run at its first step with an 89-line traceback. A
+    fresh process and cache folder: inductor would otherwise reuse kernels it built before with a working g++."""
+    cxx = tmp_path / "bin" / "picky-g++"
+    cxx.parent.mkdir()
+    cxx.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in -O3|-march=*|-fopenmp) echo "picky: no $a" >&2; '
+                   'exit 1;; esac; done\nexec g++ "$@"\n')
+    cxx.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, MARK)}
+    env.update(CXX=str(cxx), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    run = tmp_path / "r"
+    out = subprocess.run([sys.executable, "-m", "regbench", *TINY, "trainer.compile=model", f"hydra.run.dir={run}"],
+                         env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = _summary(run)
+    assert s["compile"] == "none" and s["status"] == "completed"
+    assert len(s["warnings"]) == 1 and s["warnings"][0].startswith(
+        f"trainer.compile=model falls back to eager: inductor could not build a kernel with {cxx}"), s["warnings"]

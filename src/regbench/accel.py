@@ -229,6 +229,24 @@ def _cxx_fails(cxx: str) -> Optional[str]:
     return _CXX_WORKS[cxx]
 
 
+def _inductor_fails(cxx: Optional[str]) -> Optional[str]:
+    """Why inductor cannot compile a tiny function on the CPU (None when it can), probed once per compiler: a
+    compiler that builds a plain library may still refuse inductor's own flags (-O3, -march=native, -fopenmp:
+    e.g. clang without OpenMP), which would end the run at its first step."""
+    key = f"inductor:{cxx}"
+    if key not in _CXX_WORKS:
+        try:
+            torch.compile(lambda x: (x * 2.0).sin() + 1.0)(torch.ones(8))
+            _CXX_WORKS[key] = None
+        except Exception as e:  # noqa: BLE001 - any failure of the build means: run eagerly
+            said = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            _CXX_WORKS[key] = (f"inductor could not build a kernel with {cxx} ({type(e).__name__}: {said[:200]}); "
+                               "fix: repair the compiler, or set CXX to a working one (g++ or clang)")
+        finally:
+            torch._dynamo.reset()
+    return _CXX_WORKS[key]
+
+
 def compile_mode(device: torch.device, what: str) -> Optional[str]:
     """torch.compile's mode: CUDA graphs (``reduce-overhead``) for the whole step on a GPU, else the default."""
     return "reduce-overhead" if what == "step" and device.type == "cuda" else None
@@ -265,6 +283,8 @@ def compile_run(what: str, model: nn.Module, optimizer: torch.optim.Optimizer,
     folder, missing = None, compiler_missing(device)
     if missing is None:
         folder, missing = use_cache()
+    if missing is None and device.type == "cpu":  # once the cache is known to be private: inductor's own build
+        missing = _inductor_fails(_cxx())
     if missing is not None:
         warning = f"trainer.compile={what} falls back to eager: {missing}"
         log.warning("warning: %s", warning)
