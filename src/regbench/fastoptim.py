@@ -294,9 +294,19 @@ def _differs_from_for_loop(opt: torch.optim.Optimizer, before: tuple[dict, dict]
     ref.step()
 
     def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-        scale = float(b.detach().abs().max()) if b.numel() else 0.0
-        return a.shape == b.shape and torch.allclose(a.detach().float(), b.detach().float(), rtol=1e-4,
-                                                     atol=1e-5 * scale + 1e-30, equal_nan=True)
+        # Whole-tensor relative error: the fused and the for-loop kernels round differently, and one element whose
+        # update nearly cancels (v̂ ≈ 0 next to ε, a learning rate near 0 at the end of a schedule) can differ by
+        # far more than 1e-4 of itself while the tensor agrees to ~1e-7; a broken kernel (nothing updated,
+        # garbage) is off by the update's whole size. A spurious failure here would switch the run to the
+        # for-loop step and change its results, so the bound is the loose one.
+        if a.shape != b.shape:
+            return False
+        a, b = a.detach().double(), b.detach().double()
+        finite = torch.isfinite(b)
+        if not torch.equal(torch.isfinite(a), finite):
+            return False
+        diff = torch.linalg.vector_norm((a - b)[finite])
+        return bool(diff <= 1e-3 * torch.linalg.vector_norm(b[finite]) + 1e-30)
     for i, (p, c) in enumerate(copies.items()):
         if not close(p - params[p], c - params[p]):
             return f"moved parameter {i} otherwise than the for-loop step"
