@@ -18,17 +18,20 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/regbench $(ARGS)
 
+# The suite on every core (pytest-xdist), each test file on one worker (module fixtures and the SLURM cluster once).
+XDIST := -n auto --dist loadfile
+
 test: $(STAMP) slurm-packages
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # The floor lane (CI runs it after `make test`): the fast tests of the speed wing, checkpoints, TensorBoard,
 # launchers and config composition on Python 3.10 with the lowest versions pyproject.toml allows, in a venv cached
 # under ~/.cache/regbench/floor (scripts/floor_lane.sh says how).
 test-floor: $(STAMP)
-	bash scripts/floor_lane.sh $(PYTEST_ARGS)
+	bash scripts/floor_lane.sh $(XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_loop.py
