@@ -42,7 +42,7 @@ from regbench.cli import CONFIG_DIR  # noqa: E402
 from regbench.data import DATASETS, batches, load_data  # noqa: E402
 from regbench.models import build_model  # noqa: E402
 from regbench.optim import build_optimizer  # noqa: E402
-from regbench.train import train_one_epoch  # noqa: E402
+from regbench.loop import AutogradStep, train_one_epoch  # noqa: E402
 
 OPS = [{"op": "hflip", "p": 0.5}, {"op": "crop", "padding": 4, "padding_mode": "reflect"},
        {"op": "affine", "rotation": 15, "translate": 0.1, "fill": "zero"},
@@ -145,7 +145,7 @@ def bench_mlp_epoch(device, repeats: int) -> dict[str, float]:
         g = torch.Generator(device=device).manual_seed(0)
 
         def epoch():  # what fit runs: chunked augmentation + normalisation, then the training steps
-            r = train_one_epoch(model, opt, policy.train_batches(data, cfg.data.batch_size, g, False))
+            r = train_one_epoch(AutogradStep(model, opt), policy.train_batches(data, cfg.data.batch_size, g, False))
             r["loss"].item()
 
         epoch()

@@ -10,7 +10,7 @@ images/s over the timed epochs and regbench's ratio to each baseline.
     python scripts/bench_loop.py --epochs 7 --models mlp
 
 Contenders:
-- regbench: ``regbench.train.train_one_epoch`` over ``regbench.data.batches`` (what ``fit`` runs), including
+- regbench: ``regbench.loop.train_one_epoch`` over ``regbench.data.batches`` (what ``fit`` runs), including
   the on-device loss/accuracy sums and the once-per-epoch read-back.
 - minimal: a permutation of the in-memory tensors, index, forward, cross-entropy, backward, step; nothing else.
 - dataloader: the conventional ``DataLoader(TensorDataset(x, y), shuffle=True)`` loop (per-sample indexing and
@@ -39,7 +39,7 @@ from regbench.cli import CONFIG_DIR  # noqa: E402
 from regbench.data import batches, load_data  # noqa: E402
 from regbench.models import build_model  # noqa: E402
 from regbench.optim import build_optimizer  # noqa: E402
-from regbench.train import train_one_epoch  # noqa: E402
+from regbench.loop import AutogradStep, train_one_epoch  # noqa: E402
 
 
 def sync(device):
@@ -68,7 +68,7 @@ def dataloader_epoch(model, opt, loader):
 
 
 def regbench_epoch(model, opt, x, y, bs, g):
-    out = train_one_epoch(model, opt, batches(x, y, bs, g))
+    out = train_one_epoch(AutogradStep(model, opt), batches(x, y, bs, g))
     return out["loss"].item() / out["seen"], out["correct"].item() / out["seen"]  # fit's once-per-epoch read-back
 
 

@@ -67,9 +67,9 @@ NO_LAYER_SLOTS = {"torchvision"}  # the arch has its own layers: it refuses ever
 
 def model_options() -> list[str]:
     """Every registered model family."""
-    from regbench.registry import MODELS, load_all
+    import regbench.validation  # noqa: F401 — imports every module that registers
+    from regbench.registry import MODELS
 
-    load_all()
     return MODELS.names()
 
 
@@ -186,7 +186,7 @@ def writes_fail_after_epoch(monkeypatch, epoch: int, err: int) -> None:
     modes). The previous epochs' files are on disk as a synchronous run would have written them."""
     import os
     import regbench.io as rio
-    import regbench.train as train
+    import regbench.run as train
 
     failing = {"on": False}
 

@@ -21,7 +21,8 @@ from regbench.checkpoint import load_checkpoint
 from regbench.models import build_model
 from regbench.optim import build_optimizer
 from regbench.regularizers import Context, build_stack
-from regbench.train import fit, train_one_epoch
+from regbench.loop import AutogradStep, train_one_epoch
+from regbench.train import fit
 from tests.conftest import F32_REL, TINY, compose_cfg
 
 OPTIMIZERS = sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml"))
@@ -56,8 +57,9 @@ def _train(optimizer: str, fused: bool, overrides: list[str], scaler: bool = Fal
     grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if scaler else None
     x, y = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(1)), torch.arange(48) % 10
     for epoch in range(2):
-        train_one_epoch(model, opt, batches(x, y, 16, torch.Generator().manual_seed(epoch)),
-                        penalty_fn=stack.penalty_fn(), before_step=stack.before_step_fn(), scaler=grad_scaler)
+        step = AutogradStep(model, opt, penalty_fn=stack.penalty_fn(), before_step=stack.before_step_fn(),
+                            scaler=grad_scaler)
+        train_one_epoch(step, batches(x, y, 16, torch.Generator().manual_seed(epoch)))
     return _weights(model), accel.optimizer_impl(opt)
 
 
@@ -139,7 +141,7 @@ SMALL = [*TINY, "data.train_size=128", "trainer.max_epochs=4", "model.hidden=[32
 
 
 def _stop_after_epoch(monkeypatch, epoch: int):
-    import regbench.train as train
+    import regbench.run as train
 
     def fault(point, at, settle=None):
         if point == "after_summary" and at == epoch:

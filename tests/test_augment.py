@@ -452,7 +452,7 @@ def test_train_one_epoch_takes_no_augment_callable():
     """Augmentation has one path, the policy's training batches: the loop takes batches, nothing else."""
     import inspect
 
-    from regbench.train import train_one_epoch
+    from regbench.loop import train_one_epoch
 
     assert not {"augment", "transform", "mix"} & set(inspect.signature(train_one_epoch).parameters)
 
@@ -546,7 +546,7 @@ def test_augmented_training_epoch_never_waits_for_the_device(preset, device):
     host->GPU copy of a constant made at every step) raises. On CPU it runs the same code once for real."""
     from regbench.models import build_model
     from regbench.optim import build_optimizer
-    from regbench.train import train_one_epoch
+    from regbench.loop import AutogradStep, train_one_epoch
 
     dev = torch.device(device)
     cfg = compose_cfg(f"augmentation={preset}", "data.train_size=512", "data.batch_size=64")
@@ -558,7 +558,7 @@ def test_augmented_training_epoch_never_waits_for_the_device(preset, device):
     g = torch.Generator(device=dev).manual_seed(0)
 
     def epoch():
-        return train_one_epoch(model, opt, policy.train_batches(data, 64, g, False, chunk=128))
+        return train_one_epoch(AutogradStep(model, opt), policy.train_batches(data, 64, g, False, chunk=128))
 
     epoch()  # first use: per-device constants are made here, once
     if dev.type == "cuda":

@@ -14,7 +14,8 @@ from regbench.validation import validate
 from regbench.errors import ConfigError, DataError, RegbenchError
 from regbench.optim import build_optimizer
 from regbench.regularizers import Context, build_stack
-from regbench.train import fit, train_one_epoch
+from regbench.loop import AutogradStep, train_one_epoch
+from regbench.train import fit
 from tests.conftest import TINY, compose_cfg
 
 SMALL = ["model=torchvision", "model.arch=mobilenet_v3_small", "model.weights=null", "model.input_size=32"]
@@ -161,7 +162,7 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 def _epoch(model, optimizer, steps=2):
     g = torch.Generator().manual_seed(5)
     data = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(steps)]
-    train_one_epoch(model, optimizer, data)
+    train_one_epoch(AutogradStep(model, optimizer), data)
 
 
 def test_stage_one_trains_only_the_head_and_keeps_frozen_batchnorm_statistics():
@@ -228,7 +229,7 @@ def _same_run(a, b):
 
 
 def test_an_interrupted_run_resumed_in_stage_two_equals_the_uninterrupted_one(tmp_path, monkeypatch):
-    import regbench.train as train
+    import regbench.run as train
 
     fit(compose_cfg(*STAGES), tmp_path / "ref")
     real = train.fault_point

@@ -22,7 +22,8 @@ from regbench.data import batches
 from regbench.models import build_model
 from regbench.optim import build_optimizer
 from regbench.regularizers import Context, build_stack
-from regbench.train import fit, train_one_epoch
+from regbench.loop import AutogradStep, DirectStep, train_one_epoch
+from regbench.train import fit
 from tests.conftest import TINY, compose_cfg
 
 ACTIVATIONS = ["relu", "leaky_relu", "elu", "sigmoid", "tanh"]
@@ -174,8 +175,9 @@ def _weights_after(fast: bool, *overrides: str) -> torch.Tensor:
     torch.manual_seed(5)
     sums = []
     for epoch in range(2):
-        out = train_one_epoch(model, opt, batches(x, y, 8, torch.Generator().manual_seed(epoch)), loss_fn=loss_fn,
-                              penalty_fn=stack.penalty_fn(), before_step=stack.before_step_fn(), direct=direct)
+        hooks = {"penalty_fn": stack.penalty_fn(), "before_step": stack.before_step_fn()}
+        step = DirectStep(direct, model, opt, **hooks) if fast else AutogradStep(model, opt, loss_fn=loss_fn, **hooks)
+        out = train_one_epoch(step, batches(x, y, 8, torch.Generator().manual_seed(epoch)))
         sums += [out["loss"], out["correct"]] + ([out["penalty"]] if out["penalty"] is not None else [])
     return torch.cat([p.detach().flatten() for p in model.parameters()] + [s.reshape(1).float() for s in sums])
 

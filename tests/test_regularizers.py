@@ -22,7 +22,9 @@ from regbench.regularizers import REGISTRY, Context, build_stack
 from regbench.regularizers.early_stopping import EarlyStopping
 from regbench.regularizers.ensemble import Ensemble
 from regbench.regularizers.mc_dropout import mc_dropout_eval
-from regbench.train import evaluate, fit, train_one_epoch
+from regbench.evaluation import evaluate
+from regbench.loop import AutogradStep, train_one_epoch
+from regbench.train import fit
 from regbench.validation import validate
 from tests.conftest import F32_REL, REPO, TINY, compose_cfg, config_options, layered_models, small_model
 
@@ -120,8 +122,8 @@ def test_keras_l2_equals_sgd_coupled_decay_of_twice_lambda():
         stack, cfg = stack_for("optimizer=sgd", "optimizer.lr=0.1", "model.hidden=[8]", *overrides)
         model = tiny_mlp(stack, cfg, (1, 4, 4))
         opt = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer))
-        train_one_epoch(model, opt, batches(x, y, 16, torch.Generator().manual_seed(0)), penalty_fn=stack.penalty_fn(),
-                        before_step=stack.before_step_fn())
+        step = AutogradStep(model, opt, penalty_fn=stack.penalty_fn(), before_step=stack.before_step_fn())
+        train_one_epoch(step, batches(x, y, 16, torch.Generator().manual_seed(0)))
         return model
 
     a = train("regularizer=[l2]", "regularizer.l2.lam=0.01")
@@ -141,7 +143,7 @@ def _one_step(overrides, x=None, steps=1):
     x = torch.randn(8, 1, 2, 2) if x is None else x
     y = torch.arange(8) % 10
     for _ in range(steps):
-        train_one_epoch(model, opt, [(x, y)], before_step=stack.before_step_fn())
+        train_one_epoch(AutogradStep(model, opt, before_step=stack.before_step_fn()), [(x, y)])
     return start, model, stack
 
 

@@ -171,7 +171,7 @@ def test_unfinished_run_needs_an_explicit_resume(tmp_path):
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import regbench.train as train
+    import regbench.run as train
 
     real = train.train_one_epoch
     calls = {"n": 0}

@@ -14,7 +14,9 @@ from regbench.errors import ConfigError, RegbenchError
 from regbench.checkpoint import load_checkpoint
 from regbench.records import METRIC_COLUMNS
 from regbench.models import build_model
-from regbench.train import evaluate, fit, train_one_epoch
+from regbench.evaluation import evaluate
+from regbench.loop import AutogradStep, train_one_epoch
+from regbench.train import fit
 from tests.conftest import F32_REL, TINY, compose_cfg
 
 SMALL = ["data.train_size=200", "data.batch_size=50", "data.test_size=100", "trainer.max_epochs=3",
@@ -119,7 +121,7 @@ def test_train_one_epoch_accumulates_exactly():
     x, y = torch.randn(70, 1, 4, 4), torch.randint(0, 3, (70,))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    out = train_one_epoch(model, opt, batches(x, y, 32, torch.Generator().manual_seed(0)))
+    out = train_one_epoch(AutogradStep(model, opt), batches(x, y, 32, torch.Generator().manual_seed(0)))
     assert out["seen"] == 70 and out["penalty"] is None
     with torch.no_grad():
         logits = model(x)
@@ -209,7 +211,7 @@ SYNC_FREE_STACKS = [
 def second_epoch_under(mode, monkeypatch, tmp_path, *overrides) -> list:
     """Run fit for two epochs with its second training epoch inside ``mode()`` (a context manager); the first
     runs unchecked, as per-device constants are made there, once. Returns what the modes yielded."""
-    import regbench.train as train
+    import regbench.run as train
 
     real, seen = train.train_one_epoch, []
 

@@ -18,12 +18,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from regbench import provenance
+from regbench import provenance, rundir
 from regbench.cli_check import check, master_safe, naming_overrides
 from regbench.cli_errors import describe
 from regbench.cli_saved import expand_home, subcommand
 from regbench.config import CONFIG_DIR, CONFIG_NAME
 from regbench.errors import RegbenchError
+from regbench.io import JSON_LIMIT, read_folder_bytes
+from regbench.logs import SWEEP_HPARAMS_ENV, sweep_hparams
+from regbench.records import Summary
+from regbench.rundir import prepare_run_dir
+from regbench.runtime import default_num_threads
+from regbench.sweep_names import canonical_name
 from regbench.validation import register_configs
 
 __all__ = ["CONFIG_DIR", "CONFIG_NAME", "app", "check", "claim_folder", "main", "tensorboard_command"]
@@ -35,7 +41,6 @@ register_configs()
 
 
 def _run_name(name: str) -> str:
-    from regbench.sweep_names import canonical_name
 
     return canonical_name(name)
 
@@ -88,8 +93,6 @@ def app(cfg: DictConfig) -> float:
 def _stacked_origin() -> bool:
     """``regbench rerun|resume`` of a run trained in a stack (hydra/launcher=stacked): it runs as a stack of one,
     so it computes what the stack computed for it (a member does not depend on its group-mates)."""
-    from regbench import provenance
-    from regbench.records import Summary
 
     source = provenance.origin_dir()
     try:
@@ -101,7 +104,6 @@ def _stacked_origin() -> bool:
 def _fit_stacked_member(cfg: DictConfig, run_dir: Path) -> float:
     import math
 
-    from regbench.records import Summary
     from regbench.stacked.engine import fit_stack
 
     value = fit_stack([cfg], [run_dir], resume=bool(cfg.trainer.resume))[0]
@@ -129,7 +131,6 @@ def tensorboard_command() -> str:
 
 def _threads_per_job(hc) -> Optional[int]:
     """Torch threads for one job of a parallel sweep, so jobs together use the cores once (not n times)."""
-    from regbench.runtime import default_num_threads
 
     launcher = hc.launcher
     if "cpus_per_task" in launcher and launcher.cpus_per_task:
@@ -151,8 +152,6 @@ def claim_folder(cfg: DictConfig, multirun: bool):
     the overrides that hand Hydra the claimed folder. The folder name is resolved once, here: a time-stamped one
     (``${now:...}``, the default) is always a new folder; any other may exist (a resume, a sweep run again), is
     locked, and is refused if it holds an earlier run's results (unless resumed)."""
-    from regbench import rundir
-    from regbench.rundir import prepare_run_dir
 
     key, node = ("hydra.sweep.dir", cfg.hydra.sweep) if multirun else ("hydra.run.dir", cfg.hydra.run)
     try:
@@ -253,7 +252,7 @@ def _interrupted(e: KeyboardInterrupt, claim) -> str:
     import shlex
 
     what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-    if getattr(e, "regbench_unrecorded", None):  # summary.json could not be written (train._Run.fail)
+    if getattr(e, "regbench_unrecorded", None):  # summary.json could not be written (run.Run.fail)
         what += f" ({e.regbench_unrecorded})"
     if claim is None:
         return f"{what}; nothing was started"
@@ -261,7 +260,6 @@ def _interrupted(e: KeyboardInterrupt, claim) -> str:
     if claim.kind == "sweep":
         return (f"{what}; continue with the same command and hydra.sweep.dir={folder} (completed jobs are skipped, "
                 "unfinished ones resume from their checkpoints)")
-    from regbench.io import JSON_LIMIT, read_folder_bytes
 
     try:
         epochs = json.loads(read_folder_bytes(claim.folder / "summary.json", JSON_LIMIT, "summary.json"))[
@@ -336,7 +334,6 @@ def _main(argv: list[str], claimed: list) -> None:
 def _sweep_app(cfgs: list[DictConfig]) -> None:
     """Hydra's multirun, every job of which learns which keys the sweep varies (its TensorBoard HParams
     columns); the launchers (in-process, joblib, submitit/SLURM) all pass the environment on to the jobs."""
-    from regbench.logs import SWEEP_HPARAMS_ENV, sweep_hparams
 
     before = os.environ.get(SWEEP_HPARAMS_ENV)
     try:

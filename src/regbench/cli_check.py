@@ -15,9 +15,14 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from regbench.checkpoint import check_test_hooks
 from regbench.cli_errors import describe, no_such_key, schema_keys
 from regbench.config import CONFIG_DIR, CONFIG_NAME
+from regbench.datasets import DATASETS
 from regbench.errors import RegbenchError
+from regbench.slurm import check_launcher
+from regbench.sweep_names import check_folders, naming_override
+from regbench.validation import validate
 
 
 def _jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
@@ -50,7 +55,6 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
     itself is claimed apart, by :func:`claim_folder`, just before Hydra starts."""
     from hydra import compose
 
-    from regbench.validation import validate
 
     cfgs = []
     try:
@@ -81,13 +85,11 @@ def check(overrides: Sequence[str], multirun: bool = False, config_dir: Optional
             validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # what the task sees
             cfgs.append(cfg)
     if runs:  # a malformed test-hook variable is one line before anything is written (not at the first hook)
-        from regbench.checkpoint import check_test_hooks
 
         check_test_hooks()
     if multirun and runs and cfgs:
         _check_sweep(overrides, cfgs)
     if runs and multirun and cfgs:  # before a job array no node can run is submitted (it would pend forever)
-        from regbench.slurm import check_launcher
 
         check_launcher(cfgs[0].hydra.launcher)
     return cfgs
@@ -110,7 +112,6 @@ def _regbench_names(cfg: DictConfig) -> bool:
 
 def _check_sweep(overrides: Sequence[str], cfgs: list[DictConfig]) -> None:
     """Before any job of a sweep starts: one folder per job, no earlier command's job taken over."""
-    from regbench.sweep_names import check_folders
 
     if _regbench_names(cfgs[0]):
         check_folders(list(overrides), _sweep_params(cfgs[0]), Path(cfgs[0].hydra.sweep.dir), cfgs[0].seed)
@@ -120,7 +121,6 @@ def _check_sweep(overrides: Sequence[str], cfgs: list[DictConfig]) -> None:
 def _check_data(cfgs: list[DictConfig]) -> None:
     """Each distinct dataset of a sweep is loaded once before any job starts: a missing dataset (offline) is one
     line instead of one failed job (and download attempt) per job."""
-    from regbench.datasets import DATASETS
 
     seen = set()
     for cfg in cfgs:
@@ -135,7 +135,6 @@ def _check_data(cfgs: list[DictConfig]) -> None:
 
 def naming_overrides(overrides: Sequence[str], cfgs: list[DictConfig]) -> list[str]:
     """The override that names a sweep's job folders by what its jobs vary (regbench.sweep_names.naming)."""
-    from regbench.sweep_names import naming_override
 
     extra = naming_override(list(overrides), _sweep_params(cfgs[0])) if cfgs and _regbench_names(cfgs[0]) else None
     return [extra] if extra else []

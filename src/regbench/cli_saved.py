@@ -18,8 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from regbench import provenance
 from regbench.cli_errors import first_line, yaml_error
+from regbench.config import TrainConfig
 from regbench.errors import RegbenchError
 from regbench.io import FolderFileError, load_folder_yaml
+from regbench.records import Summary
+from regbench.sweep import keeps_record
+from regbench.validation import group_schemas, option_names, schema_name
 
 
 def record_subdir() -> Optional[str]:
@@ -28,7 +32,6 @@ def record_subdir() -> Optional[str]:
     saved record is never rewritten, whatever a bookkeeping key says now."""
     from hydra.core.hydra_config import HydraConfig
 
-    from regbench.sweep import keeps_record
 
     try:
         folder = Path(HydraConfig.get().runtime.output_dir)
@@ -108,7 +111,6 @@ def refuse_interpolations(data, saved: Path) -> None:
 
 def _schema_interpolations() -> set[tuple[str, str]]:
     """(key, value) of every default of regbench's schemas that is an interpolation, at its key in a config."""
-    from regbench.validation import group_schemas
 
     out = set()
     for group, schemas in group_schemas().items():
@@ -129,8 +131,6 @@ def _refused(saved: Path, key: str, value) -> None:
 
 def _saved_schemas(cfg, saved: Path) -> list[str]:
     """The schema defaults that type a saved config; refuses any key regbench does not write itself."""
-    from regbench.config import TrainConfig
-    from regbench.validation import group_schemas, option_names, schema_name
 
     allowed = [f.name for f in dataclasses.fields(TrainConfig)]
     if not isinstance(cfg, DictConfig):
@@ -168,7 +168,6 @@ def _hydra_quoted(value: str) -> str:
 
 def _finished(run_dir: Path) -> bool:
     """``regbench resume`` of a finished run prints one line and exits 0: there is nothing left to do."""
-    from regbench.records import Summary
 
     try:
         done = Summary.load(run_dir / "summary.json").status == "completed"  # the record decides

@@ -96,7 +96,17 @@ def with_write_fix(e: BaseException) -> None:
     e.args = (e.args[0].split("; fix:")[0] + "; " + file_size_fix(), *e.args[1:])
 
 
-# How a run ended, in summary.json's words (regbench.train._Run.fail).
+# How a run ended, in summary.json's words (regbench.run.Run.fail, a bagging run's end).
+
+
+def stopped_status(e: BaseException) -> str:
+    """summary.json's status when a run ends by ``e``: "preempted" / "timed-out" when SLURM's signal stopped it
+    (set by regbench.sweep's watch on submitit's requeue handler; the requeued job resumes), "interrupted" for
+    Ctrl-C or another deliberate exit, else "failed" (a sweep runs a failed job again from scratch)."""
+    status = getattr(e, "regbench_status", None)
+    if status is not None:
+        return status
+    return "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
 
 
 def stopped_reason(e: BaseException) -> str:

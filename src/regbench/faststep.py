@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench.fastoptim import direct_optimizer
+from regbench.models.mlp import MLP
 from regbench.speed import FastPath, failure, gate, same_bits
 
 aten = torch.ops.aten
@@ -60,7 +61,6 @@ _LEAVES = (nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.Dropout, nn.Identity, nn.Re
 
 def _layers(model: nn.Module) -> tuple[list[nn.Module], Optional[str]]:
     """The MLP's leaf modules in forward order, or ([], why the direct step does not apply)."""
-    from regbench.models.mlp import MLP
 
     if type(model) is not MLP:
         return [], f"model {type(model).__name__} (the direct step covers regbench's mlp)"

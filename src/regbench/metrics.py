@@ -3,7 +3,7 @@ training epoch's sums from its per-step tensors."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 
@@ -36,21 +36,63 @@ def summarize_probs(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> dic
     return {"acc": float(acc), "nll": float(nll), "ece": expected_calibration_error(probs, y, bins)}
 
 
-def epoch_sums(losses: list, penalties: list, sizes: list[int], preds: list, targets: list,
-                device: torch.device) -> dict[str, Any]:
-    """train_one_epoch's result from its per-step tensors: summed loss and penalty, number correct, samples."""
-    if not losses:
-        zero = torch.zeros((), device=device)
-        return {"loss": zero, "penalty": None, "correct": zero.long(), "seen": 0}
-    # Batch sizes as weights, made on the device by fills (at most the last batch is short): a tensor built
-    # from the Python list would be a host -> device copy.
-    weights = torch.full((len(sizes),), float(sizes[0]), device=device)
-    for i, size in enumerate(sizes):
-        if size != sizes[0]:
-            weights[i] = size
-    return {
-        "loss": (torch.stack(losses).float() * weights).sum(),
-        "penalty": (torch.stack(penalties).float() * weights).sum() if penalties else None,
-        "correct": (torch.cat(preds) == torch.cat(targets)).sum(),
-        "seen": sum(sizes),
-    }
+class EpochSums:
+    """A training epoch's sums from its per-step device tensors, for a single run (``members`` None: scalar loss and
+    penalty, logits [B, C]) and a stack (``members`` K: loss and penalty [K], logits [K, B, C]) alike: summed data
+    loss and penalty (each step's mean weighted by its batch size), number correct, samples seen.
+
+    Nothing is read back to the host. Each member's column is summed on its own ([steps] · [steps]), the order a
+    single run's steps are summed in, so a stack member's sums are bitwise its single run's. With ``fresh`` logits
+    (new tensors each step) their argmax waits for 64 steps: one op instead of 64 (~2 % of a batch-32 MLP step).
+    """
+
+    def __init__(self, device: torch.device, members: Optional[int] = None, fresh: bool = False):
+        self.device, self.members, self.fresh = device, members, fresh
+        self.losses: list = []
+        self.penalties: list = []
+        self.sizes: list[int] = []
+        self.preds: list = []
+        self.targets: list = []
+        self.pending: list = []
+
+    def add(self, logits: torch.Tensor, loss: torch.Tensor, penalty: Optional[torch.Tensor],
+            y: torch.Tensor) -> None:
+        """One step's values; ``y``: labels, or soft targets shaped like ``logits`` (their dominant label counts)."""
+        self.losses.append(loss.detach())
+        if penalty is not None:
+            self.penalties.append(penalty.detach())
+        if self.fresh and self.members is None:
+            self.pending.append(logits)
+            if len(self.pending) == 64:
+                self.preds.append(torch.cat(self.pending).argmax(1))
+                self.pending = []
+        else:  # a compiled step's outputs may be overwritten by its next run: the argmax now
+            self.preds.append(logits.detach().argmax(-1))
+        self.targets.append(y.argmax(-1) if y.ndim == logits.ndim else y)
+        self.sizes.append(logits.shape[-2])
+
+    def result(self) -> Union[dict[str, Any], list[dict[str, Any]]]:
+        """{loss, penalty (None without one), correct, seen}; a stack: one such dict per member."""
+        if self.pending:
+            self.preds.append(torch.cat(self.pending).argmax(1))
+            self.pending = []
+        K = self.members
+        if not self.losses:
+            zero = torch.zeros((), device=self.device)
+            empty = {"loss": zero, "penalty": None, "correct": zero.long(), "seen": 0}
+            return empty if K is None else [dict(empty) for _ in range(K)]
+        sizes, seen = self.sizes, sum(self.sizes)
+        # Batch sizes as weights, made on the device by fills (at most the last batch is short): a tensor built
+        # from the Python list would be a host -> device copy.
+        weights = torch.full((len(sizes),), float(sizes[0]), device=self.device)
+        for i, size in enumerate(sizes):
+            if size != sizes[0]:
+                weights[i] = size
+        loss = torch.stack(self.losses).float()
+        pen = torch.stack(self.penalties).float() if self.penalties else None
+        if K is None:
+            return {"loss": (loss * weights).sum(), "penalty": (pen * weights).sum() if pen is not None else None,
+                    "correct": (torch.cat(self.preds) == torch.cat(self.targets)).sum(), "seen": seen}
+        correct = (torch.cat(self.preds, 1) == torch.cat(self.targets, 1)).sum(1)
+        return [{"loss": (loss[:, s] * weights).sum(), "correct": correct[s], "seen": seen,
+                 "penalty": (pen[:, s] * weights).sum() if pen is not None else None} for s in range(K)]

@@ -12,6 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from regbench import __version__
+from regbench.records import Summary
+
 _origin: dict = {}
 
 
@@ -44,7 +47,6 @@ def versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    from regbench import __version__
 
     return {"regbench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cuda": torch.version.cuda or "none", "python": platform.python_version()}
@@ -82,7 +84,6 @@ def lineage(run_dir: Path, resuming: bool) -> dict:
     from; kept when the rerun is later resumed) and ``resumed_from`` (the run folder continued in place)."""
     origin = rerun_of()
     if resuming and origin is None:
-        from regbench.records import Summary
 
         try:  # the earlier attempt's record; a value that is not a path string is not carried over
             origin = Summary.load(run_dir / "summary.json").rerun_of()

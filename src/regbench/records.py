@@ -112,6 +112,10 @@ class EpochRow:
 
 
 METRIC_COLUMNS = [f.name for f in fields(EpochRow)]
+# A bagging run's metrics.csv (regbench.stacked.bagging): its members' mean of every column, the ensemble's
+# validation metrics, and how many members were still training in that epoch.
+ENSEMBLE_COLUMNS = ("ensemble_val_loss", "ensemble_val_acc", "ensemble_val_ece")
+BAGGING_COLUMNS = (*METRIC_COLUMNS, *ENSEMBLE_COLUMNS, "members_training")
 # The columns an epoch may leave empty: the evaluations (trainer.eval_every, trainer.clean_subset=0) and what
 # is derived from them.
 EVALUATION_COLUMNS = ("clean_train_loss", "clean_train_acc", "val_loss", "val_acc", "val_ece", "gap_loss", "gap_acc",

@@ -14,7 +14,7 @@ config for cross-group rules); ``obj`` is what the option builds from (a builder
 description). Validation, the CLI and the tests loop over these tables instead of naming options by hand.
 
 This module imports nothing of regbench but the error type, so any module may register into it;
-:func:`load_all` imports the modules that register (the only list of them).
+:mod:`regbench.validation` (above every module that registers) imports them: the only list of them.
 """
 
 from __future__ import annotations
@@ -136,12 +136,3 @@ DATASETS = Registry("data")
 
 # The config groups whose options are tables, in the order validation checks them (the first bad key wins).
 GROUPS: dict[str, Registry] = {r.group: r for r in (DATASETS, MODELS, OPTIMIZERS, SCHEDULERS)}
-
-
-def load_all() -> None:
-    """Import every module that registers options (model families, optimizers, schedules, datasets,
-    regularizer members), so the tables are complete. Cheap after the first call."""
-    import regbench.datasets  # noqa: F401
-    import regbench.models  # noqa: F401
-    import regbench.optim  # noqa: F401
-    import regbench.regularizers  # noqa: F401

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from regbench.errors import RegbenchError
 from regbench.io import METRICS_LIMIT, FolderFileError, read_folder_text, read_json
-from regbench.records import METRIC_COLUMNS, Summary
+from regbench.records import BAGGING_COLUMNS, METRIC_COLUMNS, Summary
 from regbench.report_files import printable, split_overrides, write_csv, write_markdown
 from regbench.report_plots import mean_std, plot
 
@@ -160,8 +160,6 @@ def read_rows(path: Path, bagging: bool = False) -> list[dict]:
     """A run's metrics.csv rows (values as floats, empty as None; a line cut short by a crash is dropped), read as
     regbench reads any file of a folder it is given (a regular file, no link, bounded: regbench.io); a bagging
     run's rows have its ensemble columns too. Raises ValueError (FolderFileError: the file itself is refused)."""
-    from regbench.stacked.bagging import BAGGING_COLUMNS
-
     columns = BAGGING_COLUMNS if bagging else METRIC_COLUMNS
     try:
         text = read_folder_text(path, METRICS_LIMIT, "metrics.csv")

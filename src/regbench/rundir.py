@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Optional
 
 from regbench.errors import RegbenchError
+from regbench.io import JSON_LIMIT, read_folder_bytes
+from regbench.logs import read_metrics
+from regbench.records import Summary
 
 try:
     import fcntl
@@ -275,7 +278,6 @@ class Claim:
 
 
 def _summary_bytes(folder: Path) -> Optional[bytes]:
-    from regbench.io import JSON_LIMIT, read_folder_bytes
 
     try:
         return read_folder_bytes(folder / "summary.json", JSON_LIMIT, "summary.json")
@@ -369,7 +371,6 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
         return False
     status = None
     try:
-        from regbench.records import Summary  # lazy: the lock helpers stay free of torch
 
         status = Summary.load(summary_path).status
     except (OSError, ValueError) as e:
@@ -388,7 +389,6 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
 
 def last_row(run_dir: Path) -> Optional[dict]:
     """The last complete row of the run's metrics.csv (None when it has none)."""
-    from regbench.logs import read_metrics
 
     rows = read_metrics(run_dir / "metrics.csv")
     return rows[-1] if rows else None

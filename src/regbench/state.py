@@ -17,8 +17,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from regbench.checkpoint import Checkpoints, capture_rng, config_differences, restore_rng
+from regbench.checkpoint import (
+    Checkpoints,
+    capture_rng,
+    config_differences,
+    restore_rng,
+)
 from regbench.errors import RegbenchError
+from regbench.logs import read_metrics
 from regbench.records import EVALUATION_COLUMNS, METRIC_COLUMNS, monitor_sign
 from regbench.rundir import RESUME_MAY_DIFFER
 
@@ -146,7 +152,6 @@ def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[
     """(metrics rows of epochs 1..the checkpoint's, the rows to write back into metrics.csv or None to keep its
     own). A checkpoint holds every row so far (metrics.csv may have lost some); one written by an older regbench
     holds none, and then metrics.csv must hold them all, or the resumed run would have a gap."""
-    from regbench.logs import read_metrics
 
     if "history" in state:
         rows = checkpoint_rows(state["history"], state["epoch"])  # ValueError: refused by the caller

@@ -1,120 +1,26 @@
-"""The training loop: config -> data on the device -> model -> optimizer/schedule -> epochs -> logs, checkpoints.
+"""``fit``: the one entry point that trains a composed config into a run folder — the dispatcher above the engines.
 
-Plain PyTorch, one code path for CPU and CUDA (``nullcontext`` vs ``torch.autocast``). The hot loop has no
-host synchronisation: per-step loss and accuracy are summed on the device and read once per epoch.
+It chooses how the run trains: a bagging run (``regularizer=[bagging]``) is a stack of its members
+(:func:`regbench.stacked.bagging.fit_bagging`); any other run is one :class:`regbench.run.Run`. The command line,
+the sweep launchers and Python callers all come through here (a stacked launcher's stacks through
+:func:`fit_stack`, re-exported from :mod:`regbench.stacked.engine`).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import sys
-import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, ContextManager, Iterable, Optional
+from typing import Optional
 
-import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig
 
-from regbench import conventions, lint, provenance, runtime, speed
-from regbench.checkpoint import CheckpointEncoder, Checkpoints, fault_point, write_epoch
-from regbench.config import evaluated
+from regbench import runtime
+from regbench.run import prepare_run
+from regbench.rundir import claim, prepare_run_dir
+from regbench.stacked.bagging import fit_bagging, is_bagging
+from regbench.stacked.engine import fit_stack
 from regbench.validation import validate
-from regbench.errors import RegbenchError, stopped_reason, unrecorded, with_write_fix
-from regbench.evaluation import evaluate, weight_norms
-from regbench.experiment import Experiment, build_experiment
-from regbench.io import BackgroundWriter, write_json
-from regbench.metrics import epoch_sums
-from regbench.logs import RunLogger, progress_bar
-from regbench.records import EpochRow, EpochTiming, Summary
-from regbench.rundir import last_row, prepare_run_dir
-from regbench.state import RunState, restore_latest
 
-log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------- loop
-
-
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    batch_iter: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-                    penalty_fn: Optional[Callable[[nn.Module], Optional[torch.Tensor]]] = None,
-                    before_step: Optional[Callable] = None, scheduler=None,
-                    autocast: Callable[[], ContextManager] = nullcontext,
-                    scaler: Optional[torch.amp.GradScaler] = None, on_step: Optional[Callable[[], None]] = None,
-                    direct: Optional[Callable] = None) -> dict[str, Any]:
-    """One pass over ``batch_iter``; returns summed data loss, summed penalty (or None), number correct (device
-    tensors) and the number of samples seen.
-
-    The optimised objective is loss_fn(logits, y) + penalty_fn(model); the two parts are reported apart.
-    ``batch_iter`` yields the batches as trained on (augmented and mixed by ``Policy.train_batches``); with soft
-    (mixed) targets, accuracy is counted against each sample's dominant label.
-    Nothing here reads a value back to the host, so CUDA steps queue up without stalls.
-    ``direct``: a :class:`regbench.faststep.DirectStep` of ``model`` (forward and backward without the autograd
-    engine, bitwise equal to it; ``loss_fn`` is its own) used instead of ``model(x)`` + ``backward``.
-    """
-    model.train()
-    # Per-step values are kept as device tensors and reduced once at the end, no host sync. The direct step's
-    # logits (fresh tensors) get their argmax 64 steps at a time: one op instead of 64 (~2 % of a batch-32 MLP
-    # step); a compiled step's outputs may be overwritten by its next run (CUDA graphs), so theirs is per step.
-    losses, penalties, sizes, preds, targets, pending = [], [], [], [], [], []
-    for xb, yb in batch_iter:
-        if direct is not None:  # the same step without the autograd engine (bitwise equal)
-            logits, loss, penalty = direct(xb, yb, penalty_fn)
-            if penalty is not None:
-                penalties.append(penalty.detach())
-            if before_step is not None:
-                before_step(model, optimizer, None)
-            direct.optimizer_step(optimizer)  # optimizer.step(); fused Adam/SGD by one direct kernel call
-        else:
-            with autocast():
-                logits = model(xb)
-                loss = loss_fn(logits, yb)
-            objective = loss
-            if penalty_fn is not None:
-                penalty = penalty_fn(model)  # outside autocast: summed in the parameters' own precision
-                if penalty is not None:
-                    objective = loss + penalty
-                    penalties.append(penalty.detach())
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                objective.backward()
-                if before_step is not None:
-                    before_step(model, optimizer, None)
-                optimizer.step()
-            else:
-                scaler.scale(objective).backward()
-                if before_step is not None:
-                    before_step(model, optimizer, scaler)
-                scaler.step(optimizer)
-                scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        losses.append(loss.detach())
-        if direct is None:  # a compiled step's outputs may be overwritten by its next run: the argmax now
-            preds.append(logits.detach().argmax(1))
-        else:
-            pending.append(logits)
-            if len(pending) == 64:
-                preds.append(torch.cat(pending).argmax(1))
-                pending = []
-        targets.append(yb.argmax(1) if yb.ndim == 2 else yb)
-        sizes.append(yb.shape[0])
-        if on_step is not None:
-            on_step()
-    if pending:
-        preds.append(torch.cat(pending).argmax(1))
-    return epoch_sums(losses, penalties, sizes, preds, targets, next(model.parameters()).device)
-
-
-# -------------------------------------------------------------------------------------------- fit
+__all__ = ["fit", "fit_stack"]
 
 
 def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_threads: Optional[int] = None) -> float:
@@ -127,274 +33,16 @@ def fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool] = None, default_t
     The folder is locked while the run lives (the command line has claimed it already; a sweep job, or a call
     from Python, locks it here), so no other run or resume writes into it meanwhile.
     """
-    from regbench.rundir import claim
-
     run_dir = Path(run_dir)
     held = claim(run_dir, fresh=False).lock  # None when this process holds it already (the command line)
     try:
-        return _fit(cfg, run_dir, resume, default_threads)
+        if is_bagging(cfg):  # an ensemble trained as one stack, its members in run_dir/members/
+            return fit_bagging(cfg, run_dir, resume, default_threads)
+        validate(cfg)
+        t = cfg.trainer
+        resuming = prepare_run_dir(run_dir, t.resume if resume is None else resume)
+        rt = runtime.set_up(t, default_threads)
+        return prepare_run(cfg, run_dir, resuming, rt).run()
     finally:
         if held is not None:
             held.release()
-
-
-def _fit(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_threads: Optional[int]) -> float:
-    """The pipeline: the experiment, its state (new, or resumed from the newest checkpoint), the epochs, the end."""
-    if "bagging" in cfg.regularizer:  # an ensemble trained as one stack, its members in run_dir/members/
-        from regbench.stacked.bagging import fit_bagging
-
-        return fit_bagging(cfg, run_dir, resume, default_threads)
-    validate(cfg)
-    t = cfg.trainer
-    resuming = prepare_run_dir(run_dir, t.resume if resume is None else resume)
-    rt = runtime.set_up(t, default_threads)
-    return prepare_run(cfg, run_dir, resuming, rt).run()
-
-
-def prepare_run(cfg: DictConfig, run_dir: Path, resuming: bool, rt: runtime.Runtime, *,
-                data_map: Optional[Callable] = None, at_most_epoch: Optional[int] = None, data: Any = None) -> "_Run":
-    """A run's experiment, state (restored from its newest checkpoint when resuming — with ``at_most_epoch``, the
-    newest not after it), logger and first summary.json: everything before its first epoch. ``data_map`` replaces
-    the experiment's data (a bagging member's bootstrap resample); ``data``: the data, loaded already (a stack's
-    members share it). Also what a stacked member is made of."""
-    exp = build_experiment(cfg, rt.device, data)
-    loaded = exp.data
-    if data_map is not None:
-        exp.data = data_map(exp.data)
-    state = RunState(exp.model, exp.optimizer, exp.scheduler, rt.scaler, exp.stack,
-                     order=torch.Generator(device=rt.device).manual_seed(cfg.seed),  # data order, on the data's device
-                     config=OmegaConf.to_container(cfg, resolve=True), monitor=cfg.trainer.monitor)
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.trainer.keep_last)
-    restore, load_warnings = (restore_latest(state, ckpts, run_dir, rt.device, at_most_epoch) if resuming
-                              else (None, []))
-    _log_start(cfg, exp, rt)
-    logger = RunLogger(run_dir, cfg, resume_epoch=state.epoch if resuming else None, rows=restore)
-    preview = None if resuming else exp.policy.preview(exp.data, cfg.augmentation.preview)
-    if preview is not None:
-        logger.log_images(*preview)
-    summary = _start_summary(cfg, exp, rt, state, run_dir, resuming, exp.warnings + load_warnings)
-    summary.write(run_dir / "summary.json")
-    run = _Run(cfg, run_dir, exp, rt, state, ckpts, logger, summary)
-    run.data_loaded = loaded  # as loaded (before data_map): what the next member of a stack can share
-    return run
-
-
-def _log_start(cfg: DictConfig, exp: Experiment, rt: runtime.Runtime) -> None:
-    params = exp.params
-    log.info("model %s: %s trainable parameters, %s frozen, %s running-statistic values; optimizer %s; "
-             "regularizers [%s]; device %s, %d threads", cfg.model.name, f"{params['trainable']:,}",
-             f"{params['frozen']:,}", f"{params['buffers']:,}", cfg.optimizer.name, ",".join(exp.stack.names),
-             rt.device, rt.threads)
-    exp.stack.log_info(exp.model)
-
-
-def _start_summary(cfg: DictConfig, exp: Experiment, rt: runtime.Runtime, state: RunState, run_dir: Path,
-                   resuming: bool, warnings: list[str]) -> Summary:
-    """summary.json as the run starts (status running; a resumed run's epochs and best epoch so far)."""
-    t = cfg.trainer
-    return Summary(
-        status="running", epochs_completed=state.epoch, max_epochs=t.max_epochs, seed=cfg.seed,
-        regularizers=exp.stack.names, params=exp.params, monitor=t.monitor, final=None, best=state.best_row,
-        test=None, data=exp.data.meta, device=str(rt.device), amp=t.amp, num_threads=rt.threads,
-        deterministic=t.deterministic, steps_per_epoch=exp.steps_per_epoch, warnings=warnings,
-        **exp.speed,
-        regularizer_info=exp.stack.info(), convention=conventions.effective(cfg, exp.model, exp.optimizer),
-        augmentation=exp.policy.info(), versions=provenance.versions(),
-        git=provenance.git_state(), command=provenance.command() or sys.argv,
-        provenance=provenance.lineage(run_dir, resuming), run_dir=str(run_dir.resolve()),
-        resumed_from_epoch=state.epoch if resuming else None, started=provenance.now(), finished=None,
-        time_s=None, error=None)
-
-
-@dataclass
-class _Run:
-    """One run's epochs and end: trains, measures, logs and checkpoints each epoch, then tests and completes."""
-
-    cfg: DictConfig
-    run_dir: Path
-    exp: Experiment
-    rt: runtime.Runtime
-    state: RunState
-    ckpts: Checkpoints
-    logger: RunLogger
-    summary: Summary
-    bar: Any = field(default=None, init=False)  # the progress bar, while the epochs run
-    improved: bool = field(default=False, init=False)  # the last recorded epoch is the best so far
-    # An epoch's checkpoint and summary.json are written while the next epoch trains (the order on disk stays).
-    writer: BackgroundWriter = field(default_factory=BackgroundWriter, init=False)
-    encoder: CheckpointEncoder = field(default_factory=CheckpointEncoder, init=False)  # regbench.speed's fast path
-    timing: EpochTiming = field(default_factory=EpochTiming, init=False)  # summary.json "timing"
-    data_loaded: Any = field(default=None, init=False)
-    trainer: Any = field(default=None, init=False)  # cfg.trainer as plain attributes (~8 us less per read)
-
-    def __post_init__(self) -> None:
-        self.trainer = SimpleNamespace(**OmegaConf.to_container(self.cfg.trainer, resolve=True))
-
-    def run(self) -> float:
-        """The epochs and the end; summary.json records how the run ended, however it ended. Returns the best
-        value of trainer.monitor."""
-        t = self.cfg.trainer
-        started = time.perf_counter()
-        log.info("training step: %s", self.exp.step_plan)
-        self.bar, redirect = progress_bar(t, self.exp.steps_per_epoch, self.state.epoch)
-        redirect.__enter__()
-        try:
-            stopped = self.exp.stack.stopped
-            for epoch in range(self.state.epoch + 1, t.max_epochs + 1):
-                if stopped:
-                    break
-                stopped = self.epoch(epoch)
-            self.bar.close()
-            self.finish(started)
-        except BaseException as e:
-            self.bar.close()
-            self.fail(e, started)
-            raise
-        finally:
-            redirect.__exit__(None, None, None)
-            self.logger.close()
-        return self.complete()
-
-    def fail(self, e: BaseException, started: float) -> None:
-        """summary.json says how the run ended when ``e`` ended it (the caller re-raises or reports it); where it
-        cannot (a folder made read-only, a full disk), ``e``'s one line says so."""
-        try:
-            self.writer.close()  # the last epoch's files first: nothing may overwrite the failed summary
-        except Exception as write_error:  # noqa: BLE001 — the original error is the one to report
-            log.warning("warning: %s", str(write_error).splitlines()[0] if str(write_error) else write_error)
-        with_write_fix(e)  # a file-size limit is named as such
-        status = _stopped_status(e)
-        self.summary.update(status=status, error=stopped_reason(e), finished=provenance.now(),
-                            time_s=round(time.perf_counter() - started, 2))
-        try:
-            self.summary.write(self.run_dir / "summary.json")
-        except RegbenchError as write_error:  # the original error is the one to report; it says what is lost
-            log.warning("warning: %s", unrecorded(e, status, write_error))
-
-    def complete(self) -> float:
-        """The completion marker, written last: sweeps skip a run folder that has it. Returns the best value."""
-        write_json(self.run_dir / "COMPLETED", self.summary.marker())
-        return self.summary.best_value()
-
-    def epoch(self, epoch: int) -> bool:
-        """Train, measure, log and checkpoint one epoch; True when a member (early stopping) stops the run."""
-        t, exp, state = self.trainer, self.exp, self.state
-        epoch_start = time.perf_counter()
-        self.bar.set_description(f"epoch {epoch}/{t.max_epochs}")
-        out = train_one_epoch(
-            exp.model, exp.optimizer, exp.train_batches(state.order), loss_fn=exp.loss_fn,
-            penalty_fn=exp.penalty_fn, before_step=exp.before_step, scheduler=exp.scheduler,
-            autocast=self.rt.autocast, scaler=self.rt.scaler, on_step=self.bar.update, direct=exp.direct)
-        return self.record(epoch, out, epoch_start)
-
-    def record(self, epoch: int, out: dict, epoch_start: float, save: bool = True) -> bool:
-        """Everything after an epoch's training (``out``: train_one_epoch's sums): measure, log, the stack's epoch
-        end, checkpoint (unless ``save`` is False: the caller saves, see :meth:`checkpoint_due`), summary.json.
-        True when a member (early stopping) stops the run."""
-        t, exp, state = self.trainer, self.exp, self.state
-        state.step += exp.steps_per_epoch
-        row, trained = self.measure(epoch, out, epoch_start)
-        measured = time.perf_counter()
-        self.writer.wait()  # the previous epoch's checkpoint and summary.json are on disk before this epoch's row
-        self.logger.log_epoch(row)
-        self.improved = state.end_epoch(row.to_dict())
-        fault_point("after_metrics", epoch)
-        self.bar.set_postfix(train_loss=f"{row.train_loss:.4f}", **(
-            {} if row.val_loss is None else {"val_loss": f"{row.val_loss:.4f}", "val_acc": f"{row.val_acc:.4f}"}))
-        log.info("epoch %d/%d  train loss %.4f acc %.4f%s | lr %.3g | %.2fs", epoch, t.max_epochs, row.train_loss,
-                 row.train_acc, row.evaluation_text(), row.lr, row.epoch_time_s)
-        stopped = exp.stack.on_epoch_end(epoch, state.history[-1], exp.model)
-        # Encoded now (the tensors change with the next step), written by the background writer: the checkpoint,
-        # its links and pruning, then summary.json — the order a synchronous write has.
-        checkpoint = self.encoder(state.state_dict()) if save and self.checkpoint_due(epoch, stopped) else None
-        timing = self.timing.add(trained - epoch_start, measured - trained, time.perf_counter() - measured)
-        self.summary.update(epochs_completed=epoch, final=state.history[-1], best=state.best_row,
-                            regularizer_info=exp.stack.info(), timing=timing)
-        speed.record(self.summary, speed.paths_of(exp.direct, self.encoder, self.logger))
-        write = partial(write_epoch, self.ckpts, epoch, checkpoint, self.improved, self.run_dir / "summary.json",
-                        self.summary.encode(), self.logger.flush)
-        self.writer.submit(write) if save else write()  # a stack member: written now, the stack saves after
-        fault_point("after_summary", epoch, settle=self.writer.wait)
-        if stopped:
-            log.info("early stopping after epoch %d", epoch)
-        return stopped
-
-    def checkpoint_due(self, epoch: int, stopped: bool) -> bool:
-        t = self.trainer
-        return t.save_checkpoints and (epoch % t.checkpoint_every == 0 or epoch == t.max_epochs or stopped)
-
-    def measure(self, epoch: int, out: dict, epoch_start: float) -> tuple[EpochRow, float]:
-        """(the epoch's row from its training sums and the evaluations, when the sums were read back: the end of
-        the epoch's training); a non-finite loss or weight is an error."""
-        exp, step = self.exp, self.state.step
-        seen = out["seen"]
-        train_loss, train_acc = out["loss"].item() / seen, out["correct"].item() / seen  # the epoch's sync
-        trained = time.perf_counter()
-        penalty = out["penalty"].item() / seen if out["penalty"] is not None else 0.0
-        if not (math.isfinite(train_loss) and math.isfinite(penalty)):
-            raise self.divergence(f"non-finite training loss ({train_loss}, penalty {penalty})", epoch)
-        val = clean = None
-        if evaluated(self.trainer, epoch):
-            bs = self.cfg.data.eval_batch_size
-            val = evaluate(exp.model, exp.data.val_x, exp.data.val_y, bs, self.rt.autocast)
-            clean = evaluate(exp.model, exp.clean_x, exp.clean_y, bs, self.rt.autocast) if len(exp.clean_y) else None
-        l1, l2 = weight_norms(exp.model)
-        # The training loss can stay finite while the weights or the validation loss blow up (e.g. SGD
-        # lr=10): checked here, from values this epoch reads back anyway (no extra host sync).
-        if not (math.isfinite(l2) and (val is None or math.isfinite(val["loss"]))):
-            raise self.divergence(f"non-finite {'weights' if not math.isfinite(l2) else 'validation loss'} "
-                                  f"(weight_l2 {l2}, val loss {val['loss'] if val else 'not evaluated'})", epoch)
-        return EpochRow.measured(epoch, step, exp.optimizer.param_groups[0]["lr"],
-                                 {"loss": train_loss, "penalty": penalty, "acc": train_acc}, val, clean, (l1, l2),
-                                 time.perf_counter() - epoch_start), trained
-
-    def divergence(self, what: str, epoch: int) -> RegbenchError:
-        """The one-line error of a diverged run; it says which checkpoint (if any) survives."""
-        self.writer.wait()  # the previous epoch's checkpoint is on disk (a write error is raised instead)
-        cfg, step, spe, saved = self.cfg, self.state.step, self.exp.steps_per_epoch, self.ckpts.epoch_files()
-        kept = (f"its last good checkpoint (epoch {saved[0][0]}) is kept in {self.ckpts.folder}" if saved
-                else "no checkpoint was written before it")
-        return RegbenchError(
-            f"training diverged: {what} in epoch {epoch} (steps {step - spe + 1}-{step}) with optimizer "
-            f"{cfg.optimizer.name} lr={cfg.optimizer.lr}, regularizers [{','.join(self.exp.stack.names)}]; {kept}; "
-            "fix: lower optimizer.lr, add a warmup (scheduler=warmup) or regularizer=[grad_clip]")
-
-    def finish(self, started: float) -> None:
-        """The end of training: the stack's end (e.g. best weights back), the test evaluations, completion."""
-        cfg, exp, summary = self.cfg, self.exp, self.summary
-        data, model, autocast = exp.data, exp.model, self.rt.autocast
-        self.writer.close()  # the last epoch's checkpoint and summary.json are on disk before the test
-        if summary.final is None:  # resumed after the last epoch had been checkpointed
-            summary.final = last_row(self.run_dir)
-        chance = lint.chance_warning(summary.final, data.info.num_classes, len(data.val_y))
-        if chance:
-            log.warning("warning: %s", chance)
-            summary.warnings.append(chance)
-        exp.stack.on_train_end(model)  # e.g. restore the best weights (early stopping)
-        test = evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, autocast)
-        extra = exp.stack.final_evals(model, data.test_x, data.test_y, evaluate)
-        tta = exp.policy.tta(model, data.test_x, data.test_y, cfg.data.eval_batch_size)
-        if tta is not None:
-            extra["tta"] = tta
-        summary.update(test=test, test_extra=extra, regularizer_info=exp.stack.info())
-        self.logger.log_hparams(test, extra)
-        # The completion, one atomic step: summary.json says "completed" only once everything else is written.
-        # The COMPLETED marker after it can be re-derived from it (sweeps do, if a kill fell in between).
-        summary.update(status="completed", finished=provenance.now(), time_s=round(time.perf_counter() - started, 2))
-        summary.write(self.run_dir / "summary.json")
-        fault_point("before_marker", summary.epochs_completed)
-        log.info("test loss %.4f acc %.4f ece %.4f; best epoch %d by %s", test["loss"], test["acc"], test["ece"],
-                 summary.best["epoch"], cfg.trainer.monitor)
-        for name, result in extra.items():
-            log.info("test (%s): acc %.4f nll %.4f ece %.4f", name, result["acc"], result["nll"], result["ece"])
-
-
-def _stopped_status(e: BaseException) -> str:
-    """summary.json's status when fit ends by ``e``: "preempted" / "timed-out" when SLURM's signal stopped it
-    (set by regbench.sweep's watch on submitit's requeue handler; the requeued job resumes), "interrupted" for
-    Ctrl-C or another deliberate exit, else "failed" (a sweep runs a failed job again from scratch)."""
-    status = getattr(e, "regbench_status", None)
-    if status is not None:
-        return status
-    return "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
-

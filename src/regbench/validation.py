@@ -15,8 +15,15 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+# Every module that registers options (datasets, model families, optimizers and schedules, regularizer members),
+# imported here, above them and the registry: the tables are complete wherever a config is validated.
+import regbench.models  # noqa: F401
+import regbench.optim  # noqa: F401
 from regbench import config, registry
+from regbench.augment import build_policy
+from regbench.datasets import DATASETS
 from regbench.errors import ConfigError
+from regbench.regularizers import REGISTRY, Context, build_stack
 
 # The groups that are one dataclass, not a table of options: group -> its one entry (ConfigStore name, schema,
 # check), checked after the tables' options.
@@ -28,8 +35,6 @@ FIXED: dict[str, registry.Entry] = {
 
 def group_schemas() -> dict[str, dict[str, type]]:
     """group -> ConfigStore name -> schema: the tables' options, the fixed groups, the regularizer members."""
-    registry.load_all()
-    from regbench.regularizers import REGISTRY
 
     schemas = {group: table.schemas() for group, table in registry.GROUPS.items()}
     schemas.update({group: {entry.name: entry.schema} for group, entry in FIXED.items()})
@@ -49,7 +54,6 @@ def register_configs() -> None:
 def option_names() -> dict[str, list[str]]:
     """group -> the ``name`` values its node may have, for every group typed by one schema per node (the tables'
     options, then the fixed groups), in the root schema's order."""
-    registry.load_all()
     names = {group: table.names() for group, table in registry.GROUPS.items()}
     names.update({group: [entry.name] for group, entry in FIXED.items()})
     return names
@@ -66,18 +70,14 @@ def schema_name(group: str, option: object) -> Optional[str]:
 
 def validate(cfg: DictConfig) -> None:
     """Check value ranges the schemas cannot express. Raises ConfigError naming the first bad key."""
-    registry.load_all()
     config.check_root(cfg)
     for group, table in registry.GROUPS.items():
         table.check(cfg[group], cfg)
     for group, entry in FIXED.items():
         entry.check(cfg[group], cfg)
-    from regbench.augment import build_policy
-    from regbench.datasets import DATASETS
 
     build_policy(cfg.augmentation, DATASETS[cfg.data.name])  # every op checks its own keys
 
-    from regbench.regularizers import Context, build_stack
 
     build_stack(cfg, Context(cfg))  # each member checks its own keys and whether it fits the model/optimizer
     _refuse_non_finite(OmegaConf.to_container(cfg, resolve=False))

@@ -19,9 +19,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from regbench.augment.ops import OPS, Crop, HFlip, Op
-from regbench.augment.functional import Batch
 from regbench.augment import tta as tta_views
+from regbench.augment.functional import Batch
+from regbench.augment.ops import OPS, Crop, HFlip, Op
+from regbench.data import batches
 from regbench.errors import ConfigError
 
 
@@ -99,7 +100,6 @@ class Policy:
         normalisation; mixing ops run per batch (their partners come from the batch). The identity policy
         yields the already normalised training images. Random draws: the permutation from ``order``, the ops'
         parameters from torch's global generator, in the order the batches are consumed."""
-        from regbench.data import batches
 
         if self.identity:
             return batches(data.train_x, data.train_y, batch_size, order, drop_last)

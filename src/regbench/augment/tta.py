@@ -8,6 +8,7 @@ import torch
 
 from regbench.augment.functional import shifted_crop
 from regbench.evaluation import probabilities
+from regbench.metrics import summarize_probs
 
 View = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,7 +37,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, flip
              batch_size: int = 1000) -> dict:
     """Accuracy, NLL and ECE (``cfg.bins`` bins) of the softmax averaged over the views of ``x``, in eval mode,
     plus the names of the views."""
-    from regbench.metrics import summarize_probs
 
     model.eval()
     chosen = views(cfg, flips_ok)

@@ -31,16 +31,26 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from regbench import provenance
-from regbench.checkpoint import fault_point
-from regbench.errors import RegbenchError
-from regbench.io import atomic_write, write_json
-from regbench.records import METRIC_COLUMNS, Summary, monitor_sign
+from regbench import provenance, runtime
+from regbench.checkpoint import Checkpoints, fault_point
+from regbench.errors import RegbenchError, stopped_reason, stopped_status
+from regbench.evaluation import probabilities
+from regbench.experiment import build_experiment
+from regbench.io import METRICS_LIMIT, atomic_write, read_folder_text, write_json
+from regbench.metrics import summarize_probs
+from regbench.records import BAGGING_COLUMNS, METRIC_COLUMNS, Summary, monitor_sign
+from regbench.rundir import prepare_run_dir
+from regbench.stacked.engine import common_epoch, fit_stack
+from regbench.state import RunState, restore_latest
+from regbench.validation import validate
 
 log = logging.getLogger(__name__)
 
-ENSEMBLE_COLUMNS = ("ensemble_val_loss", "ensemble_val_acc", "ensemble_val_ece")
-BAGGING_COLUMNS = (*METRIC_COLUMNS, *ENSEMBLE_COLUMNS, "members_training")  # the bagging run's metrics.csv
+
+
+def is_bagging(cfg: DictConfig) -> bool:
+    """A config this engine trains: one whose stack has the bagging member."""
+    return "bagging" in cfg.regularizer
 
 
 def member_seed(seed: int, j: int) -> int:
@@ -75,7 +85,6 @@ def _resample(seed: int):
 
 def ensemble_metrics(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """loss (NLL), acc, ece of the members' averaged probabilities ``probs`` [K, N, C] (float64)."""
-    from regbench.metrics import summarize_probs
 
     s = summarize_probs(probs.mean(0), y)
     return {"loss": s["nll"], "acc": s["acc"], "ece": s["ece"]}
@@ -150,9 +159,6 @@ def fit_bagging(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_
     """Train the ensemble of ``cfg`` (a config with regularizer bagging) into ``run_dir``; the best value of the
     ensemble's validation ``trainer.monitor``. A resume continues the members that had not completed; those that
     had (an early stop, or a kill after their end) are read back from their checkpoints, never written to."""
-    from regbench.rundir import prepare_run_dir
-    from regbench.stacked.engine import common_epoch, fit_stack
-    from regbench.validation import validate
 
     validate(cfg)
     started = time.perf_counter()
@@ -184,7 +190,6 @@ def fit_bagging(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_
                                 f"{', '.join(failed)}); fix: lower optimizer.lr or add regularizer grad_clip")
         runs = [observer.runs.get(j) for j in range(len(dirs))]
         if None in runs:  # members that completed before this resume
-            from regbench import runtime
 
             rt = runtime.set_up(cfg.trainer, default_threads)
             shared = next((r.data_loaded for r in runs if r is not None), None)
@@ -194,8 +199,9 @@ def fit_bagging(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_
                     shared = runs[j].data_loaded
         return _finish(cfg, run_dir, observer.rows, summary, seeds, dirs, runs, started)
     except BaseException as e:
-        summary.update(status="failed" if isinstance(e, Exception) else "interrupted",
-                       error=(str(e).splitlines() or [type(e).__name__])[0], finished=provenance.now())
+        # The statuses its members record: preempted / timed-out (SLURM requeues and resumes it), interrupted, failed
+        summary.update(status=stopped_status(e), error=stopped_reason(e), finished=provenance.now(),
+                       time_s=round(time.perf_counter() - started, 2))
         summary.write(run_dir / "summary.json")
         raise
 
@@ -219,9 +225,6 @@ def _completed(run_dir: Path) -> bool:
 def _completed_member(cfg: DictConfig, run_dir: Path, device: torch.device, data_map, data) -> SimpleNamespace:
     """A member that completed earlier, read back without writing to it: its model as its end left it (its last
     checkpoint, then its regularizers' end, e.g. the best weights restored), its summary, the data as loaded."""
-    from regbench.checkpoint import Checkpoints
-    from regbench.experiment import build_experiment
-    from regbench.state import RunState, restore_latest
 
     summary = Summary.load(run_dir / "summary.json")
     exp = build_experiment(cfg, device, data)
@@ -241,7 +244,6 @@ def _completed_member(cfg: DictConfig, run_dir: Path, device: torch.device, data
 
 
 def _finish(cfg, run_dir, rows, summary, seeds, dirs, runs, started) -> float:
-    from regbench.evaluation import probabilities
 
     rows = _earlier_rows(rows, int(rows[-1]["epoch"]) + 1 if rows else 1, run_dir)
     data, bs = runs[0].exp.data, cfg.data.eval_batch_size
@@ -290,7 +292,6 @@ def _floats(row: dict) -> dict:
 
 def _read_rows(path: Path) -> list[dict]:
     """The rows a resumed bagging run keeps, as written (text); a row regbench did not write is refused."""
-    from regbench.io import METRICS_LIMIT, read_folder_text
 
     try:  # a regular file, no link, bounded (a FolderFileError otherwise: one line)
         rows = list(csv.DictReader(io.StringIO(read_folder_text(path, METRICS_LIMIT, "metrics.csv"), newline="")))

@@ -1,11 +1,12 @@
 """``fit_stack``: the epochs of K runs trained as one stack, each member writing the run folder an ordinary run
 writes (.hydra/ comes from the launcher; tb/, metrics.csv, summary.json, checkpoints/ from here).
 
-Every member is an ordinary run prepared by :func:`regbench.train.prepare_run` (its experiment, state, logger,
+Every member is an ordinary run prepared by :func:`regbench.run.prepare_run` (its experiment, state, logger,
 summary; a resume restores its own checkpoint). Only the training steps are shared: the members' models become
 one :class:`StackedModel`, their torch optimizers (driven by their own schedulers) one
-:class:`StackedOptimizer`. After every epoch each member's weights go back into its own model and its own
-``_Run.record`` does the rest (evaluation, logs, early stopping, summary.json); checkpoints are written in the
+:class:`StackedOptimizer`; :class:`StackedStep` is the stack's :mod:`regbench.loop` step, trained by the same
+``train_one_epoch`` as a single run. After every epoch each member's weights go back into its own model and its own
+``Run.record`` does the rest (evaluation, logs, early stopping, summary.json); checkpoints are written in the
 ordinary format, for every member of the epoch before any is pruned, so a killed stack resumes every member
 from one common epoch; an observer's records of the epoch (a bagging run's ensemble row) are written before
 them, so no checkpoint is ever ahead of them (a kill in between redoes the epoch). A member that stops early or
@@ -21,20 +22,26 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from regbench import runtime
-from regbench.checkpoint import fault_point
+from regbench.checkpoint import Checkpoints, fault_point
 from regbench.errors import RegbenchError
+from regbench.logs import progress_bar
+from regbench.loop import train_one_epoch
+from regbench.run import prepare_run
+from regbench.rundir import claim, prepare_run_dir
 from regbench.stacked.logs import member_logs
 from regbench.stacked.model import StackedModel
 from regbench.stacked.optim import StackedOptimizer
 from regbench.stacked.step import StepRules
+from regbench.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +55,6 @@ def fit_stack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resume: bool
     one member's failure never stops the others. A config error of the stack as a whole raises RegbenchError
     before anything is trained.
     """
-    from regbench.rundir import claim
-
     run_dirs = [Path(d) for d in run_dirs]
     resume = [resume] * len(cfgs) if isinstance(resume, bool) else list(resume)
     group = group or f"{zlib.crc32('|'.join(str(d.resolve()) for d in run_dirs).encode()):08x}"
@@ -64,10 +69,6 @@ def fit_stack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resume: bool
 
 
 def _fit_stack(cfgs, run_dirs, resume, default_threads, observer, member_data, group) -> list[float]:
-    from regbench.rundir import prepare_run_dir
-    from regbench.train import prepare_run
-    from regbench.validation import validate
-
     for cfg in cfgs:
         validate(cfg)
         if cfg.trainer.amp != "none" or cfg.trainer.compile != "none":
@@ -86,8 +87,7 @@ def _fit_stack(cfgs, run_dirs, resume, default_threads, observer, member_data, g
                                         at_most_epoch=common if resuming[k] else None, data=shared))
             shared = runs[0].data_loaded
             rngs.append(_capture(rt.device))  # the member's own draws continue from here, as its single run's
-            # The stack's own step (StackedModel, StackedOptimizer) trains the member, not its single-run step.
-            runs[k].summary.update(stacked={"group": group, "index": k, "members": len(cfgs)}, step_impl="stacked")
+            runs[k].join_stack(group, k, len(cfgs))
         # Members that resumed from different epochs (a checkpoint missing) cannot share steps: one stack each epoch.
         by_epoch: dict[int, list[int]] = {}
         for k, run in enumerate(runs):
@@ -108,8 +108,6 @@ _SHARED = ("trainer.max_epochs", "data", "model", "optimizer.name", "augmentatio
 
 
 def _check_same(cfgs) -> None:
-    from omegaconf import OmegaConf
-
     for key in _SHARED:
         values = [OmegaConf.select(c, key) for c in cfgs]
         values = [OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in values]
@@ -122,8 +120,6 @@ def _check_same(cfgs) -> None:
 def common_epoch(cfgs, run_dirs, resuming) -> Optional[int]:
     """The newest epoch every resuming member has a checkpoint of (a stack killed while it wrote one epoch's
     checkpoints resumes all members from the previous one, which is pruned only after every member wrote)."""
-    from regbench.checkpoint import Checkpoints
-
     newest = [max((e for e, _ in Checkpoints(d / "checkpoints", c.trainer.keep_last).epoch_files()), default=0)
               for c, d, r in zip(cfgs, run_dirs, resuming) if r]
     return min(newest) if newest else None
@@ -158,13 +154,35 @@ class _Gathered:
         return self.x[idx], self.y[idx], noise
 
 
-class _NoBar:
-    """What a member's _Run calls on its progress bar; the stack has one bar for all."""
+class StackedStep:
+    """The stack's training step (a :mod:`regbench.loop` step): the training members' forward at once (StackedModel,
+    each with its own dropout noise), each member's own loss and penalty (StepRules: its single-run formulas on its
+    slice), one backward of their sum (the members' gradients do not mix), each member's gradient hooks, one
+    optimizer step (StackedOptimizer). Logits [K, B, C], loss and penalty [K]."""
 
-    def set_description(self, *a, **k):
-        pass
+    fresh_logits = False
 
-    set_postfix = update = close = set_description
+    def __init__(self, stack: "Stack"):
+        self.stack, self.device = stack, stack.rt.device
+
+    @property
+    def members(self) -> int:
+        return len(self.stack.members)
+
+    def train(self) -> None:
+        self.stack.model.train()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, noise: list):
+        model, rules, optimizer = self.stack.model, self.stack.rules, self.stack.optimizer
+        logits = model(x, noise)
+        loss = rules.loss(logits, y)
+        penalty = rules.penalty(model.params)
+        objective = (loss if penalty is None else loss + penalty).sum()
+        optimizer.zero_grad()
+        objective.backward()
+        rules.before_step(model.params, optimizer)
+        optimizer.step()
+        return logits, loss, penalty
 
 
 class Stack:
@@ -174,14 +192,12 @@ class Stack:
         self.runs, self.rngs, self.rt, self.logs, self.ids, self.observer = runs, rngs, rt, logs, ids, observer
         self.exps = [r.exp for r in runs]
         self.members = list(range(len(runs)))  # runs still training, in slot order
-        for r in runs:
-            r.bar = _NoBar()
-            r.exp.optimizer._opt_called = True  # stepped through the stack: its scheduler must not warn
         self.model = StackedModel([r.exp.model for r in runs], input_shape=tuple(runs[0].exp.data.input_shape))
         self.optimizer = StackedOptimizer(self.model.params, [self.model.member_params(k) for k in self.members],
                                           [r.exp.optimizer for r in runs])
         self.rules = StepRules([r.exp.stack for r in runs], [self.model.member_params(k) for k in self.members],
                                rt.device)
+        self.step = StackedStep(self)
 
     @contextlib.contextmanager
     def member_rng(self, k: int):
@@ -195,8 +211,6 @@ class Stack:
     # ------------------------------------------------------------------------------------ epochs
     def train(self) -> list[float]:
         """Every epoch until each member has finished; each member's best monitored value (NaN: failed)."""
-        from regbench.logs import progress_bar
-
         values = [math.nan] * len(self.runs)
         t = self.runs[0].cfg.trainer
         started = time.perf_counter()
@@ -268,36 +282,32 @@ class Stack:
         return done
 
     def train_epoch(self) -> list[dict]:
-        """One pass of every member over its own batches; per member the sums train_one_epoch returns."""
-        device = self.rt.device
+        """One pass of every member over its own batches (regbench.loop.train_one_epoch with the stack's step); per
+        member the sums a single run's epoch returns."""
+        with warnings.catch_warnings():
+            # Each member's scheduler steps after its optimizer did, through the stack: torch's check of that
+            # order looks for its own wrapper of the member's optimizer.step() (never called here), so it would warn.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            outs = train_one_epoch(self.step, self._batches(), schedule=self._schedule, on_step=self.bar.update)
+        for slot, out in enumerate(outs):
+            if not self.rules.has_penalty[slot]:  # a member without a penalty member has none (not zeros)
+                out["penalty"] = None
+        return outs
+
+    def _schedule(self) -> None:
+        """Every training member's own lr schedule, after the shared optimizer step."""
+        for k in self.members:
+            if self.runs[k].exp.scheduler is not None:
+                self.runs[k].exp.scheduler.step()
+
+    def _batches(self):
+        """(x [K, B, ...], y [K, B, ...], each member's dropout noise) per step, until the epoch's end."""
         iters = self._batch_source()
-        self.model.train()
-        losses, pens, preds, targets, sizes = [], [], [], [], []
-        on_step = self.bar.update
         while True:
             batch = self._next_batch(iters)
             if batch is None:
-                break
-            x, y, noise = batch
-            logits = self.model(x, noise)
-            loss = self.rules.loss(logits, y)
-            penalty = self.rules.penalty(self.model.params)
-            objective = (loss if penalty is None else loss + penalty).sum()
-            self.optimizer.zero_grad()
-            objective.backward()
-            self.rules.before_step(self.model.params, self.optimizer)
-            self.optimizer.step()
-            for k in self.members:
-                if self.runs[k].exp.scheduler is not None:
-                    self.runs[k].exp.scheduler.step()
-            losses.append(loss.detach())
-            if penalty is not None:
-                pens.append(penalty.detach())
-            preds.append(logits.detach().argmax(-1))
-            targets.append(y.argmax(-1) if y.ndim == 3 else y)
-            sizes.append(y.shape[1])
-            on_step()
-        return self._sums(losses, pens, preds, targets, sizes, device)
+                return
+            yield batch
 
     def _batch_source(self):
         """Every member's batches of this epoch: from one shared training set without augmentation, one gather
@@ -314,10 +324,10 @@ class Stack:
         return _Gathered(data.train_x, data.train_y, perms, bs, stop)
 
     def _next_batch(self, iters):
-        if isinstance(iters, _Gathered):
-            return iters.next_batch(self)
         """The next batch of every member, drawn under its own RNG (augmentation, then its dropout masks), or None
         at the end of the epoch."""
+        if isinstance(iters, _Gathered):
+            return iters.next_batch(self)
         xs, ys, noise = [], [], []
         for slot, (k, it) in enumerate(zip(self.members, iters)):
             with self.member_rng(k):
@@ -329,20 +339,6 @@ class Stack:
             xs.append(xb)
             ys.append(yb)
         return torch.stack(xs), torch.stack(ys), noise
-
-    def _sums(self, losses, pens, preds, targets, sizes, device) -> list[dict]:
-        K = len(self.members)
-        if not losses:
-            zero = torch.zeros((), device=device)
-            return [{"loss": zero, "penalty": None, "correct": zero.long(), "seen": 0} for _ in range(K)]
-        # Each member's column summed on its own ([steps] · [steps]), the order metrics.epoch_sums sums a single
-        # run's steps in: a [steps, K].sum(0) would reduce in another order (last-digit differences).
-        weights = torch.tensor(sizes, dtype=torch.float32, device=device)
-        loss, pen = torch.stack(losses).float(), (torch.stack(pens).float() if pens else None)
-        correct = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1)
-        return [{"loss": (loss[:, s] * weights).sum(), "correct": correct[s], "seen": sum(sizes),
-                 "penalty": (pen[:, s] * weights).sum() if pen is not None and self.rules.has_penalty[s] else None}
-                for s in range(K)]
 
     # ------------------------------------------------------------------------------------ members
     def export(self) -> None:

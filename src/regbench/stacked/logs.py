@@ -2,7 +2,7 @@
 
 While the stack works on member k (``logs.member(k)``), what is logged goes to member k's file only; lines of
 the stack as a whole go to every member's file. On the console every line of the stack is formatted as a single
-run's job prints it (``[time][regbench.train][INFO] - ...``, Hydra's job-logging format), not in the launcher's
+run's job prints it (``[time][regbench.run][INFO] - ...``, Hydra's job-logging format), not in the launcher's
 ``[HYDRA]`` format that a stacked sweep's console handler has (issue 25).
 """
 
