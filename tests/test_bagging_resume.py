@@ -159,3 +159,23 @@ def test_a_bagging_run_prints_the_ensembles_result(tmp_path, caplog):
             f"loss {m['loss']:.4f} acc {m['acc']:.4f} ece {m['ece']:.4f}); best epoch 1 by ensemble_val_loss")
     assert line in caplog.text
     assert "epoch 1/1  ensemble of 2: val loss" in caplog.text
+
+
+@pytest.mark.parametrize("status", ["preempted", "timed-out"])
+def test_a_bagging_run_records_the_status_its_members_record(status, tmp_path, monkeypatch):
+    """A bagging run stopped by SLURM's signal says "preempted" / "timed-out" (its requeued job resumes), as its
+    members' summary.json do, not "failed" (issue 26)."""
+    import regbench.stacked.engine as engine
+
+    def stop(point, epoch, settle=None):
+        if point == "after_member_record_1" and epoch == 2:
+            e = SystemExit(0)
+            e.regbench_status = status  # what regbench.sweep's watch of submitit's requeue handler sets
+            raise e
+
+    monkeypatch.setattr(engine, "fault_point", stop)
+    with pytest.raises(SystemExit):
+        fit(compose_cfg(*RUN), tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == status
+    for j in (0, 1):
+        assert json.loads((tmp_path / "members" / str(j) / "summary.json").read_text())["status"] == status

@@ -316,7 +316,7 @@ def test_run_job_lets_submitits_requeue_end_the_process_and_records_why(case, su
     import subprocess as sp
 
     from regbench.sweep import OUTCOME, run_job
-    from regbench.train import _stopped_status
+    from regbench.errors import stopped_status
     from tests.conftest import compose_cfg
 
     state, delayed = submitit_handler
@@ -334,7 +334,7 @@ def test_run_job_lets_submitits_requeue_end_the_process_and_records_why(case, su
         return
     with pytest.raises(SystemExit) as e:  # what submitit needs: the process ends without a result
         run_job(cfg, run, signalled_fit, None)
-    assert e.value.regbench_status == "timed-out" and _stopped_status(e.value) == "timed-out"
+    assert e.value.regbench_status == "timed-out" and stopped_status(e.value) == "timed-out"
     outcome = json.loads((run / OUTCOME).read_text())
     assert outcome["outcome"] == "timed-out"
     expected = "requeued, it resumes" if case == "requeued" else "submitit's requeue failed (Command"
@@ -342,11 +342,11 @@ def test_run_job_lets_submitits_requeue_end_the_process_and_records_why(case, su
 
 
 def test_stopped_status_of_other_exceptions():
-    from regbench.train import _stopped_status
+    from regbench.errors import stopped_status
 
-    assert _stopped_status(KeyboardInterrupt()) == "interrupted"
-    assert _stopped_status(SystemExit(1)) == "interrupted"
-    assert _stopped_status(ValueError("x")) == "failed"
+    assert stopped_status(KeyboardInterrupt()) == "interrupted"
+    assert stopped_status(SystemExit(1)) == "interrupted"
+    assert stopped_status(ValueError("x")) == "failed"
 
 
 # ------------------------------------------------------------------------- a cluster sinfo cannot reach
