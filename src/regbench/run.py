@@ -38,8 +38,7 @@ from regbench.io import BackgroundWriter, write_json
 from regbench.logs import RunLogger, progress_bar
 from regbench.loop import AutogradStep, DirectStep, TrainStep, train_one_epoch
 from regbench.records import EpochRow, EpochTiming, Summary
-from regbench.rundir import last_row
-from regbench.state import RunState, restore_latest
+from regbench.state import RunState, last_row, restore_latest
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """One folder belongs to one run: claiming run and sweep folders atomically, locking live ones, undoing a start;
-whether a folder's records allow a new run or a resume, and the rows a resumed run continues from.
+whether a folder's records allow a new run or a resume (the rows a resumed run continues from: regbench.state).
 
 A folder is claimed before anything is written into it: a time-stamped name (``${now:...}``, the default) is
 created with an exclusive ``mkdir`` (``_2``, ``_3``... on a collision), and every claimed folder gets a lock,
@@ -21,7 +21,6 @@ from typing import Optional
 
 from regbench.errors import RegbenchError
 from regbench.io import JSON_LIMIT, read_folder_bytes
-from regbench.logs import read_metrics
 from regbench.records import Summary
 
 try:
@@ -385,10 +384,3 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
                             "refusing to overwrite them; fix: continue it with trainer.resume=true "
                             f"(or `regbench resume {run_dir}`), or choose a new folder with hydra.run.dir=...")
     return True
-
-
-def last_row(run_dir: Path) -> Optional[dict]:
-    """The last complete row of the run's metrics.csv (None when it has none)."""
-
-    rows = read_metrics(run_dir / "metrics.csv")
-    return rows[-1] if rows else None

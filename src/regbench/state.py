@@ -164,3 +164,10 @@ def resumed_rows(run_dir: Path, state: dict) -> tuple[list[dict], Optional[list[
                             f"{', '.join(map(str, missing))} and its checkpoint (written by an older regbench) holds "
                             "no copy of them; fix: put the rows back into metrics.csv, or start a new run folder")
     return rows, None
+
+
+def last_row(run_dir: Path) -> Optional[dict]:
+    """The last complete row of the run's metrics.csv (None when it has none): a run resumed after its last epoch
+    was checkpointed ends with it."""
+    rows = read_metrics(run_dir / "metrics.csv")
+    return rows[-1] if rows else None
