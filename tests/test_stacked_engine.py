@@ -235,3 +235,18 @@ def test_members_with_their_own_eval_every_equal_their_single_runs(tmp_path):
         assert [r["val_loss"] == "" for r in rows(dirs[k])] == [r["val_loss"] == "" for r in rows(alone)]
         assert_equal_rows(dirs[k], alone)
     assert [r["val_loss"] == "" for r in rows(dirs[0])] == [True, False, False]
+
+
+@pytest.mark.parametrize("override, key", [("trainer.amp=bf16", "trainer.amp=bf16"),
+                                           ("regularizer=[stochastic_depth]", "regularizer=stochastic_depth: it draws")])
+def test_fit_stack_refuses_what_cannot_be_stacked_in_one_line(override, key, tmp_path):
+    """The engine asks the same stack-wide refusals the launcher's grouping and bagging ask (the members' own
+    declarations, the trainer's amp/compile): one line naming the key, nothing trained."""
+    from regbench.errors import RegbenchError
+
+    extra = ["model=resnet", "model.depth=8"] if "stochastic_depth" in override else []
+    with pytest.raises(RegbenchError) as e:
+        fit_stack([composed([*extra, override])] * 2, [tmp_path / "a", tmp_path / "b"])
+    line = str(e.value)
+    assert line.startswith(key) and "fix:" in line and "\n" not in line, line
+    assert not (tmp_path / "a" / "metrics.csv").exists()

@@ -141,6 +141,9 @@ class DropPath(nn.Module):
     """Drop a residual branch for a whole sample with probability ``p`` in training, scaling the kept branches
     by 1/(1−p) (inverted, like timm's DropPath), so evaluation is the identity with no rescaling."""
 
+    # Read by regbench.stacked.model, which refuses a layer saying why it cannot be stacked.
+    stack_refusal = "it draws one mask per sample inside its forward pass, from the global RNG"
+
     def __init__(self, p: float):
         super().__init__()
         self.p = p

@@ -20,7 +20,7 @@ from torch import nn
 
 from regbench.errors import ConfigError
 from regbench.models.slots import LayerSlots
-from regbench.regularizers.base import REGISTRY, Context, Regularizer
+from regbench.regularizers.base import REGISTRY, Context, Regularizer, acts_in
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Stack:
     # --- every step -----------------------------------------------------------------------------
     def penalty_fn(self):
         """A function model -> summed penalty, or None when no member adds one (keeps the loop lean)."""
-        members = [r for r in self.members if type(r).penalty is not Regularizer.penalty]
+        members = [r for r in self.members if acts_in(type(r), "penalty")]
         if not members:
             return None
 
@@ -145,7 +145,7 @@ class Stack:
 
     def before_step_fn(self):
         """A function (model, optimizer, scaler) run between backward and step, or None if nobody needs it."""
-        members = [r for r in self.members if type(r).before_step is not Regularizer.before_step]
+        members = [r for r in self.members if acts_in(type(r), "before_step")]
         if not members:
             return None
         unscale = any(getattr(r, "needs_unscaled_grads", False) for r in members)

@@ -14,11 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from regbench.errors import ConfigError
-from regbench.regularizers.base import Context, Regularizer, register
-
-# What a bagging run cannot combine with: it is a stack, and these cannot be stacked (regbench.stacked.grouping).
-_REFUSED_MEMBERS = {"transfer": "pretrained weights and frozen layers", "fine_tune": "layers unfrozen mid-run",
-                    "stochastic_depth": "per-sample randomness inside the forward pass"}
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
+from regbench.regularizers.stacking import stack_refusals
 
 
 @dataclass
@@ -30,6 +27,7 @@ class BaggingConfig:
 @register
 class Bagging(Regularizer):
     name, schema = "bagging", BaggingConfig
+    stacking = Stacking(refused="a bagging run is a stack of its own")
 
     def check(self, ctx: Context) -> None:
         k = self.cfg.members
@@ -37,18 +35,19 @@ class Bagging(Regularizer):
             raise ConfigError(f"{self.key}.members", k, "an integer in 2..64 (models in the ensemble)")
         if not isinstance(self.cfg.bootstrap, bool):
             raise ConfigError(f"{self.key}.bootstrap", self.cfg.bootstrap, "true (bagging) or false (deep ensemble)")
-        cfg = ctx.cfg
-        for name, why in _REFUSED_MEMBERS.items():
-            if name in cfg.regularizer:
-                raise ConfigError("regularizer", f"[bagging,{name}]", f"bagging without {name} (its members train "
-                                  f"as one stack, which cannot reproduce {why})", "drop one of the two")
-        if cfg.model.name == "torchvision":
-            raise ConfigError("regularizer", "[bagging]", "a regbench model (mlp, lecture_cnn, resnet) with "
-                              "bagging; model=torchvision layers are not stacked")
-        for key in ("amp", "compile"):
-            if cfg.trainer[key] != "none":
-                raise ConfigError(f"trainer.{key}", cfg.trainer[key], "none with regularizer=[bagging] (its members "
-                                  "train as one float32, uncompiled stack)", f"add trainer.{key}=none")
+        # Its members' config (the run's without bagging) must be stackable: what a stack refuses, said as bagging's.
+        refusals = stack_refusals(ctx.cfg, ignore=(self.name,))
+        if not refusals:
+            return
+        r = refusals[0]
+        if r.key == "regularizer":
+            raise ConfigError("regularizer", f"[bagging,{r.value}]", f"bagging without {r.value} (its members train "
+                              f"as one stack, and {r.value}: {r.why})", "drop one of the two")
+        if r.key == "model":
+            raise ConfigError("regularizer", "[bagging]", "a regbench model (mlp, lecture_cnn, resnet) with bagging "
+                              f"(model={r.value}: {r.why})")
+        raise ConfigError(r.key, r.value, f"none with regularizer=[bagging] (its members train as one stack, and "
+                          f"{r.why})", f"add {r.fix}")
 
     def info(self) -> dict:
         return {"members": int(self.cfg.members), "bootstrap": bool(self.cfg.bootstrap)}

@@ -13,7 +13,7 @@ from typing import Any
 
 from regbench.errors import ConfigError
 from regbench.models.slots import LayerSlots
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 
 @dataclass
@@ -26,6 +26,9 @@ class DropoutConfig:
 @register
 class Dropout(Regularizer):
     name, schema = "dropout", DropoutConfig
+    # Rates per member of a stack (regbench.stacked.model draws each member's masks; without the member: rate 0);
+    # where the layers are, and whether there are spatial ones, is shared.
+    stacking = Stacking(shared=("placement",), shared_nonzero=("spatial",))
 
     def check(self, ctx: Context) -> None:
         rate = self.cfg.rate

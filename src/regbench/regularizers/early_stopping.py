@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from regbench.errors import ConfigError
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 
 
@@ -33,6 +33,7 @@ class EarlyStoppingConfig:
 @register
 class EarlyStopping(Regularizer):
     name, schema = "early_stopping", EarlyStoppingConfig
+    stacking = Stacking(shared=())  # every member of a stack stops on its own (it then leaves the stack)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -16,7 +16,7 @@ from regbench.errors import ConfigError
 from regbench.evaluation import probabilities
 from regbench.metrics import summarize_probs
 from regbench.records import monitor_sign
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 
 @dataclass
@@ -29,6 +29,8 @@ class EnsembleConfig:
 @register
 class Ensemble(Regularizer):
     name, schema = "ensemble", EnsembleConfig
+    # A final evaluation of each member's own model; setup only reads the config and checks the model.
+    stacking = Stacking(shared=(), before_training=("setup",))
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

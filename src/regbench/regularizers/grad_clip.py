@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from regbench.errors import ConfigError
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 
 @dataclass
@@ -25,6 +25,8 @@ class GradClipConfig:
 class GradClip(Regularizer):
     name, schema = "grad_clip", GradClipConfig
     needs_unscaled_grads = True
+    # max may differ per member of a stack (a run without the member does not clip); how it clips is shared.
+    stacking = Stacking(shared=("mode", "norm_type"))
 
     def check(self, ctx: Context) -> None:
         if self.cfg.mode not in ("norm", "value"):
@@ -38,8 +40,11 @@ class GradClip(Regularizer):
             raise ConfigError(f"{self.key}.norm_type", self.cfg.norm_type, "to be left alone with mode=value "
                               "(it is only used by mode=norm)", "add regularizer.grad_clip.mode=norm")
 
-    def before_step(self, model, optimizer: torch.optim.Optimizer, scaler) -> None:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    def grad_params(self) -> None:
+        return None  # every parameter the optimizer steps, in its order (the global norm sums in that order)
+
+    def grads_on(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        params = [p for p in params if p.grad is not None]
         if self.cfg.mode == "norm":
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max, norm_type=self.cfg.norm_type)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from regbench.errors import ConfigError
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 
 @dataclass
@@ -20,6 +20,7 @@ class LabelSmoothingConfig:
 @register
 class LabelSmoothing(Regularizer):
     name, schema = "label_smoothing", LabelSmoothingConfig
+    stacking = Stacking(shared=())  # α per member of a stack (through loss_options; without the member: α = 0)
 
     def check(self, ctx: Context) -> None:
         if not 0 <= self.cfg.alpha < 1:

@@ -14,7 +14,7 @@ from torch import nn
 from regbench.errors import ConfigError, RegbenchError
 from regbench.evaluation import probabilities
 from regbench.metrics import summarize_probs
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -40,6 +40,8 @@ def _no_rate(ctx: Context) -> RegbenchError:
 @register
 class MCDropout(Regularizer):
     name, schema = "mc_dropout", MCDropoutConfig
+    # A final evaluation of each member's own model; setup only reads the config and checks the model.
+    stacking = Stacking(shared=(), before_training=("setup",))
 
     def check(self, ctx: Context) -> None:
         if self.cfg.passes < 1 or self.cfg.bins < 1:

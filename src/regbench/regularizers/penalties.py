@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from regbench.errors import ConfigError
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ def _match(name: str, pattern: str) -> bool:
 class _Penalty(Regularizer):
     """Shared by l1 / l2 / elastic_net; each subclass defines ``value(params)``, the penalty without λ."""
 
+    # λ, r, half and which parameters may differ per member of a stack (a run without the member has λ = 0); setup
+    # only chooses the member's own parameters, and penalty_on takes them or their rows of the stacked leaves.
+    stacking = Stacking(shared=(), before_training=("setup",))
+
     def check(self, ctx: Context) -> None:
         if not self.cfg.lam >= 0:
             raise ConfigError(f"{self.key}.lam", self.cfg.lam, "a number >= 0")
@@ -90,10 +94,11 @@ class _Penalty(Regularizer):
                  self.name, f"{mine['elements']:,}", mine["tensors"], f"{elements - mine['elements']:,}",
                  tensors - mine["tensors"])
 
-    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
-        if not self.params or self.cfg.lam == 0:
-            return None
-        return self.cfg.lam * self.value(self.params)
+    def penalty_params(self) -> list[nn.Parameter]:
+        return self.params if self.cfg.lam != 0 else []  # λ = 0 adds no term (a sweep's baseline point)
+
+    def penalty_on(self, params: list[torch.Tensor]) -> torch.Tensor:
+        return self.cfg.lam * self.value(params)
 
 
 def l1(params: list[torch.Tensor]) -> torch.Tensor:

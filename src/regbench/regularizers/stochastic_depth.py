@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from regbench.errors import ConfigError
 from regbench.models.slots import LayerSlots
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 
 @dataclass
@@ -26,6 +26,7 @@ class StochasticDepthConfig:
 @register
 class StochasticDepth(Regularizer):
     name, schema = "stochastic_depth", StochasticDepthConfig
+    stacking = Stacking(refused="it draws per-sample randomness inside the forward pass")
 
     def check(self, ctx: Context) -> None:
         if not 0 <= self.cfg.rate < 1:

@@ -18,7 +18,7 @@ from torch import nn
 from regbench.errors import ConfigError, RegbenchError
 from regbench.checkpoint import load_checkpoint
 from regbench.models import weight_layer_count
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 
 @dataclass
@@ -41,6 +41,7 @@ def _list(values) -> str:
 @register
 class Transfer(Regularizer):
     name, schema = "transfer", TransferConfig
+    stacking = Stacking(refused="it loads pretrained weights and freezes layers per run")
 
     def check(self, ctx: Context) -> None:
         if OmegaConf.is_missing(self.cfg, "init_from"):
@@ -153,6 +154,7 @@ class FineTune(Regularizer):
     """
 
     name, schema = "fine_tune", FineTuneConfig
+    stacking = Stacking(refused="it freezes and unfreezes layers during the run")
 
     def check(self, ctx: Context) -> None:
         c = self.cfg

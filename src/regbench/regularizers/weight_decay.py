@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from regbench.errors import ConfigError
-from regbench.regularizers.base import Context, Regularizer, register
+from regbench.regularizers.base import Context, Regularizer, Stacking, register
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ class WeightDecayConfig:
 class WeightDecay(Regularizer):
     name, schema = "weight_decay", WeightDecayConfig
     needs_unscaled_grads = True
+    # The rate may differ per member of a stack (a run without the member has rate 0); how it applies is shared.
+    # param_groups only splits the member's own optimizer's groups; grads_on takes its parameters or their rows.
+    stacking = Stacking(shared=("mode", "exclude_bias_and_norm"), before_training=("param_groups",))
 
     def check(self, ctx: Context) -> None:
         if not self.cfg.rate >= 0:
@@ -76,14 +79,15 @@ class WeightDecay(Regularizer):
                  i["mode"], i["applied_by"], f"{i['decayed_elements']:,}", i["decayed_tensors"],
                  f"{i['not_decayed_elements']:,}", i["not_decayed_tensors"])
 
-    def before_step(self, model, optimizer: torch.optim.Optimizer, scaler) -> None:
-        if not self.manual or self.cfg.rate == 0:
-            return
+    def grad_params(self) -> list[nn.Parameter]:
+        """The parameters regbench decays itself (none where the optimizer's own code does: ``native``)."""
+        return self.manual if self.cfg.rate != 0 else []
+
+    @torch.no_grad()
+    def grads_on(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
         if self.cfg.mode == "coupled":  # AdamW has no coupled mode: add wd·w to the gradient ourselves
-            grads = [p.grad for p in self.manual if p.grad is not None]
-            params = [p for p in self.manual if p.grad is not None]
-            torch._foreach_add_(grads, params, alpha=self.cfg.rate)
+            params = [p for p in params if p.grad is not None]
+            torch._foreach_add_([p.grad for p in params], params, alpha=self.cfg.rate)
         else:  # decoupled for SGD/Adam/...: w ← w·(1 − lr·wd) with this step's lr, before the update (as AdamW)
             lr = optimizer.param_groups[0]["lr"]
-            with torch.no_grad():
-                torch._foreach_mul_(self.manual, 1 - lr * self.cfg.rate)
+            torch._foreach_mul_(params, 1 - lr * self.cfg.rate)

@@ -39,6 +39,7 @@ from regbench.experiment import build_experiment
 from regbench.io import METRICS_LIMIT, atomic_write, read_folder_text, write_json
 from regbench.metrics import summarize_probs
 from regbench.records import BAGGING_COLUMNS, METRIC_COLUMNS, Summary, monitor_sign
+from regbench.regularizers.bagging import Bagging
 from regbench.rundir import prepare_run_dir
 from regbench.stacked.engine import common_epoch, fit_stack
 from regbench.state import RunState, restore_latest
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 def is_bagging(cfg: DictConfig) -> bool:
     """A config this engine trains: one whose stack has the bagging member."""
-    return "bagging" in cfg.regularizer
+    return Bagging.name in cfg.regularizer
 
 
 def member_seed(seed: int, j: int) -> int:
@@ -64,7 +65,7 @@ def member_configs(cfg: DictConfig) -> list[DictConfig]:
     for j in range(cfg.regularizer.bagging.members):
         c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         with open_dict(c):
-            del c.regularizer["bagging"]
+            del c.regularizer[Bagging.name]
             c.seed = member_seed(cfg.seed, j)
         out.append(c)
     return out
@@ -183,7 +184,7 @@ def fit_bagging(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_
     try:
         values = fit_stack([cfgs[j] for j in todo], [dirs[j] for j in todo], resume=resuming,
                            default_threads=default_threads, observer=observer,
-                           member_data=[data_maps[j] for j in todo], group="bagging") if todo else []
+                           member_data=[data_maps[j] for j in todo], group=Bagging.name) if todo else []
         failed = [str(dirs[j]) for j, v in zip(todo, values) if math.isnan(v)]
         if failed:
             raise RegbenchError(f"{len(failed)} of {len(dirs)} bagging members failed (see their summary.json: "

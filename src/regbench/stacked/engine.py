@@ -35,6 +35,7 @@ from regbench.checkpoint import Checkpoints, fault_point
 from regbench.errors import RegbenchError
 from regbench.logs import progress_bar
 from regbench.loop import train_one_epoch
+from regbench.regularizers.stacking import stack_refusals
 from regbench.run import prepare_run
 from regbench.rundir import claim, prepare_run_dir
 from regbench.stacked.logs import member_logs
@@ -71,10 +72,10 @@ def fit_stack(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path], resume: bool
 def _fit_stack(cfgs, run_dirs, resume, default_threads, observer, member_data, group) -> list[float]:
     for cfg in cfgs:
         validate(cfg)
-        if cfg.trainer.amp != "none" or cfg.trainer.compile != "none":
-            raise RegbenchError(f"trainer.amp={cfg.trainer.amp} / trainer.compile={cfg.trainer.compile}: a stack "
-                                "trains in float32, uncompiled; fix: trainer.amp=none trainer.compile=none, or the "
-                                "basic launcher")
+        refusals = stack_refusals(cfg)  # what the members and the trainer say cannot be stacked (one place)
+        if refusals:
+            r = refusals[0]
+            raise RegbenchError(f"{r.key}={r.value}: {r.why}; fix: {r.fix}, or the basic launcher")
     _check_same(cfgs)
     resuming = [prepare_run_dir(d, r) for d, r in zip(run_dirs, resume)]
     rt = runtime.set_up(cfgs[0].trainer, default_threads)

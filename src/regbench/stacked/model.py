@@ -36,11 +36,17 @@ def _dropouts(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _DROPOUTS)]
 
 
+# torch's layers that draw randomness the stack does not reproduce per member (nn.Dropout / Dropout2d it does); a
+# layer of regbench's own says so itself with a ``stack_refusal`` class attribute (models.common.DropPath).
+_UNSTACKABLE = (nn.AlphaDropout, nn.Dropout1d, nn.Dropout3d, nn.FeatureAlphaDropout)
+
+
 def _check_randomness(model: nn.Module) -> None:
     for name, m in model.named_modules():
-        if type(m).__name__ in ("DropPath", "StochasticDepth") or isinstance(m, (nn.AlphaDropout, nn.Dropout1d,
-                                                                                 nn.Dropout3d, nn.FeatureAlphaDropout)):
-            raise ValueError(f"layer {name} ({type(m).__name__}) draws randomness a stack cannot reproduce per member")
+        why = getattr(type(m), "stack_refusal", None)
+        if why or isinstance(m, _UNSTACKABLE):
+            raise ValueError(f"layer {name} ({type(m).__name__}) draws randomness a stack cannot reproduce per member"
+                             + (f": {why}" if why else ""))
 
 
 class StackedModel:

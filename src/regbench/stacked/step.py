@@ -6,10 +6,12 @@ computes (a batched formula over [K, ...] sums in another order: one float32 ulp
 into lr-sized steps for near-zero gradients and which grew to 7e-3 relative by epoch 5 in issue 25). The per-member
 calls are small (a few per member and step) next to the members' matrix products.
 
-A member without one of them simply has none (no penalty term, no clipping); what a member cannot have in a stack
-(another loss option, a penalty or gradient hook this module does not know) is refused by name. The epoch-level
-members (early stopping, MC dropout, snapshot ensembles) run on each member's own model at the epoch end
-(regbench.stacked.engine), unchanged.
+Each rule is the member's own stacked form (regbench.regularizers.base: ``penalty_on``, ``grads_on``, its loss
+options), the very method its single run calls on its own parameters; this module only maps each member's declared
+parameter lists (``penalty_params``, ``grad_params``) to its rows and calls it, naming no member. A member that cannot
+be in a stack (by its own declaration, or overriding a step hook without a stacked form) is refused. The
+epoch-level members (early stopping, MC dropout, snapshot ensembles) run on each member's own model at the epoch
+end (regbench.stacked.engine), unchanged.
 """
 
 from __future__ import annotations
@@ -20,27 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from regbench.errors import RegbenchError
-from regbench.regularizers.base import Regularizer
-
-# Members whose step-level hooks (penalty, loss option, gradient hook, parameter groups) this module reproduces per
-# member; any other member overriding one of those hooks, or drawing randomness inside the forward pass
-# (stochastic depth), cannot be stacked and is refused by name.
-_ALLOWED = {"l1": ("setup", "penalty"), "l2": ("setup", "penalty"), "elastic_net": ("setup", "penalty"),
-            "weight_decay": ("param_groups", "before_step"), "label_smoothing": ("loss_options",),
-            "grad_clip": ("before_step",),
-            # epoch-level members whose setup only reads the config / checks the model:
-            "ensemble": ("setup",), "mc_dropout": ("setup",), "early_stopping": ("setup",)}
-_STEP_HOOKS = ("setup", "penalty", "loss_options", "before_step", "param_groups")
-_NOT_STACKABLE = {"stochastic_depth": "it draws its own per-sample randomness inside the forward pass"}
-_PENALTIES = ("l1", "l2", "elastic_net")
+from regbench.regularizers.base import acts_in, optimizer_params
 
 
 def check_stackable(stack) -> None:
-    """Refuse a member whose step-level behaviour the stacked step does not reproduce."""
+    """Refuse a member whose step-level behaviour the stacked step does not reproduce (its own declaration)."""
     for r in stack.members:
-        hooks = [h for h in _STEP_HOOKS
-                 if getattr(type(r), h) is not getattr(Regularizer, h) and h not in _ALLOWED.get(r.name, ())]
-        why = _NOT_STACKABLE.get(r.name) or (f"its {', '.join(hooks)} acts inside every step" if hooks else None)
+        why = type(r).stacking.refusal(type(r))
         if why:
             raise RegbenchError(f"regularizer member '{r.name}' cannot be trained in a stack ({why}); fix: run it "
                                 "with the basic launcher")
@@ -56,19 +44,19 @@ def _indices(params: list, slots: dict[int, int], what: str) -> list[int]:
 
 class _Member:
     """One member's step-level rules: its loss options, its penalty terms (regularizer, leaf indices) in the
-    stack's order, its gradient hooks (regularizer, leaf indices) in the stack's order."""
+    stack's order, its gradient rules (regularizer, leaf indices; None: every parameter its optimizer steps) in
+    the stack's order — as its single run's Stack.penalty_fn / before_step_fn call them."""
 
     def __init__(self, stack, slots: dict[int, int]):
         self.loss_options = stack.loss_options()
-        # As RegularizerStack.penalty_fn: the members that add a term (λ = 0 or no parameters adds none).
-        self.penalties = [(r, _indices(r.params, slots, f"regularizer.{r.name}")) for r in stack.members
-                          if r.name in _PENALTIES and r.params and r.cfg.lam != 0]
-        self.hooks = []
+        self.penalties, self.rules = [], []
         for r in stack.members:
-            if r.name == "weight_decay" and getattr(r, "manual", None) and r.cfg.rate != 0:
-                self.hooks.append((r, _indices(r.manual, slots, "regularizer.weight_decay")))
-            elif r.name == "grad_clip":
-                self.hooks.append((r, None))
+            if acts_in(type(r), "penalty") and (params := r.penalty_params()):  # none: it adds no term this run
+                self.penalties.append((r, _indices(params, slots, r.key)))
+            if acts_in(type(r), "before_step"):
+                params = r.grad_params()
+                if params is None or params:
+                    self.rules.append((r, None if params is None else _indices(params, slots, r.key)))
 
 
 class StepRules:
@@ -93,7 +81,7 @@ class StepRules:
 
     def penalty(self, params: list[torch.Tensor]) -> Optional[torch.Tensor]:
         """Per-member penalty [K] (zero for members without one), or None when no member has one: member k's
-        λ·value(its rows) per penalty member, summed as its single run's penalty_fn sums them."""
+        penalty_on(its rows) per penalty member, summed as its single run's penalty_fn sums them."""
         if not any(self.has_penalty):
             return None
         zero = torch.zeros((), device=self.device)
@@ -101,28 +89,19 @@ class StepRules:
         for k, m in enumerate(self.members):
             # One view per leaf and member: its gradient terms add up in the order its single run's parameter's do.
             rows = {i: params[i][k] for _, ix in m.penalties for i in ix}
-            terms = [r.cfg.lam * r.value([rows[i] for i in ix]) for r, ix in m.penalties]
+            terms = [r.penalty_on([rows[i] for i in ix]) for r, ix in m.penalties]
             totals.append(torch.stack(terms).sum() if terms else zero)
         return torch.stack(totals)
 
     @torch.no_grad()
     def before_step(self, params: list[torch.Tensor], optimizer) -> None:
         """Between backward and the optimizer step, on each member's rows and their gradients (views of the stacked
-        ones, ``optimizer.attach_grads``), in its single run's member order: regbench's weight decay (coupled:
-        g ← g + wd·w; decoupled: w ← w·(1 − lr·wd) with the member's lr of this step), gradient clipping (torch's
-        own clip_grad_norm_ / clip_grad_value_, through the member's optimizer as its single run calls it)."""
-        if not any(m.hooks for m in self.members):
+        ones, ``optimizer.attach_grads``), in its single run's member order: each member's grads_on (regbench's
+        weight decay, gradient clipping...) with the member's own optimizer, re-pointed at its rows."""
+        if not any(m.rules for m in self.members):
             return
         optimizer.attach_grads()
         for k, m in enumerate(self.members):
-            for r, ix in m.hooks:
-                opt = optimizer.optimizers[k]
-                if r.name == "grad_clip":
-                    r.before_step(None, opt, None)
-                    continue
-                rows = [optimizer.rows[k][i] for i in ix if optimizer.rows[k][i].grad is not None]
-                if r.cfg.mode == "coupled":  # regularizers/weight_decay.py's rules, on the member's rows
-                    torch._foreach_add_([w.grad for w in rows], rows, alpha=r.cfg.rate)
-                else:
-                    lr = opt.param_groups[0]["lr"]
-                    torch._foreach_mul_([optimizer.rows[k][i] for i in ix], 1 - lr * r.cfg.rate)
+            opt, rows = optimizer.optimizers[k], optimizer.rows[k]
+            for r, ix in m.rules:
+                r.grads_on(optimizer_params(opt) if ix is None else [rows[i] for i in ix], opt)
