@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench.fastoptim import direct_optimizer
+from regbench.models.common import dropout_mask
 from regbench.models.mlp import MLP
 from regbench.speed import FastPath, failure, gate, same_bits
 
@@ -298,7 +299,7 @@ def _forward_op(m: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, An
     if isinstance(m, nn.Dropout):
         def dropout(h: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
             if m.training and m.p > 0:
-                mask = torch.empty_like(h).bernoulli_(1 - m.p).div_(1 - m.p)
+                mask = dropout_mask(h.shape, m.p, h.device, h.dtype)
                 return h * mask, mask
             return h, None
         return dropout

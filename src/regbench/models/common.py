@@ -10,7 +10,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from regbench.errors import ConfigError, check as expect, choice
+from regbench.errors import ConfigError, choice
+from regbench.errors import check as expect
 
 Rates = Union[float, Sequence[float]]
 
@@ -135,6 +136,15 @@ def _init_kernel(w: torch.Tensor, scheme: str, negative_slope: float, nonlineari
     elif scheme != "default":
         raise ConfigError("model.init", scheme, "default, xavier_uniform, xavier_normal, kaiming_uniform, "
                           "kaiming_normal, glorot_uniform or he_normal")
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An inverted-dropout mask drawn from the global RNG exactly as torch's dropout draws it on a CPU and a GPU
+    (``empty(shape).bernoulli_(1 − p)``, divided by 1 − p): the direct step (regbench.faststep) and the stacked
+    model's per-member noise (regbench.stacked.model) draw through here, so the RNG stream advances as a run's own
+    ``nn.Dropout`` layers advance it. (Dropout2d's shape: one value per sample and channel.)"""
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - p).div_(1 - p)
 
 
 class DropPath(nn.Module):

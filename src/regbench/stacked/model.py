@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from regbench.models.common import dropout_mask
+
 _DROPOUTS = (nn.Dropout, nn.Dropout2d)
 
 
@@ -165,7 +167,7 @@ class StackedModel:
             if rate == 0:
                 out.append(torch.ones((batch_size, *shape), device=device))
             else:
-                out.append(torch.empty((batch_size, *shape), device=device).bernoulli_(1 - rate).div_(1 - rate))
+                out.append(dropout_mask((batch_size, *shape), rate, device))
         return out
 
     def _call(self, params, buffers, noise, x):
