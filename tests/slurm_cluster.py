@@ -314,6 +314,29 @@ def _terminate(pid: int, wait_s: float = 10) -> None:
         pass
 
 
+def for_tests():
+    """A started cluster for a test module's fixture (``yield from for_tests()``), stopped after it; the tests skip,
+    saying why, where SLURM is not installed, or where it does not start as a non-root user."""
+    import pytest
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"SLURM is not installed here (missing {', '.join(missing)}); `make test` installs Debian's "
+                    f"{PACKAGES} with apt-get where it can (as root)")
+    cluster = SlurmCluster()
+    try:
+        try:
+            cluster.start()
+        except RuntimeError as e:
+            if os.geteuid() == 0:
+                raise  # installed, as root: a cluster that does not start is a failure, not a skip
+            pytest.skip(f"the test cluster did not start as a non-root user ({str(e).splitlines()[0]}); the "
+                        "SLURM tests run as root (as in CI)")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 if __name__ == "__main__":
     cluster = SlurmCluster().start()
     print(f"cluster up in {cluster.start_time_s:.1f} s under {cluster.root}")

@@ -475,6 +475,21 @@ def case_run_dir_special_file(tmp_path, monkeypatch, capsys):
 
 
 # (row id, how to provoke it, text the message contains). Rows given as a list are plain command lines.
+def case_stacked_foreign_app(tmp_path, monkeypatch, capsys):
+    """hydra/launcher=stacked under another Hydra app (it trains regbench runs itself, never calling the app)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "my_app.py").write_text("import hydra\n\n@hydra.main(version_base='1.3', config_path=None, "
+                                        "config_name=None)\ndef my_app(cfg):\n    return 1\n\nmy_app()\n")
+    proc = subprocess.run([sys.executable, "my_app.py", "-m", "hydra/launcher=stacked", "+x=1,2",
+                           f"hydra.searchpath=[file://{REPO / 'configs'}]"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("regbench: error: "), proc.stderr
+    return proc.stderr.strip()
+
+
 CASES = [
     ("typo-key", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
     ("typo-top-key", ["sed=1"], "sed: no such key (valid keys here: seed, data, model"),
@@ -673,6 +688,10 @@ CASES = [
      "writes such files in a run folder; fix: remove it"),
     ("resume-no-such-folder", lambda t, m, c: run_cli(c, "resume", str(t / "nope")),
      "/nope: no such folder; fix: give the run folder printed as 'run dir:' by the run (regbench resume <run dir>)"),
+    # helper (issue 26, item 5): the stacked launcher as a Hydra launcher
+    ("stack-foreign-app", case_stacked_foreign_app,
+     "hydra/launcher=stacked trains regbench runs; the task function my_app is another app's (a stack trains "
+     "regbench's models itself and would never call it); fix: choose another hydra/launcher"),
 ]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.slurm_cluster import PACKAGES, SlurmCluster, missing_binaries
+from tests.slurm_cluster import for_tests
 
 JOBS = ["data.train_size=64", "data.batch_size=32", "data.val_fraction=0.025", "data.test_size=100",
         "trainer.max_epochs=3", "trainer.progress_bar=false"]
@@ -32,23 +32,11 @@ TIMES: dict[str, float] = {}
 
 @pytest.fixture(scope="session")
 def slurm():
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"SLURM is not installed here (missing {', '.join(missing)}); `make test` installs Debian's "
-                    f"{PACKAGES} with apt-get where it can (as root)")
-    cluster = SlurmCluster()
     try:
-        try:
-            cluster.start()
-        except RuntimeError as e:
-            if os.geteuid() == 0:
-                raise  # installed, as root: a cluster that does not start is a failure, not a skip
-            pytest.skip(f"the test cluster did not start as a non-root user ({str(e).splitlines()[0]}); the "
-                        "SLURM tests run as root (as in CI)")
-        TIMES["cluster start"] = cluster.start_time_s
-        yield cluster
+        for cluster in for_tests():
+            TIMES["cluster start"] = cluster.start_time_s
+            yield cluster
     finally:
-        cluster.stop()
         if TIMES:
             print("\nSLURM test timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMES.items()))
 

@@ -104,7 +104,7 @@ def _stacked_origin() -> bool:
 def _fit_stacked_member(cfg: DictConfig, run_dir: Path) -> float:
     import math
 
-    from regbench.stacked.engine import fit_stack
+    from regbench.train import fit_stack  # the dispatcher: a stack of one, as it was trained
 
     value = fit_stack([cfg], [run_dir], resume=bool(cfg.trainer.resume))[0]
     if math.isnan(value):

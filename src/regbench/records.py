@@ -111,6 +111,7 @@ class EpochRow:
         return {tag: getattr(self, name) for tag, name in TB_TAGS.items() if getattr(self, name) is not None}
 
 
+MARKER = "COMPLETED"  # the completion marker: written last by a run (a sweep skips a folder that has it)
 METRIC_COLUMNS = [f.name for f in fields(EpochRow)]
 # A bagging run's metrics.csv (regbench.stacked.bagging): its members' mean of every column, the ensemble's
 # validation metrics, and how many members were still training in that epoch.
@@ -233,7 +234,7 @@ class Summary:
         return self.best[monitor]
 
     def marker(self) -> dict[str, Any]:
-        """The COMPLETED marker's content (fit writes it last; a sweep re-derives it from a completed summary)."""
+        """The COMPLETED marker's content (its file name: MARKER) (fit writes it last; a sweep re-derives it from a completed summary)."""
         if self.finished is None:
             raise KeyError("finished")
         return {"finished": self.finished, "best": self.best_value()}

@@ -37,7 +37,7 @@ from regbench.experiment import Experiment, build_experiment
 from regbench.io import BackgroundWriter, write_json
 from regbench.logs import RunLogger, progress_bar
 from regbench.loop import AutogradStep, DirectStep, TrainStep, train_one_epoch
-from regbench.records import EpochRow, EpochTiming, Summary
+from regbench.records import MARKER, EpochRow, EpochTiming, Summary
 from regbench.state import RunState, last_row, restore_latest
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class Run:
 
     def complete(self) -> float:
         """The completion marker, written last: sweeps skip a run folder that has it. Returns the best value."""
-        write_json(self.run_dir / "COMPLETED", self.summary.marker())
+        write_json(self.run_dir / MARKER, self.summary.marker())
         return self.summary.best_value()
 
     def epoch(self, epoch: int) -> bool:

@@ -21,7 +21,7 @@ from typing import Optional
 
 from regbench.errors import RegbenchError
 from regbench.io import JSON_LIMIT, read_folder_bytes
-from regbench.records import Summary
+from regbench.records import MARKER, Summary
 
 try:
     import fcntl
@@ -32,7 +32,7 @@ LOCK = ".regbench.lock"
 # Everything regbench writes into a run folder: none of them, nor anything inside its folders, may be a symbolic
 # link (we would write through it) or a FIFO, device or socket (reading or appending to it would hang or worse).
 RECORD_DIRS = (".hydra", "tb", "checkpoints", "attempts")
-RECORD = (*RECORD_DIRS, "metrics.csv", "summary.json", "regbench.log", "COMPLETED", "sweep_job.json", LOCK)
+RECORD = (*RECORD_DIRS, "metrics.csv", "summary.json", "regbench.log", MARKER, "sweep_job.json", LOCK)
 HOST = socket.gethostname()
 
 _held: dict[str, "Lock"] = {}  # folders this process holds, by resolved path (claims are re-entrant)

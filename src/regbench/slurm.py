@@ -35,6 +35,8 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from omegaconf import OmegaConf, open_dict
 
 from regbench.errors import RegbenchError
+from regbench.stacked.launcher import check_max_members
+from regbench.sweep import is_regbench_task, record_outcome, skip_if_completed
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,8 @@ class SlurmLauncher(PluginSlurmLauncher):
     def _jobs(self, job_overrides, initial_job_idx) -> tuple[list[Path], list[tuple], dict[int, JobReturn]]:
         """Each job's run folder, the plugin's call arguments for it, and the results of the jobs completed in an
         earlier run of the sweep (skipped here, not submitted)."""
-        from regbench.sweep import skip_if_completed
-
         assert self.config is not None and self.hydra_context is not None
+        ours = is_regbench_task(self.task_function)  # another app's jobs: the plugin's behaviour, all submitted
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         runs, params, done = [], [], {}
@@ -82,7 +83,7 @@ class SlurmLauncher(PluginSlurmLauncher):
                 sweep_config.hydra.job.num = idx
             runs.append(Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir))
             params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-            skipped, value = skip_if_completed(runs[-1], sweep_config.trainer.monitor)
+            skipped, value = skip_if_completed(runs[-1], sweep_config.trainer.monitor) if ours else (False, 0.0)
             note = " (completed earlier: not submitted)" if skipped else ""
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}{note}")
             if skipped:
@@ -90,11 +91,12 @@ class SlurmLauncher(PluginSlurmLauncher):
         return runs, params, done
 
     def _result(self, job, run_dir: Path, overrides: Sequence[str]) -> JobReturn:
-        """The job's JobReturn; a job that ended without one is recorded as failed, not raised."""
+        """The job's JobReturn; a regbench job that ended without one is recorded as failed, not raised (another
+        app's job: raised, as the plugin does)."""
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
-        from regbench.sweep import record_outcome
-
+        if not is_regbench_task(self.task_function):
+            return job.results()[0]
         try:
             return job.results()[0]
         except (UncompletedJobError, FailedJobError) as e:
@@ -142,10 +144,7 @@ def check_launcher(launcher) -> None:
     """The checks of a composed ``hydra.launcher`` before anything is written: SLURM's resources, the stacked
     launcher's size."""
     if "_target_" in launcher and str(launcher._target_).endswith("StackedLauncher"):
-        m = launcher.get("max_members")
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise RegbenchError(f"hydra.launcher.max_members={m!r}: expected an integer >= 1 (members per stack); "
-                                "fix: e.g. hydra.launcher.max_members=16")
+        check_max_members(launcher.get("max_members"))
     if "_target_" in launcher and str(launcher._target_).endswith("SlurmLauncher"):
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
         if missing:

@@ -1,9 +1,9 @@
 """Sweeps that survive failures and re-runs.
 
-Each job of a multirun decides from its run folder what to do: a folder with a ``COMPLETED`` marker (written
-atomically at the very end of a run) is skipped; an unfinished one (killed, preempted, requeued) is resumed
-from its checkpoint; a failed one is tried again from scratch, its failed attempt kept under ``attempts/``.
-A failing job never stops the others: the failure is recorded, and after the last job the
+Each job of a multirun decides from its run folder what to do (regbench.job_plan): a folder with a ``COMPLETED``
+marker (written atomically at the very end of a run) is skipped; an unfinished one (killed, preempted, requeued)
+is resumed from its checkpoint; a failed one is tried again from scratch, its failed attempt kept under
+``attempts/``. A failing job never stops the others: the failure is recorded, and after the last job the
 :class:`SweepStatus` callback prints a status table and makes the command exit with status 1.
 """
 
@@ -25,70 +25,28 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from regbench.errors import RegbenchError
-from regbench.io import FolderFileError, read_json, write_json
+from regbench.io import read_json, write_json
+# What a job does with its folder is regbench.job_plan's; MARKER and keeps_record stay importable from here.
+from regbench.job_plan import MARKER, checked_plan, job_plan, keeps_record  # noqa: F401
 from regbench.records import Summary
-from regbench.rundir import refuse_links
 from regbench.sweep_names import NAMING_KEY
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETED"
 OUTCOME = "sweep_job.json"
 # Outcomes of a job that stopped before the end (a SLURM preemption or time limit, another deliberate exit):
 # not failed, the next run of the sweep resumes it.
 STOPPED = ("preempted", "timed-out", "interrupted")
 
 
-def job_plan(run_dir: Path) -> tuple[str, str]:
-    """(action, reason) for a sweep job: skip | resume | retry | new.
-
-    A run is complete once its summary.json says so (written atomically, last); a job killed between that and
-    its COMPLETED marker gets the marker now, made from the summary, and is skipped like any completed one."""
-    action, reason, summary = _plan(run_dir)
-    if summary is not None:
-        try:  # the same marker train.fit writes last
-            marker = summary.marker()
-        except (KeyError, TypeError):
-            return "retry", "its summary.json says completed but lacks the results"
-        write_json(run_dir / MARKER, marker)
-    return action, reason
+# The task function of regbench's sweeps (regbench.cli's Hydra app, by name: this module sits below the command
+# line). A launcher that does more than call it checks for it: hydra/launcher=stacked trains the jobs itself (another
+# app's task would never be called), hydra/launcher=slurm reads regbench's folders before submitting.
+REGBENCH_TASK = ("regbench.cli", "app")
 
 
-def _plan(run_dir: Path) -> tuple[str, str, Optional[Summary]]:
-    """job_plan without writing anything (the summary: a completed run's that lacks its marker). A summary.json
-    that is a link, a FIFO or far too large is refused with one line (FolderFileError)."""
-    if os.path.lexists(run_dir / MARKER):
-        return "skip", "completed earlier", None
-    path = run_dir / "summary.json"
-    status = None
-    if os.path.lexists(path):
-        try:
-            summary = Summary.load(path)
-            status = summary.status
-        except FolderFileError:
-            raise
-        except (OSError, ValueError):
-            status = "unreadable"
-    if status == "completed":
-        return "skip", "completed earlier (its COMPLETED marker was missing and is now written)", summary
-    if status == "failed":
-        return "retry", "failed earlier", None
-    if status is not None or os.path.lexists(run_dir / "metrics.csv"):
-        return "resume", f"unfinished ({status or 'no summary'})", None
-    return "new", "", None
-
-
-def keeps_record(run_dir: Path) -> bool:
-    """Whether the job (or run) in ``run_dir`` continues what the folder holds — skipped or resumed — so that
-    its ``.hydra/`` record (config, overrides, Hydra settings) is left as it was started: a re-run of the sweep
-    with a bookkeeping key added (trainer.num_threads...) never rewrites it. A failed job runs again from scratch
-    and gets this command's record; so does a new one. (configs/hydra/default.yaml: hydra.output_subdir.)"""
-    if not os.path.lexists(run_dir / ".hydra" / "config.yaml"):
-        return False
-    try:
-        return _plan(run_dir)[0] in ("skip", "resume")
-    except FolderFileError:
-        return True  # the job refuses the folder in one line; its record stays as it is
+def is_regbench_task(task_function: Any) -> bool:
+    return (getattr(task_function, "__module__", None), getattr(task_function, "__qualname__", None)) == REGBENCH_TASK
 
 
 def archive_failed(run_dir: Path) -> Path:
@@ -113,8 +71,7 @@ def run_job(cfg: DictConfig, run_dir: Path, fit, default_threads: Optional[int])
     signal handler: it checkpoints the launcher call, requeues the job and raises SystemExit, which must reach
     submitit (the requeued job resumes this run folder); the outcome says why it stopped."""
     try:
-        refuse_links(run_dir)  # before anything is moved or written: never through a link, never into a FIFO
-        action, reason = job_plan(run_dir)
+        action, reason = checked_plan(run_dir)  # before anything is moved or written: never through a link
     except RegbenchError as e:
         log.error("job failed: %s", e)
         print(f"regbench: error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Sweep job folders: named by what the jobs vary, never colliding, never adopting another command's job.
 
-Split from regbench.sweep (which decides what a job does with its folder); the command line computes the
-naming before Hydra launches the jobs, and checks the folders a sweep would reuse.
+The command line computes the naming before Hydra launches the jobs, and checks the folders a sweep would reuse
+(what a job would do with an earlier command's folder is regbench.job_plan's; running the jobs and their
+outcomes are regbench.sweep's, which uses the names, never the other way round).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional
 
 from regbench.errors import RegbenchError
 from regbench.io import load_folder_yaml, refuse_linked_parts
+from regbench.job_plan import job_plan
 from regbench.rundir import BOOKKEEPING, RESUME_MAY_DIFFER, refuse_links
 
 # ------------------------------------------------------------------------------------ folder names
@@ -124,8 +126,6 @@ def _check_earlier(run_dir: Path, job: list[str], sweep_dir: Path) -> None:
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not os.path.lexists(saved):
         return
-    from regbench.sweep import job_plan  # the sweep module decides what a job does with its folder
-
     action, _ = job_plan(run_dir)
     if action not in ("skip", "resume"):
         return  # a failed or empty earlier attempt is retried (and kept under attempts/)

@@ -38,7 +38,13 @@ from regbench.evaluation import probabilities
 from regbench.experiment import build_experiment
 from regbench.io import METRICS_LIMIT, atomic_write, read_folder_text, write_json
 from regbench.metrics import summarize_probs
-from regbench.records import BAGGING_COLUMNS, METRIC_COLUMNS, Summary, monitor_sign
+from regbench.records import (
+    BAGGING_COLUMNS,
+    MARKER,
+    METRIC_COLUMNS,
+    Summary,
+    monitor_sign,
+)
 from regbench.regularizers.bagging import Bagging
 from regbench.rundir import prepare_run_dir
 from regbench.stacked.engine import common_epoch, fit_stack
@@ -274,7 +280,7 @@ def _finish(cfg, run_dir, rows, summary, seeds, dirs, runs, started) -> float:
                    finished=provenance.now(), time_s=round(time.perf_counter() - started, 2))
     summary.write(run_dir / "summary.json")
     fault_point("before_ensemble_marker", len(rows))
-    write_json(run_dir / "COMPLETED", summary.marker())
+    write_json(run_dir / MARKER, summary.marker())
     log.info("ensemble of %d members: test loss %.4f acc %.4f ece %.4f (members' mean: loss %.4f acc %.4f ece "
              "%.4f)%s", len(runs), test["loss"], test["acc"], test["ece"], mean_test["loss"], mean_test["acc"],
              mean_test["ece"], f"; best epoch {best['epoch']} by {key}" if best else "")
