@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from regbench.report_figures import OKABE_ITO
 from regbench.report_files import write_file
 
 CURVES_SIZE = (1200, 600)  # pixels of each PNG (width, height) at 100 dpi
@@ -51,6 +52,11 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # headless
+    with matplotlib.rc_context({"text.parse_math": False}):  # a folder's name ("lr=${...}") is text, not mathtext
+        return _plot(runs, table, out)
+
+
+def _plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -59,7 +65,7 @@ def plot(runs: list[dict], table: list[dict], out: Path) -> list[Path]:
         groups.setdefault(r["config"], []).append(r)
     order = [row["config"] for row in table]
     label_of = {row["config"]: row["label"] for row in table}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = OKABE_ITO  # colour-blind safe
     paths = []
 
     fig, ax = plt.subplots(figsize=(CURVES_SIZE[0] / 100, CURVES_SIZE[1] / 100), dpi=100)
