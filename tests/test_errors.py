@@ -127,6 +127,16 @@ def case_report_unwritable(tmp_path, monkeypatch, capsys):
     return run_cli(capsys, "report", str(tmp_path / "s"))
 
 
+def case_report_option(tmp_path, capsys, *option):
+    from tests.test_report import completed
+
+    completed(tmp_path / "s" / "regularizer=[]" / "seed=0")
+    completed(tmp_path / "s" / "regularizer=[l2]" / "seed=0", stack=["l2"])
+    msg = run_cli(capsys, "report", str(tmp_path / "s"), *option)
+    assert not list((tmp_path / "s").glob("report*"))  # nothing written
+    return msg
+
+
 def case_download_env_invalid(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("REGBENCH_DOWNLOAD", "maybe")
     msg = run_cli(capsys, *TINY, "data=mnist", f"data.root={tmp_path}/d", f"hydra.run.dir={tmp_path}/r")
@@ -692,6 +702,14 @@ CASES = [
     ("stack-foreign-app", case_stacked_foreign_app,
      "hydra/launcher=stacked trains regbench runs; the task function my_app is another app's (a stack trains "
      "regbench's models itself and would never call it); fix: choose another hydra/launcher"),
+    # helper (issue 29): the report's statistics
+    ("report-bad-metric", lambda t, m, c: case_report_option(t, c, "--metrics", "best_val_loss,best_val_los"),
+     "--metrics 'best_val_loss,best_val_los': best_val_los is not a metric of this sweep; expected a "
+     "comma-separated list of: best_val_loss, best_val_acc, final_val_loss, final_val_acc, final_gap, "
+     "final_gap_trained, min_val_loss_epoch, test_acc, test_nll, test_ece"),
+    ("report-bad-baseline", lambda t, m, c: case_report_option(t, c, "--baseline", "regularizer=[l3]"),
+     "--baseline 'regularizer=[l3]': no such configuration in this sweep; expected one of: regularizer=[], "
+     "regularizer=[l2]"),
 ]
 
 

@@ -17,6 +17,16 @@ BAGGING = ["regularizer=[bagging]", "regularizer.bagging.members=2", "data.train
            "model.hidden=[32]", "trainer.max_epochs=2", "trainer.progress_bar=false"]
 
 
+@pytest.fixture(autouse=True)
+def no_paper_figures(monkeypatch):
+    """The paper figures are drawn in tests/test_report.py and tests/test_report_plots.py; here they would take
+    seconds per report for nothing (a bagging row's numbers are the point)."""
+    from regbench import report as report_mod
+
+    monkeypatch.setattr(report_mod, "plot_small_multiples", lambda *a, **k: [])
+    monkeypatch.setattr(report_mod, "plot_forest", lambda *a, **k: [])
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     sweep = tmp_path_factory.mktemp("sweep")
@@ -53,5 +63,5 @@ def test_the_report_says_what_a_bagging_row_holds(sweep):
     report(sweep)
     md = (sweep / "report.md").read_text()
     assert "test NLL (bagging members' mean)" in md
-    assert "members/" not in md.split("## Overfitting curves")[0].replace("members/\\<j\\>", "")
+    assert "members/" not in md.split("## Figures")[0].replace("members/\\<j\\>", "")
     assert "Bagging runs (regularizer=\\[bagging\\])" in md
