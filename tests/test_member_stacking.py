@@ -261,3 +261,37 @@ def test_a_layer_says_itself_that_it_cannot_be_stacked():
     with pytest.raises(ValueError, match=r"layer 1 \(Noise\) .*: it adds noise from the global RNG"):
         StackedModel([nn.Sequential(nn.Linear(2, 2), Noise())])
     StackedModel([nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))], input_shape=(2,))  # torch's own: stacked
+
+
+def test_an_epoch_hook_that_may_change_the_model_is_refused_unless_it_only_reads_it():
+    """A stack writes each member's weights into its own model before on_epoch_end and never reads them back: a hook
+    that changed them would silently part from its single run, so overriding it needs ``reads_model`` (review)."""
+
+    class Averaging(ToyGradScale):
+        name = "toy_averaging"
+
+        def on_epoch_end(self, epoch, row, model):
+            return False
+
+    class Reader(Averaging):
+        name = "toy_reader"
+        stacking = Stacking(shared=("biases",), before_training=("setup",), reads_model=("on_epoch_end",))
+
+    assert "on_epoch_end may change its model between the stack's epochs" in Averaging.stacking.refusal(Averaging)
+    assert Reader.stacking.refusal(Reader) is None
+    assert REGISTRY["early_stopping"].stacking.refusal(REGISTRY["early_stopping"]) is None  # reads: best weights
+    assert REGISTRY["ensemble"].stacking.refusal(REGISTRY["ensemble"]) is None  # reads: snapshots
+
+
+def test_a_formula_without_its_parameters_fails_at_registration():
+    """grads_on / penalty_on without grad_params / penalty_params would never run: a silent no-op (review)."""
+
+    class NoParams(Regularizer):
+        name, schema = "toy_no_params", ToyGradConfig
+
+        def grads_on(self, params, optimizer):
+            raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match="defines grads_on but not grad_params"):
+        register(NoParams)
+    assert NoParams.name not in REGISTRY

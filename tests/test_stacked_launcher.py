@@ -230,3 +230,25 @@ def test_another_apps_sweep_gets_one_line(tmp_path):
     assert proc.stderr.splitlines()[-1].startswith("regbench: error: hydra/launcher=stacked trains regbench runs; "
                                                    "the task function my_app is another app's")
     assert "Traceback" not in proc.stderr and not list((tmp_path / "multirun").rglob("config.yaml"))
+
+
+def test_a_stack_refused_as_a_whole_ends_every_started_job_failed(tmp_path, monkeypatch, capsys):
+    """A RegbenchError of fit_stack (the stack as a whole refused before training) after the members' on_job_start:
+    each started job gets its on_job_end, FAILED with that error, before the one line (review)."""
+    import regbench.train as train
+    from regbench.cli import main
+
+    def refused(*args, **kwargs):
+        raise RegbenchError("the stack as a whole is refused (a test)")
+
+    monkeypatch.setattr(train, "fit_stack", refused)
+    events = tmp_path / "events.jsonl"
+    argv = ["-m", "hydra/launcher=stacked", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path}/s",
+            "+hydra.callbacks.record._target_=tests.test_stacked_launcher.RecordJobEnds",
+            f"+hydra.callbacks.record.path={events}"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "the stack as a whole is refused (a test)" in capsys.readouterr().err
+    seen = job_events(events)
+    assert [x["event"] for x in seen] == ["start", "start", "end", "end"]
+    assert all(x["status"] == "FAILED" and "the stack as a whole is refused" in x["value"] for x in seen[2:])

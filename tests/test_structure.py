@@ -50,13 +50,11 @@ LAZY: dict[tuple[str, str], str] = {
                                         "(`regbench report` and the pre-run check need none of it)",
     ("regbench.cli", "regbench.sweep"): "likewise: a sweep job's bookkeeping, only inside a sweep's job",
     ("regbench.cli", "regbench.report"): "`regbench report` needs neither Hydra's app nor the training stack",
-    ("regbench.stacked.launcher", "regbench.stacked.engine"): "Hydra imports every hydra_plugins module at each start "
-                                                              "(also `regbench --help`); the engine imports torch",
+    ("regbench.stacked.launcher", "regbench.train"): "Hydra imports every hydra_plugins module at each start (also "
+                                                     "`regbench --help`); the training stack imports torch",
     ("regbench.stacked.launcher", "regbench.stacked.grouping"): "likewise: grouping asks the members (torch)",
     ("regbench.sweep_names", "regbench.regularizers"): "reached from the SLURM plugin's scan (slurm -> sweep -> "
                                                        "sweep_names); the members' order imports torch",
-    ("regbench.regularizers", "regbench.models"): "the stack's slots are checked against the model families, "
-                                                  "which import the member package's slots at import time",
 }
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from regbench.errors import ConfigError
+from regbench.models import check_slots
 from regbench.models.slots import LayerSlots
 from regbench.regularizers.base import REGISTRY, Context, Regularizer, acts_in
 
@@ -102,8 +103,6 @@ class Stack:
     def slots(self) -> LayerSlots:
         """The layer slots the members fill, checked against the model family (which refuses what it cannot
         apply); a slot filled by two members is an error."""
-        from regbench.models import check_slots
-
         slots = LayerSlots()
         for r in self.members:
             r.fill_slots(slots, self.ctx)

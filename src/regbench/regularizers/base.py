@@ -25,6 +25,9 @@ from torch import nn
 
 REGISTRY: dict[str, type["Regularizer"]] = {}
 PREPARATION_HOOKS = ("setup", "param_groups")  # run on each member's own model / optimizer before a stack is built
+# Called on each member's own model at an epoch's end; a stack writes every member's weights into it before and never
+# reads them back, so such a hook may read the model, never change it (that member must declare reads_model).
+EPOCH_HOOKS = ("on_epoch_end",)
 # The hooks run every step, each by default through the member's stacked form (the method named here), which the
 # stacked step calls too; a member overriding the hook itself has no stacked form and is refused in a stack.
 STEP_FORMS = {"penalty": "penalty_on", "before_step": "grads_on"}
@@ -50,12 +53,16 @@ class Stacking:
     before_training: of the preparation hooks (setup, param_groups), those it overrides that act only on its own
         model and optimizer before the first step (a stacked member is prepared as its single run): they need no
         stacked form. A member overriding another one (fine_tune's setup leaves forward hooks) is refused.
+    reads_model: of the epoch hooks (on_epoch_end), those it overrides that only read its model (early stopping's
+        best weights, a snapshot): a stack writes each member's weights into its own model before the hook and never
+        reads them back, so a hook that changed them would silently part from its single run — refused undeclared.
     """
 
     refused: Optional[str] = None
     shared: Optional[tuple[str, ...]] = None
     shared_nonzero: tuple[str, ...] = ()
     before_training: tuple[str, ...] = ()
+    reads_model: tuple[str, ...] = ()
 
     def validate(self, cls: type["Regularizer"]) -> None:
         """A declaration naming keys the schema lacks, or hooks that are not preparation hooks, is a bug."""
@@ -63,9 +70,15 @@ class Stacking:
         keys = {f.name for f in fields(cls.schema)} if named else set()
         unknown = [k for k in named if k not in keys]
         unknown += [h for h in self.before_training if h not in PREPARATION_HOOKS]
+        unknown += [h for h in self.reads_model if h not in EPOCH_HOOKS]
         if unknown:
             raise TypeError(f"regularizer member {cls.name}: its stacking declaration names {', '.join(unknown)} "
-                            f"(keys of {cls.schema.__name__} or one of {', '.join(PREPARATION_HOOKS)})")
+                            f"(keys of {cls.schema.__name__} or one of {', '.join(PREPARATION_HOOKS + EPOCH_HOOKS)})")
+        # A formula without the parameters it acts on would never run, in a single run or a stack: a silent no-op.
+        for form, params in (("penalty_on", "penalty_params"), ("grads_on", "grad_params")):
+            if overrides(cls, form) and not overrides(cls, params):
+                raise TypeError(f"regularizer member {cls.name} defines {form} but not {params} (the parameters it "
+                                "acts on; without them it would never run)")
 
     def structure(self, cls: type["Regularizer"], cfg: Any) -> Optional[dict]:
         """The part of a member's config (a mapping) every member of its stack shares; None: nothing (the shared
@@ -87,7 +100,11 @@ class Stacking:
         # form, and a preparation hook not declared in before_training may leave something acting at every step.
         hooks = [h for h in PREPARATION_HOOKS if overrides(cls, h) and h not in self.before_training]
         hooks += [h for h in STEP_FORMS if overrides(cls, h)]
-        return f"its {', '.join(hooks)} acts inside every step" if hooks else None
+        if hooks:
+            return f"its {', '.join(hooks)} acts inside every step"
+        epoch = [h for h in EPOCH_HOOKS if overrides(cls, h) and h not in self.reads_model]
+        return (f"its {', '.join(epoch)} may change its model between the stack's epochs (a member whose hook only "
+                "reads the model declares reads_model)") if epoch else None
 
 
 def schema_defaults(schema: type) -> dict[str, Any]:

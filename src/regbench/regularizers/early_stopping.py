@@ -33,7 +33,7 @@ class EarlyStoppingConfig:
 @register
 class EarlyStopping(Regularizer):
     name, schema = "early_stopping", EarlyStoppingConfig
-    stacking = Stacking(shared=())  # every member of a stack stops on its own (it then leaves the stack)
+    stacking = Stacking(shared=(), reads_model=("on_epoch_end",))  # every member of a stack stops on its own (it then leaves the stack)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

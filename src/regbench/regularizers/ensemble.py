@@ -30,7 +30,7 @@ class EnsembleConfig:
 class Ensemble(Regularizer):
     name, schema = "ensemble", EnsembleConfig
     # A final evaluation of each member's own model; setup only reads the config and checks the model.
-    stacking = Stacking(shared=(), before_training=("setup",))
+    stacking = Stacking(shared=(), before_training=("setup",), reads_model=("on_epoch_end",))  # snapshots
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

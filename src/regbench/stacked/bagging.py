@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from regbench import provenance, runtime
 from regbench.checkpoint import Checkpoints, fault_point
-from regbench.errors import RegbenchError, stopped_reason, stopped_status
+from regbench.errors import RegbenchError, stopped_reason, stopped_status, unrecorded
 from regbench.evaluation import probabilities
 from regbench.experiment import build_experiment
 from regbench.io import METRICS_LIMIT, atomic_write, read_folder_text, write_json
@@ -207,9 +207,13 @@ def fit_bagging(cfg: DictConfig, run_dir: Path, resume: Optional[bool], default_
         return _finish(cfg, run_dir, observer.rows, summary, seeds, dirs, runs, started)
     except BaseException as e:
         # The statuses its members record: preempted / timed-out (SLURM requeues and resumes it), interrupted, failed
-        summary.update(status=stopped_status(e), error=stopped_reason(e), finished=provenance.now(),
+        status = stopped_status(e)
+        summary.update(status=status, error=stopped_reason(e), finished=provenance.now(),
                        time_s=round(time.perf_counter() - started, 2))
-        summary.write(run_dir / "summary.json")
+        try:
+            summary.write(run_dir / "summary.json")
+        except RegbenchError as write_error:  # the original error is the one to report; it says what is lost
+            log.warning("warning: %s", unrecorded(e, status, write_error))
         raise
 
 

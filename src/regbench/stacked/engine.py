@@ -155,6 +155,9 @@ class _Gathered:
         return self.x[idx], self.y[idx], noise
 
 
+_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+
+
 class StackedStep:
     """The stack's training step (a :mod:`regbench.loop` step): the training members' forward at once (StackedModel,
     each with its own dropout noise), each member's own loss and penalty (StepRules: its single-run formulas on its
@@ -199,6 +202,10 @@ class Stack:
         self.rules = StepRules([r.exp.stack for r in runs], [self.model.member_params(k) for k in self.members],
                                rt.device)
         self.step = StackedStep(self)
+        # Each member's scheduler steps after its optimizer did, through the stack: torch's check of that order looks
+        # for its own wrapper of the member's optimizer.step() (never called here), so it would warn at the first
+        # step. One filter for that one message, installed once per process (torch's private flag is not touched).
+        warnings.filterwarnings("ignore", _SCHEDULER_ORDER_WARNING, UserWarning)
 
     @contextlib.contextmanager
     def member_rng(self, k: int):
@@ -285,11 +292,7 @@ class Stack:
     def train_epoch(self) -> list[dict]:
         """One pass of every member over its own batches (regbench.loop.train_one_epoch with the stack's step); per
         member the sums a single run's epoch returns."""
-        with warnings.catch_warnings():
-            # Each member's scheduler steps after its optimizer did, through the stack: torch's check of that
-            # order looks for its own wrapper of the member's optimizer.step() (never called here), so it would warn.
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-            outs = train_one_epoch(self.step, self._batches(), schedule=self._schedule, on_step=self.bar.update)
+        outs = train_one_epoch(self.step, self._batches(), schedule=self._schedule, on_step=self.bar.update)
         for slot, out in enumerate(outs):
             if not self.rules.has_penalty[slot]:  # a member without a penalty member has none (not zeros)
                 out["penalty"] = None

@@ -5,7 +5,7 @@ with config.yaml / hydra.yaml / overrides.yaml, its log file), with a task funct
 needs (regbench.job_plan: skip a completed one, retry a failed one, resume an unfinished one) and, instead of
 training it, collects it. Jobs that cannot be stacked (regbench.stacked.grouping) train there and then, the
 ordinary way. The collected jobs are grouped by their stack key into stacks of at most
-``hydra.launcher.max_members`` and each stack is trained by :func:`regbench.stacked.engine.fit_stack`; every
+``hydra.launcher.max_members`` and each stack is trained by :func:`regbench.train.fit_stack`; every
 member's outcome (with its stack and place in it) is recorded for the sweep's status table.
 
 Hydra's callbacks see each job as a Hydra launcher shows it: ``on_job_start`` when it starts training (a
@@ -39,7 +39,7 @@ from regbench.job_plan import checked_plan
 from regbench.records import Summary
 from regbench.sweep import archive_failed, is_regbench_task, record_outcome
 
-# regbench.stacked.engine and .grouping are imported when a sweep launches, not here: Hydra imports every module
+# regbench.train (the dispatcher: the stacked engine) and stacked.grouping are imported when a sweep launches, not here: Hydra imports every module
 # of hydra_plugins at its start (also for `regbench --help`), and they import torch and the regularizers.
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class StackedLauncher(Launcher):
 
     # ------------------------------------------------------------------------------------ one stack
     def _train(self, members: list[_Job], name: str) -> None:
-        from regbench.stacked.engine import fit_stack
+        from regbench.train import fit_stack  # the dispatcher (the engine lazily: see tests/test_structure.py LAZY)
 
         group = f"stack-{members[0].index}"
         log.info("stack %s (%d members): %s", name, len(members), ", ".join(str(m.run_dir) for m in members))
@@ -193,7 +193,12 @@ class StackedLauncher(Launcher):
         try:
             values = fit_stack([m.cfg for m in members], [m.run_dir for m in members],
                                resume=[m.action == "resume" for m in members], group=group)
-        except RegbenchError as e:
+        except RegbenchError as e:  # the stack as a whole refused before training: each started job ends, failed
+            for m in members:
+                ended = copy.copy(m.ret)
+                ended.status, ended.return_value = JobStatus.FAILED, e
+                with self._as_job(m, env=False):
+                    m.callbacks.callbacks.on_job_end(config=m.callbacks.config, job_return=ended)
             _fail(e)
         for i, (m, value) in enumerate(zip(members, values)):
             stack = {"group": group, "index": i, "members": len(members)}
