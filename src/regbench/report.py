@@ -35,7 +35,7 @@ METRICS = {
     "final_val_acc": ("final-epoch val acc", True),
     "final_gap": ("final gap: val − clean train loss", None),
     "final_gap_trained": ("final gap: val − train loss as trained", None),
-    "min_val_loss_epoch": ("epoch of min val loss", True),
+    "min_val_loss_epoch": ("epoch of min val loss", None),  # a diagnostic, like the gaps: no better direction
     "test_acc": ("test acc", True),
     "test_nll": ("test NLL", False),
     "test_ece": ("test ECE", False),

@@ -185,7 +185,8 @@ def _summary_md(r: dict) -> list[str]:
     """The per-configuration table: each metric's mean and its t interval (a value alone for one seed)."""
     table, columns, level = r["table"], r["columns"], f"{LEVEL * 100:g} %"
     all_sorts = {**table[0]["_columns"]}
-    lines = [f"{sum(row['n'] for row in table)} completed runs in {len(table)} configurations. Shared by every "
+    configs = f"{len(table)} configuration{'s' if len(table) != 1 else ''}"
+    lines = [f"{sum(row['n'] for row in table)} completed runs in {configs}. Shared by every "
              f"configuration: {_shared(table) or 'nothing'}. Baseline: **{_cell(r['baseline']['label'])}** "
              f"({_cell(r['baseline_chosen'])}).", "", "## Per configuration", "",
              f"The mean over seeds and its {level} t confidence interval \\[lo, hi\\] (n: seeds); sorted by "
