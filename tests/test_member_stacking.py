@@ -295,3 +295,15 @@ def test_a_formula_without_its_parameters_fails_at_registration():
     with pytest.raises(TypeError, match="defines grads_on but not grad_params"):
         register(NoParams)
     assert NoParams.name not in REGISTRY
+
+
+def test_parameters_without_a_formula_fail_at_registration():
+    class NoFormula(Regularizer):
+        name, schema = "toy_no_formula", ToyGradConfig
+
+        def penalty_params(self):
+            return []
+
+    with pytest.raises(TypeError, match="defines penalty_params but not penalty_on"):
+        register(NoFormula)
+    assert NoFormula.name not in REGISTRY

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from regbench.augment import tta as tta_views
+import regbench.augment.tta as tta_views
 from regbench.augment.functional import Batch
 from regbench.augment.ops import OPS, Crop, HFlip, Op
 from regbench.data import batches

@@ -79,6 +79,8 @@ class Stacking:
             if overrides(cls, form) and not overrides(cls, params):
                 raise TypeError(f"regularizer member {cls.name} defines {form} but not {params} (the parameters it "
                                 "acts on; without them it would never run)")
+        if overrides(cls, "penalty_params") and not overrides(cls, "penalty_on"):
+            raise TypeError(f"regularizer member {cls.name} defines penalty_params but not penalty_on (its formula)")
 
     def structure(self, cls: type["Regularizer"], cfg: Any) -> Optional[dict]:
         """The part of a member's config (a mapping) every member of its stack shares; None: nothing (the shared
