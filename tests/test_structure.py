@@ -33,7 +33,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("dispatch", ("regbench.train",)),
     ("engines", ("regbench.stacked", "regbench.stacked.*")),  # (stacked.launcher: matched first, above)
     ("one run", ("regbench.run",)),
-    ("a run's parts", ("regbench.state", "regbench.rundir", "regbench.logs", "regbench.loop", "regbench.provenance")),
+    ("a run's parts", ("regbench.state", "regbench.rundir", "regbench.logs", "regbench.hparams", "regbench.loop",
+                       "regbench.provenance")),
     ("experiment", ("regbench.experiment", "regbench.validation")),
     ("components", ("regbench.regularizers", "regbench.regularizers.*", "regbench.models", "regbench.models.*",
                     "regbench.optim", "regbench.augment", "regbench.augment.*", "regbench.data", "regbench.datasets",

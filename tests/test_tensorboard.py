@@ -8,7 +8,13 @@ import re
 
 import pytest
 
-from regbench.logs import SWEEP_HPARAMS_ENV, experiment_pb, sweep_columns, sweep_hparams, sweep_label
+from regbench.hparams import (
+    SWEEP_HPARAMS_ENV,
+    experiment_pb,
+    sweep_columns,
+    sweep_hparams,
+    sweep_label,
+)
 from regbench.train import fit
 from tests.conftest import F32_REL, TINY, compose_cfg
 
@@ -33,7 +39,10 @@ def sweep(tmp_path_factory):
 def tensorboard_backend(logdir):
     """TensorBoard's data provider and HParams backend over ``logdir``, as `tensorboard --logdir` builds them."""
     from tensorboard import context
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.backend.event_processing import (
+        data_provider,
+        plugin_event_multiplexer,
+    )
     from tensorboard.plugins.base_plugin import TBContext
     from tensorboard.plugins.hparams import backend_context
 
@@ -163,3 +172,22 @@ def test_regbench_m_hands_the_plan_to_jobs_in_other_processes(tmp_path):
                    timeout=600)
     exp = shown_experiment(sweep)
     assert [(h.name, h.differs) for h in exp.hparam_infos] == [("regularizer", True), ("regularizer.l2.lam", True)]
+
+
+def test_a_new_event_file_sorts_after_the_files_already_there(tmp_path):
+    """TensorBoard reads event files in name order (<unix second>.<host>.<pid>): a resume in the same second as the
+    killed run, with a smaller pid, must still come second, or its epochs are drawn before the older ones."""
+    import socket
+    import time
+
+    from regbench.logs import summary_writer
+
+    tb = tmp_path / "tb"
+    tb.mkdir()
+    older = tb / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.99999999.0"
+    older.write_bytes(b"")
+    writer = summary_writer(tb, purge_step=3)
+    writer.add_scalar("loss/val", 1.0, 3)
+    writer.close()
+    names = sorted(p.name for p in tb.iterdir())
+    assert len(names) == 2 and names[0] == older.name

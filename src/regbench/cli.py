@@ -24,8 +24,8 @@ from regbench.cli_errors import describe
 from regbench.cli_saved import expand_home, subcommand
 from regbench.config import CONFIG_DIR, CONFIG_NAME
 from regbench.errors import RegbenchError
+from regbench.hparams import SWEEP_HPARAMS_ENV, sweep_hparams
 from regbench.io import JSON_LIMIT, read_folder_bytes
-from regbench.logs import SWEEP_HPARAMS_ENV, sweep_hparams
 from regbench.records import Summary
 from regbench.rundir import prepare_run_dir
 from regbench.runtime import default_num_threads
@@ -104,7 +104,9 @@ def _stacked_origin() -> bool:
 def _fit_stacked_member(cfg: DictConfig, run_dir: Path) -> float:
     import math
 
-    from regbench.train import fit_stack  # the dispatcher: a stack of one, as it was trained
+    from regbench.train import (
+        fit_stack,  # the dispatcher: a stack of one, as it was trained
+    )
 
     value = fit_stack([cfg], [run_dir], resume=bool(cfg.trainer.resume))[0]
     if math.isnan(value):

@@ -37,6 +37,7 @@ from regbench.errors import RegbenchError, stopped_reason, stopped_status, unrec
 from regbench.evaluation import probabilities
 from regbench.experiment import build_experiment
 from regbench.io import METRICS_LIMIT, atomic_write, read_folder_text, write_json
+from regbench.logs import summary_writer
 from regbench.metrics import summarize_probs
 from regbench.records import (
     BAGGING_COLUMNS,
@@ -114,8 +115,6 @@ class _Observer:
         self.rows = _earlier_rows(self.rows, epoch + 1, self.run_dir)
 
     def on_epoch_end(self, epoch: int, stack) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         data, bs = stack.exps[0].data, self.cfg.data.eval_batch_size
         rows = [stack.runs[k].state.history[-1] for k in stack.members]
         ens = {m: None for m in ("loss", "acc", "ece")}  # an epoch trainer.eval_every skips: no ensemble metrics
@@ -129,7 +128,7 @@ class _Observer:
         self.rows = _earlier_rows(self.rows, epoch, self.run_dir) + [row]
         _write_rows(self.run_dir / "metrics.csv", self.rows)
         if self.writer is None:  # events of this epoch on (a resume redoes them) are dropped: TensorBoard's x is epochs
-            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=epoch)
+            self.writer = summary_writer(self.run_dir / "tb", purge_step=epoch)
         for m, v in ens.items():
             if v is not None:
                 self.writer.add_scalar(f"ensemble/val_{m}", v, epoch)
