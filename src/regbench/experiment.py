@@ -41,6 +41,8 @@ class Experiment:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     penalty_fn: Optional[Callable]
     before_step: Optional[Callable]
+    after_step: Optional[Callable]  # after every optimizer step (constraints, weight averaging)
+    second_pass: Optional[Callable]  # SAM's ascent (see loop.AutogradStep)
     warnings: list[str]
     drop_last: bool
     steps_per_epoch: int
@@ -74,9 +76,11 @@ def build_experiment(cfg: DictConfig, device: torch.device, data: Any = None) ->
     optimizer = build_optimizer(cfg.optimizer, stack.param_groups(model, cfg.optimizer), fused=cfg.trainer.fused)
     speed, speed_warning = accel.accelerate(cfg.trainer.compile, model, optimizer, device)
     loss_fn = partial(F.cross_entropy, **stack.loss_options()) if stack.loss_options() else F.cross_entropy
-    direct, step_plan = faststep.plan(model, loss_fn, cfg.trainer, device)
+    second_pass = stack.second_pass_fn()
+    direct, step_plan = faststep.plan(model, loss_fn, cfg.trainer, device,
+                                      "a member's second pass (the direct step takes one)" if second_pass else None)
     speed["step_impl"] = step_plan.split(":")[0]
-    penalty_fn, before_step = stack.penalty_fn(), stack.before_step_fn()
+    penalty_fn, before_step, after_step = stack.penalty_fn(), stack.before_step_fn(), stack.after_step_fn()
     warnings = lint.run_warnings(cfg, model, stack, policy, data.info)
     for w in warnings:
         log.warning("warning: %s", w)
@@ -89,7 +93,7 @@ def build_experiment(cfg: DictConfig, device: torch.device, data: Any = None) ->
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.max_epochs)
     clean_x, clean_y = _clean_subset(cfg, data, device)
     return Experiment(cfg, data, policy, stack, model, params, speed, optimizer, scheduler, loss_fn, penalty_fn,
-                      before_step, warnings, drop_last, steps_per_epoch, clean_x, clean_y, direct, step_plan)
+                      before_step, after_step, second_pass, warnings, drop_last, steps_per_epoch, clean_x, clean_y, direct, step_plan)
 
 
 def _drop_last(cfg: DictConfig, n_train: int, model: nn.Module) -> tuple[bool, Optional[str]]:

@@ -106,11 +106,14 @@ def _hooked(model: nn.Module) -> Optional[str]:
     return None
 
 
-def plan(model: nn.Module, loss_fn: Callable, trainer: Any, device: torch.device,
+def plan(model: nn.Module, loss_fn: Callable, trainer: Any, device: torch.device, not_direct: Optional[str] = None,
          ) -> tuple[Optional["DirectStep"], str]:
-    """(the direct step of ``model``, "direct") where it applies, else (None, "autograd: <why>")."""
+    """(the direct step of ``model``, "direct") where it applies, else (None, "autograd: <why>"). ``not_direct``:
+    why the run's step is one the direct step does not take (a member's second pass)."""
     if not trainer.fast_step:
         return None, "autograd: trainer.fast_step=false"
+    if not_direct:
+        return None, f"autograd: {not_direct}"
     if trainer.compile != "none":
         return None, f"autograd: trainer.compile={trainer.compile}"
     if trainer.amp != "none":

@@ -45,7 +45,12 @@ class TrainStep(Protocol):
 class AutogradStep:
     """One step by torch's autograd engine: the objective loss_fn(model(x), y) + penalty_fn(model) (the two parts
     reported apart), backward (scaled under a GradScaler), ``before_step`` (the members' gradient hooks: clipping,
-    regbench's weight decay), ``optimizer.step()``."""
+    regbench's weight decay), ``optimizer.step()``, ``after_step`` (constraints, weight averaging).
+
+    ``second_pass`` (SAM): after the first backward it moves the weights and returns the undo; the objective and
+    its gradients are then recomputed on the same batch at the moved weights, the weights moved back, and the step
+    goes on with those gradients (the logits, loss and penalty reported are the first pass's: the weights the
+    step started from). The members refuse a GradScaler with a second pass."""
 
     members = None
     fresh_logits = False  # a compiled model's outputs may be overwritten by its next call (CUDA graphs)
@@ -54,27 +59,39 @@ class AutogradStep:
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
                  penalty_fn: Optional[Callable[[nn.Module], Optional[torch.Tensor]]] = None,
                  before_step: Optional[Callable] = None, autocast: Callable[[], ContextManager] = nullcontext,
-                 scaler: Optional[torch.amp.GradScaler] = None):
+                 scaler: Optional[torch.amp.GradScaler] = None, after_step: Optional[Callable] = None,
+                 second_pass: Optional[Callable] = None):
         self.model, self.optimizer, self.loss_fn, self.penalty_fn = model, optimizer, loss_fn, penalty_fn
         self.before_step, self.autocast, self.scaler = before_step, autocast, scaler
+        self.after_step, self.second_pass = after_step, second_pass
         self.device = next(model.parameters()).device
 
     def train(self) -> None:
         self.model.train()
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor):
-        model, optimizer, scaler, before_step = self.model, self.optimizer, self.scaler, self.before_step
+    def _objective(self, xb: torch.Tensor, yb: torch.Tensor):
         with self.autocast():
-            logits = model(xb)
+            logits = self.model(xb)
             loss = self.loss_fn(logits, yb)
         objective, penalty = loss, None
         if self.penalty_fn is not None:
-            penalty = self.penalty_fn(model)  # outside autocast: summed in the parameters' own precision
+            penalty = self.penalty_fn(self.model)  # outside autocast: summed in the parameters' own precision
             if penalty is not None:
                 objective = loss + penalty
+        return logits, loss, penalty, objective
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor):
+        model, optimizer, scaler, before_step = self.model, self.optimizer, self.scaler, self.before_step
+        logits, loss, penalty, objective = self._objective(xb, yb)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             objective.backward()
+            if self.second_pass is not None:
+                undo = self.second_pass(model, optimizer)
+                if undo is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    self._objective(xb, yb)[3].backward()
+                    undo()
             if before_step is not None:
                 before_step(model, optimizer, None)
             optimizer.step()
@@ -84,21 +101,24 @@ class AutogradStep:
                 before_step(model, optimizer, scaler)
             scaler.step(optimizer)
             scaler.update()
+        if self.after_step is not None:
+            self.after_step(model, optimizer)
         return logits, loss, penalty
 
 
 class DirectStep:
     """One step without the autograd engine: ``direct`` (a :class:`regbench.faststep.DirectStep` of ``model``, whose
     loss function is its own) computes logits, loss, penalty and the gradients, bitwise as autograd would; then
-    ``before_step`` and the optimizer by one direct kernel call (``direct.optimizer_step``)."""
+    ``before_step``, the optimizer by one direct kernel call (``direct.optimizer_step``) and ``after_step``."""
 
     members = None
     fresh_logits = True
 
     def __init__(self, direct: Any, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 penalty_fn: Optional[Callable] = None, before_step: Optional[Callable] = None):
+                 penalty_fn: Optional[Callable] = None, before_step: Optional[Callable] = None,
+                 after_step: Optional[Callable] = None):
         self.direct, self.model, self.optimizer = direct, model, optimizer
-        self.penalty_fn, self.before_step = penalty_fn, before_step
+        self.penalty_fn, self.before_step, self.after_step = penalty_fn, before_step, after_step
         self.device = next(model.parameters()).device
 
     def train(self) -> None:
@@ -109,6 +129,8 @@ class DirectStep:
         if self.before_step is not None:
             self.before_step(self.model, self.optimizer, None)
         self.direct.optimizer_step(self.optimizer)  # optimizer.step(); fused Adam/SGD by one direct kernel call
+        if self.after_step is not None:
+            self.after_step(self.model, self.optimizer)
         return logits, loss, penalty
 
 

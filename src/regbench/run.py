@@ -236,9 +236,9 @@ class Run:
             raise self.divergence(f"non-finite training loss ({train_loss}, penalty {penalty})", epoch)
         val = clean = None
         if evaluated(self.trainer, epoch):
-            bs = self.cfg.data.eval_batch_size
-            val = evaluate(exp.model, exp.data.val_x, exp.data.val_y, bs, self.rt.autocast)
-            clean = evaluate(exp.model, exp.clean_x, exp.clean_y, bs, self.rt.autocast) if len(exp.clean_y) else None
+            bs, model = self.cfg.data.eval_batch_size, exp.stack.eval_model(exp.model)  # (an averaged model)
+            val = evaluate(model, exp.data.val_x, exp.data.val_y, bs, self.rt.autocast)
+            clean = evaluate(model, exp.clean_x, exp.clean_y, bs, self.rt.autocast) if len(exp.clean_y) else None
         l1, l2 = weight_norms(exp.model)
         # The training loss can stay finite while the weights or the validation loss blow up (e.g. SGD
         # lr=10): checked here, from values this epoch reads back anyway (no extra host sync).
@@ -272,6 +272,7 @@ class Run:
             log.warning("warning: %s", chance)
             summary.warnings.append(chance)
         exp.stack.on_train_end(model)  # e.g. restore the best weights (early stopping)
+        model = exp.stack.eval_model(model)  # the model the test evaluates (weight averaging's average)
         test = evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, autocast)
         extra = exp.stack.final_evals(model, data.test_x, data.test_y, evaluate)
         tta = exp.policy.tta(model, data.test_x, data.test_y, cfg.data.eval_batch_size)
@@ -295,9 +296,11 @@ class Run:
 def single_step(exp: Experiment, rt: runtime.Runtime) -> TrainStep:
     """A single run's training step: the direct step where regbench.faststep planned one, else autograd's."""
     if exp.direct is not None:
-        return DirectStep(exp.direct, exp.model, exp.optimizer, penalty_fn=exp.penalty_fn, before_step=exp.before_step)
+        return DirectStep(exp.direct, exp.model, exp.optimizer, penalty_fn=exp.penalty_fn, before_step=exp.before_step,
+                          after_step=exp.after_step)
     return AutogradStep(exp.model, exp.optimizer, loss_fn=exp.loss_fn, penalty_fn=exp.penalty_fn,
-                        before_step=exp.before_step, autocast=rt.autocast, scaler=rt.scaler)
+                        before_step=exp.before_step, autocast=rt.autocast, scaler=rt.scaler,
+                        after_step=exp.after_step, second_pass=exp.second_pass)
 
 
 class _SilentBar:

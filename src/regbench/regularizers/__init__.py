@@ -21,7 +21,7 @@ from torch import nn
 from regbench.errors import ConfigError
 from regbench.models import check_slots
 from regbench.models.slots import LayerSlots
-from regbench.regularizers.base import REGISTRY, Context, Regularizer, acts_in
+from regbench.regularizers.base import REGISTRY, Context, Regularizer, acts_in, overrides
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,31 @@ class Stack:
 
         return before_step
 
+    def second_pass_fn(self):
+        """The member's second pass (SAM) as (model, optimizer) -> undo, or None when no member takes one."""
+        members = [r for r in self.members if overrides(type(r), "second_pass")]
+        return members[0].second_pass if members else None
+
+    def after_step_fn(self):
+        """A function (model, optimizer) run after every optimizer step, or None if nobody needs it."""
+        members = [r for r in self.members if overrides(type(r), "after_step")]
+        if not members:
+            return None
+
+        def after_step(model, optimizer) -> None:
+            for r in members:
+                r.after_step(model, optimizer)
+
+        return after_step
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The model evaluations read: a member's (weight averaging's averaged model), else the trained one."""
+        for r in self.members:
+            other = r.eval_model(model)
+            if other is not None:
+                return other
+        return model
+
     # --- epochs ---------------------------------------------------------------------------------
     def on_epoch_end(self, epoch: int, row: dict, model: nn.Module) -> bool:
         stop = False
@@ -211,6 +236,11 @@ def build_stack(cfg: DictConfig, ctx: Context) -> Stack:
             raise ConfigError("regularizer", name, "one of " + ", ".join(sorted(REGISTRY)))
         members.append(REGISTRY[name](cfg.regularizer[name]))
     stack = Stack(members, ctx)
+    for hook in ("second_pass", "eval_model"):
+        takers = [r.name for r in stack.members if overrides(type(r), hook)]
+        if len(takers) > 1:
+            raise ConfigError("regularizer", f"[{','.join(takers)}]", f"at most one of {', '.join(takers)} (each "
+                              f"changes the {'step' if hook == 'second_pass' else 'evaluated model'} its own way)")
     for r in stack.members:
         r.check(ctx)
     stack.slots()  # the model refuses, before anything is built, the layers it has no place for

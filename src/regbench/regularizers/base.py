@@ -14,7 +14,7 @@ member's rows of the stacked leaves. Nothing outside this package names a member
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -31,6 +31,10 @@ EPOCH_HOOKS = ("on_epoch_end",)
 # The hooks run every step, each by default through the member's stacked form (the method named here), which the
 # stacked step calls too; a member overriding the hook itself has no stacked form and is refused in a stack.
 STEP_FORMS = {"penalty": "penalty_on", "before_step": "grads_on"}
+# Hooks without a stacked form (the stacked step does not call them): a member overriding one is refused in a stack,
+# with this clause after "it".
+UNSTACKED_HOOKS = {"after_step": "acts after every optimizer step", "second_pass": "takes a second pass every step",
+                   "eval_model": "evaluates another model than the one trained"}
 
 
 def register(cls: type["Regularizer"]) -> type["Regularizer"]:
@@ -104,6 +108,10 @@ class Stacking:
         hooks += [h for h in STEP_FORMS if overrides(cls, h)]
         if hooks:
             return f"its {', '.join(hooks)} acts inside every step"
+        unstacked = [f"{UNSTACKED_HOOKS[h]} (its {h}, which a stack does not run)" for h in UNSTACKED_HOOKS
+                     if overrides(cls, h)]
+        if unstacked:
+            return " and ".join(unstacked)
         epoch = [h for h in EPOCH_HOOKS if overrides(cls, h) and h not in self.reads_model]
         return (f"its {', '.join(epoch)} may change its model between the stack's epochs (a member whose hook only "
                 "reads the model declares reads_model)") if epoch else None
@@ -194,6 +202,16 @@ class Regularizer:
         if params:
             self.grads_on(params, optimizer)
 
+    def second_pass(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[Callable[[], None]]:
+        """After the first backward, before the gradient rules: move the weights (SAM's ascent step, from the first
+        pass's gradients) and return the function that moves them back; None: no second pass this step. The step
+        then recomputes the loss and the gradients at the moved weights (those are the gradients the rules and the
+        optimizer use), calls the returned function, and goes on. At most one member of a stack takes it."""
+        return None
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After every ``optimizer.step()`` (Keras' kernel constraints, the weight average's update)."""
+
     # --- its stacked form: the per-step formulas, written once, on the tensors given -----------
     # A single run passes its own parameters (penalty, before_step above); the stacked step (regbench.stacked.step)
     # passes the member's rows of the stacked leaves [K, ...] and their gradients, mapped from the lists below.
@@ -222,6 +240,11 @@ class Regularizer:
 
     def on_train_end(self, model: nn.Module, ctx: Context) -> None:
         """Once after the last epoch, before the test evaluation (e.g. restore the best weights)."""
+
+    def eval_model(self, model: nn.Module) -> Optional[nn.Module]:
+        """The model validation, the clean training subset and the test set evaluate instead of the trained one
+        (weight averaging's averaged model), or None. At most one member of a stack gives one."""
+        return None
 
     def final_eval(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, evaluate) -> Optional[dict]:
         """An extra evaluation of the test set reported beside the plain one (MC dropout, ensembles)."""
