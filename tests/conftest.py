@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -17,6 +18,13 @@ import regbench.cli  # noqa: F401  (registers the schemas and resolvers)
 from regbench.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist every worker trains on its share of the cores: two workers with torch's all-cores default on a
+# 2-core machine would each run 2 threads, the oversubscription that stalls torch's thread pool (issue 30). The
+# workers' runs (and the subprocesses they start) default to their share through OMP_NUM_THREADS, which
+# trainer.num_threads=null honours (regbench.runtime.default_num_threads); a test that sets threads is unaffected.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # Two computations of one float32 quantity along different paths (another batch size or summation order, another
 # SIMD width: AVX2 vs AVX-512 kernels) agree to some units of float32's eps, never to 1e-9: compare such results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -180,6 +181,20 @@ def test_num_threads_is_applied(tmp_path):
         assert json.loads((tmp_path / "summary.json").read_text())["num_threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_null_threads_take_omp_num_threads_where_it_is_set(monkeypatch):
+    """trainer.num_threads=null is torch's own default: OMP_NUM_THREADS (a scheduler's or a test runner's share of
+    the cores) where it is a positive integer, else every core the process may use."""
+    from regbench.runtime import default_num_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_num_threads() == 3
+    for junk in ("0", "", "two", "-1"):
+        monkeypatch.setenv("OMP_NUM_THREADS", junk)
+        assert default_num_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_num_threads() == len(os.sched_getaffinity(0))
 
 
 def test_monitor_val_acc_picks_the_most_accurate_epoch(tmp_path):

@@ -25,6 +25,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_num_threads() -> int:
+    """``trainer.num_threads=null``: OMP_NUM_THREADS where it is set to a positive integer (as torch's own default
+    honours it: a scheduler's or a parallel runner's share of the cores), else every core this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
