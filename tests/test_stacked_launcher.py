@@ -50,6 +50,7 @@ def test_what_may_differ_inside_one_stack(a, b):
     (["regularizer=[]"], ["regularizer=[batchnorm]"]),
     (["regularizer=[dropout]"], ["regularizer=[dropout]", "regularizer.dropout.placement=before_activation"]),
     (["augmentation=none"], ["augmentation=digits"]),
+    (["augmentation=mixup"], ["augmentation=mixup", "augmentation.ops.0.alpha=0.4"]),  # the engine refuses them mixed
 ])
 def test_what_splits_a_sweep_into_stacks(a, b):
     assert key(*a)[0] != key(*b)[0]

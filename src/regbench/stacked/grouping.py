@@ -2,11 +2,12 @@
 be stacked at all.
 
 Members of one stack take their steps together, so they share everything structural: the model, the data (and
-batch size), the epochs, the device, the optimizer's kind and flags, the augmentation ops, and of each regularizer
+batch size), the epochs, the device, the optimizer's kind and flags, the augmentation ops (with their parameters:
+each member draws its own augmentation, by the same ops), and of each regularizer
 member what it declares shared (regbench.regularizers.base.Stacking: the norms all of their config, weight decay its
 mode...). Inside a stack each member keeps its own: seed, optimizer hyperparameters, schedule, the rest of its
 regularizer members (strengths: a member without l2 has λ = 0; dropout rates; early stopping and the
-evaluation-only members), augmentation parameters. What keeps a job out of a stack is asked of
+evaluation-only members). What keeps a job out of a stack is asked of
 regbench.regularizers.stacking (the members' own declarations, amp, compile, torchvision).
 """
 
@@ -39,8 +40,9 @@ def stack_key(cfg: DictConfig) -> tuple[Optional[str], str]:
     c["trainer"] = {k: v for k, v in c["trainer"].items() if k not in FREE_TRAINER}
     c["regularizer"] = {name: shared_part(name, member) for name, member in (c.get("regularizer") or {}).items()}
     c["regularizer"] = {name: v for name, v in c["regularizer"].items() if v is not None}
-    aug = c.get("augmentation") or {}
-    c["augmentation"] = sorted(str(op.get("op", op) if isinstance(op, dict) else op) for op in (aug.get("ops") or []))
+    # The ops with their parameters, as the engine requires them alike (engine._SHARED: augmentation.ops); keyed on
+    # the op names only, a sweep over an op's parameter was grouped into one stack and then refused by the engine.
+    c["augmentation"] = (c.get("augmentation") or {}).get("ops") or []
     return json.dumps(c, sort_keys=True, default=str), ""
 
 
