@@ -218,3 +218,26 @@ def writes_fail_after_epoch(monkeypatch, epoch: int, err: int) -> None:
 
     monkeypatch.setattr(rio, "os", FailingOS())
     monkeypatch.setattr(train, "fault_point", fault)
+
+
+def interrupt_then_resume(monkeypatch, overrides, run_dir: Path, epoch: int) -> None:
+    """A run of ``overrides`` stopped by Ctrl-C right after epoch ``epoch`` is recorded (its checkpoint and
+    summary.json on disk), then resumed in this process with trainer.resume=true: the cheap form of
+    tests/test_resume.py's killed subprocesses, for a member's bitwise-resume test."""
+    import regbench.run as train
+    from regbench.train import fit
+
+    real = train.fault_point
+
+    def stop(point, at, settle=None):
+        real(point, at, settle)
+        if point == "after_summary" and at == epoch:
+            if settle is not None:
+                settle()
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "fault_point", stop)
+        with pytest.raises(KeyboardInterrupt):
+            fit(compose_cfg(*overrides), run_dir)
+    fit(compose_cfg(*overrides, "trainer.resume=true"), run_dir)

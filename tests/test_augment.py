@@ -25,7 +25,7 @@ from tests.conftest import F32_REL, TINY, compose_cfg, config_options, layered_m
 MNIST, CIFAR = DATASETS["mnist5k"], DATASETS["cifar10"]
 SIMPLE = {"hflip": {}, "vflip": {}, "crop": {}, "affine": {"rotation": 20, "translate": 0.1, "zoom": 0.1, "shear": 5},
           "brightness": {}, "contrast": {}, "saturation": {}, "noise": {}, "cutout": {},
-          "randaugment": {}, "trivialaugment": {}}
+          "randaugment": {}, "trivialaugment": {}, "random_erasing": {}, "augmix": {}}
 
 
 def images(n=8, c=3, size=32, seed=0):
@@ -385,7 +385,7 @@ def _old_training_batches(policy, data, batch_size, g, drop_last, chunk, consume
         stream = batches(data.train_x, data.train_y, batch_size, g, drop_last)
     else:
         stream = batches(data.train_raw, data.train_y, batch_size, g, drop_last,
-                         lambda xb: data.normalize(policy.images(xb)), chunk)
+                         lambda xb: policy.normalised(data.normalize(policy.images(xb))), chunk)
     out = []
     for xb, yb in stream:
         if policy.soft_targets:

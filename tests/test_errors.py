@@ -670,7 +670,7 @@ CASES = [
     # helper H-C: the command line, threads, SLURM, a folder that stops taking writes (issue 25)
     ("num-threads-range", ["trainer.num_threads=100000"], "trainer.num_threads=100000: expected an integer in [1, "),
     ("regularizer-null", ["regularizer=[null]"],
-     "regularizer=[null]: null is not an option of config group 'regularizer' (available: bagging, batchnorm,"),
+     "regularizer=[null]: null is not an option of config group 'regularizer' (available: activity, alpha_dropout, bagging,"),
     ("non-ascii-key", ["trainér.max_epochs=1"],
      "trainér.max_epochs=1: non-ASCII character 'é' in the key 'trainér.max_epochs' (config keys are ASCII names); "
      "fix: spell the key in ASCII, e.g. trainer.max_epochs=..."),
@@ -710,6 +710,36 @@ CASES = [
     ("report-bad-baseline", lambda t, m, c: case_report_option(t, c, "--baseline", "regularizer=[l3]"),
      "--baseline 'regularizer=[l3]': no such configuration in this sweep; expected one of: regularizer=[], "
      "regularizer=[l2]"),
+    # helper (issue 28, item 5): sam
+    ("sam-amp", ["regularizer=[sam]", "trainer.amp=bf16"],
+     "trainer.amp='bf16': expected none with regularizer sam (bf16 autocast rounds the weights to 8 significant "
+     "bits in the forward"),
+    # helper (issue 28, items 1-2): Keras' kernel constraints, activity regularizer
+    ("two-constraints", ["regularizer=[non_neg,max_norm]"],
+     "regularizer='[max_norm,non_neg]': expected at most one of max_norm, unit_norm, non_neg, min_max_norm (Keras "
+     "gives a kernel one kernel_constraint); keep one of them"),
+    ("activity-torchvision", ["model=torchvision", "model.weights=null", "regularizer=[activity]"],
+     "model='torchvision': expected a model of regbench's own layers with regularizer.activity (mlp, lecture_cnn, "
+     "resnet: its activations are torchvision's own modules"),
+    # helper (issue 28, item 4): weight averaging
+    ("weight-averaging-restore-best", ["regularizer=[early_stopping,weight_averaging]"],
+     "regularizer.early_stopping.restore_best_weights=True: expected false with weight_averaging (the validation it "
+     "watches is the averaged model's, and it would restore the trained model's weights, not the average's)"),
+    ("weight-averaging-ensemble", ["regularizer=[ensemble,weight_averaging]"],
+     "regularizer='[ensemble,weight_averaging]': expected ensemble or weight_averaging, not both (ensemble's "
+     "snapshots are the trained model's weights, and every evaluation reads the averaged model)"),
+    # helper (issue 28, items 3 and 6): Keras' noise layers, DropBlock
+    ("alpha-dropout-without-selu", ["regularizer=[alpha_dropout]"],
+     "model.activation='relu': expected selu with alpha_dropout in the stack (alpha dropout sets dropped units to "
+     "SELU's saturation value and rescales to keep a SELU network's mean 0 and variance 1; with other activations it "
+     "is neither); add model.activation=selu model.init=lecun_normal, or use dropout instead of alpha_dropout"),
+    ("dropblock-no-conv", ["regularizer=[dropblock]"],
+     "regularizer.dropblock.rate=0.1: expected a convolutional model (model=mlp: the MLP has no conv feature maps); "
+     "use model=lecture_cnn or resnet, or drop dropblock from the stack"),
+    # helper (issue 28, item 6): random erasing runs on the normalised images, after the per-image ops
+    ("erasing-before-pixel-ops", ["augmentation.ops=[{op:random_erasing},{op:hflip}]"],
+     "augmentation.ops[1]={'op': 'hflip'}: expected the per-image ops before random_erasing (it runs on the "
+     "normalised images, after normalisation, as torchvision's references place RandomErasing)"),
 ]
 
 

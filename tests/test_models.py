@@ -84,7 +84,8 @@ def test_cnn_spatial_and_head_dropout_hooks():
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_every_activation(activation):
-    expected = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+    expected = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+                "selu": nn.SELU}
     model = MLP(4, 2, [3], activation=activation, negative_slope=0.2)
     act = model.hidden[0].act
     assert isinstance(act, expected[activation])
@@ -107,6 +108,7 @@ def test_every_init(init):
         "xavier_uniform": math.sqrt(2 / (fan_in + fan_out)), "xavier_normal": math.sqrt(2 / (fan_in + fan_out)),
         "kaiming_uniform": math.sqrt(2 / fan_in), "kaiming_normal": math.sqrt(2 / fan_in),
         "glorot_uniform": math.sqrt(2 / (fan_in + fan_out)), "he_normal": math.sqrt(2 / fan_in),
+        "lecun_normal": math.sqrt(1 / fan_in),
     }[init]
     assert w.std().item() == pytest.approx(expected_std, rel=0.03)
     if init == "xavier_uniform":
@@ -199,4 +201,6 @@ def test_a_family_refuses_every_slot_it_does_not_list():
         refuse_unapplied(slots, "toy", set())
     refuse_unapplied(slots, "toy", {"drop_path"})  # the unchanged modifiers ask nothing
     refuse_unapplied(slots_with(), "toy", set())  # nothing filled, nothing refused
-    assert set(SLOT_NAMES) == {"dropout", "dropout_placement", "spatial_dropout", "norm", "drop_path", "drop_path_rule"}
+    assert set(SLOT_NAMES) == {"dropout", "dropout_placement", "spatial_dropout", "norm", "drop_path", "drop_path_rule",
+                               "gaussian_noise", "gaussian_noise_placement", "gaussian_dropout", "alpha_dropout",
+                               "drop_block"}

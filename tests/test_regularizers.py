@@ -575,7 +575,9 @@ def _member_overrides(name, model, source):
     extra = {"mc_dropout": ["regularizer=[dropout,mc_dropout]", "regularizer.mc_dropout.passes=2"],
              "transfer": ["regularizer=[transfer]", f"regularizer.transfer.init_from={source}"],
              "ensemble": ["regularizer=[ensemble]", "regularizer.ensemble.k=1"],
-             "group_norm": ["regularizer=[group_norm]", "regularizer.group_norm.groups=4"]}
+             "group_norm": ["regularizer=[group_norm]", "regularizer.group_norm.groups=4"],
+             "alpha_dropout": ["regularizer=[alpha_dropout]"] + (["model.activation=selu", "model.init=lecun_normal"]
+                                                                 if model != "resnet" else [])}
     return extra.get(name, [f"regularizer=[{name}]"])
 
 
@@ -586,11 +588,13 @@ def test_each_member_trains_a_step_with_each_model(name, model, tmp_path, tmp_pa
     if name == "transfer":
         fit(compose_cfg(*TINY, *small_model(model)), source)
     cfg = compose_cfg(*TINY, *small_model(model), *_member_overrides(name, model, source))
-    if name == "stochastic_depth":  # only a model with residual branches applies it; the others refuse it
+    refusal = {"stochastic_depth": "expected a model with residual branches",  # only models with a place apply
+               "dropblock": "expected a convolutional model", "alpha_dropout": "expected a SELU network"}  # these
+    if name in refusal:
         try:
             validate(cfg)
         except ConfigError as e:
-            assert "expected a model with residual branches" in str(e) and f"model={model}" in str(e)
+            assert refusal[name] in str(e) and f"model={model}" in str(e)
             return
     fit(cfg, tmp_path / "run")
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -662,9 +666,23 @@ APPLIES_TO_NOTHING = {
     "fine_tune": (["model.hidden=[]", "regularizer=[fine_tune]"], "the model has no base to freeze"),
     "stochastic_depth": (["regularizer=[stochastic_depth]"], "expected a model with residual branches to drop "
                          "(model=mlp has none)"),  # the model refuses it (docs/errors.md stochastic-depth-no-residual)
+    "gaussian_noise": (["model.hidden=[]", "regularizer=[gaussian_noise]", "regularizer.gaussian_noise.placement=hidden"],
+                       "model.hidden=[] has no hidden layer to add noise to"),
+    "gaussian_dropout": (["model.hidden=[]", "regularizer=[gaussian_dropout]"],
+                         "model.hidden=[] has no hidden layer to apply Gaussian dropout to"),
+    "alpha_dropout": (["model.hidden=[]", "model.activation=selu", "regularizer=[alpha_dropout]"],
+                      "model.hidden=[] has no hidden layer to drop units in"),
+    "dropblock": (["regularizer=[dropblock]"], "expected a convolutional model (model=mlp: the MLP has no conv feature "
+                  "maps)"),  # the model refuses it (docs/errors.md member-cannot-apply)
+    **{c: ([f"regularizer=[{c}]", f"regularizer.{c}.layers=[head.bias]"], "selects no trainable kernel")
+       for c in ("max_norm", "unit_norm", "non_neg", "min_max_norm")},
+    "activity": (["model.hidden=[]", "regularizer=[activity]"], "chooses no hidden layer's output"),
+    "sam": "takes its ascent on every model's parameters",
     "label_smoothing": "changes the training targets of every model",
     "ensemble": "evaluates snapshots of every model",
     "bagging": "trains k members of every model",
+    "weight_averaging": (["regularizer=[weight_averaging]", "regularizer.weight_averaging.start_epoch=1"],
+                         "starts averaging after the last epoch"),  # TINY: trainer.max_epochs=1
 }
 
 
@@ -688,7 +706,7 @@ def test_a_member_that_applies_to_nothing_is_an_error_naming_it(name, source_run
         fit(cfg, tmp_path / "r")
     msg = str(e.value)
     assert expected in msg and name in msg and "\n" not in msg, msg
-    if name not in ("mc_dropout", "stochastic_depth"):
+    if name not in ("mc_dropout", "stochastic_depth", "dropblock"):
         assert msg.startswith(f"regularizer member '{name}' applies to nothing: ")
 
 

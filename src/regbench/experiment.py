@@ -78,7 +78,7 @@ def build_experiment(cfg: DictConfig, device: torch.device, data: Any = None) ->
     loss_fn = partial(F.cross_entropy, **stack.loss_options()) if stack.loss_options() else F.cross_entropy
     second_pass = stack.second_pass_fn()
     direct, step_plan = faststep.plan(model, loss_fn, cfg.trainer, device,
-                                      "a member's second pass (the direct step takes one)" if second_pass else None)
+                                      "a member's second pass (the direct step takes a single pass)" if second_pass else None)
     speed["step_impl"] = step_plan.split(":")[0]
     penalty_fn, before_step, after_step = stack.penalty_fn(), stack.before_step_fn(), stack.after_step_fn()
     warnings = lint.run_warnings(cfg, model, stack, policy, data.info)

@@ -88,7 +88,8 @@ class AutogradStep:
             objective.backward()
             if self.second_pass is not None:
                 undo = self.second_pass(model, optimizer)
-                if undo is not None:
+                if undo is not None:  # (the first pass's logits are kept: a compiled model may reuse its output)
+                    logits = logits.detach().clone()
                     optimizer.zero_grad(set_to_none=True)
                     self._objective(xb, yb)[3].backward()
                     undo()
@@ -96,6 +97,8 @@ class AutogradStep:
                 before_step(model, optimizer, None)
             optimizer.step()
         else:
+            if self.second_pass is not None:  # the members refuse amp with a second pass (a scaler checks one backward)
+                raise RuntimeError("a second pass under a GradScaler")
             scaler.scale(objective).backward()
             if before_step is not None:
                 before_step(model, optimizer, scaler)

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from omegaconf import DictConfig
 from torch.optim import lr_scheduler as sched
+from torch.optim.swa_utils import SWALR
 
 from regbench import accel
 from regbench.errors import check, choice, in_unit, positive
@@ -280,3 +281,14 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per
                     max_epochs: int) -> Optional[sched.LRScheduler]:
     """The schedule named by ``cfg.name``, to be stepped after every optimizer step; None for constant."""
     return SCHEDULERS[cfg.name].obj(cfg, optimizer, Steps(steps_per_epoch, steps_per_epoch * max_epochs))
+
+
+def swa_schedule(optimizer: torch.optim.Optimizer, swa_lr: float, anneal_epochs: float, anneal_strategy: str,
+                 steps_per_epoch: int) -> SWALR:
+    """torch's SWALR (torch.optim.swa_utils), stepped like every schedule here after each optimizer step: it anneals
+    every group's lr from where it finds it to ``swa_lr`` over ``anneal_epochs`` epochs (converted to steps; 0: at
+    once), by ``anneal_strategy`` (cos | linear), then holds it. torch's recipe steps it once per epoch (its
+    ``anneal_epochs`` counts steps of the schedule): the same anneal, here in per-step increments. Building it
+    leaves the lr as it is (with no anneal, sets ``swa_lr``)."""
+    anneal = Steps(steps_per_epoch, 0)(anneal_epochs) if anneal_epochs > 0 else 0
+    return SWALR(optimizer, swa_lr=swa_lr, anneal_epochs=anneal, anneal_strategy=anneal_strategy)

@@ -183,9 +183,10 @@ class Run:
         t, exp, state = self.trainer, self.exp, self.state
         epoch_start = time.perf_counter()
         self.bar.set_description(f"epoch {epoch}/{t.max_epochs}")
+        # The run's schedule, or a member's from an epoch on (SWA's SWALR; it keeps that schedule's state).
+        scheduler = exp.stack.lr_schedule(epoch, exp.optimizer, exp.steps_per_epoch, exp.scheduler)
         out = train_one_epoch(self.step, exp.train_batches(state.order),
-                              schedule=exp.scheduler.step if exp.scheduler is not None else None,
-                              on_step=self.bar.update)
+                              schedule=scheduler.step if scheduler is not None else None, on_step=self.bar.update)
         return self.record(epoch, out, epoch_start)
 
     def record(self, epoch: int, out: dict, epoch_start: float, save: bool = True) -> bool:
@@ -236,7 +237,7 @@ class Run:
             raise self.divergence(f"non-finite training loss ({train_loss}, penalty {penalty})", epoch)
         val = clean = None
         if evaluated(self.trainer, epoch):
-            bs, model = self.cfg.data.eval_batch_size, exp.stack.eval_model(exp.model)  # (an averaged model)
+            bs, model = self.cfg.data.eval_batch_size, exp.stack.eval_model(exp.model, exp.data.train_x)  # (averaged)
             val = evaluate(model, exp.data.val_x, exp.data.val_y, bs, self.rt.autocast)
             clean = evaluate(model, exp.clean_x, exp.clean_y, bs, self.rt.autocast) if len(exp.clean_y) else None
         l1, l2 = weight_norms(exp.model)
@@ -272,9 +273,13 @@ class Run:
             log.warning("warning: %s", chance)
             summary.warnings.append(chance)
         exp.stack.on_train_end(model)  # e.g. restore the best weights (early stopping)
-        model = exp.stack.eval_model(model)  # the model the test evaluates (weight averaging's average)
+        trained, model = model, exp.stack.eval_model(model, data.train_x)  # the test's model (an average)
         test = evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, autocast)
-        extra = exp.stack.final_evals(model, data.test_x, data.test_y, evaluate)
+        extra = {}
+        if model is not trained:  # the trained model's own test too, as the extra evaluations report one
+            own = evaluate(trained, data.test_x, data.test_y, cfg.data.eval_batch_size, autocast)
+            extra["trained"] = {"acc": own["acc"], "nll": own["loss"], "ece": own["ece"]}
+        extra.update(exp.stack.final_evals(model, data.test_x, data.test_y, evaluate))
         tta = exp.policy.tta(model, data.test_x, data.test_y, cfg.data.eval_batch_size)
         if tta is not None:
             extra["tta"] = tta

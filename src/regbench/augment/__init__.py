@@ -13,7 +13,9 @@ The package, by concern:
 - ``functional``: kernels (affine matrices and warps, colour blends, shifted crops, box masks);
 - ``ops``: the op registry (``OPS``, ``@op(name)``) and the per-image ops;
 - ``auto``: RandAugment / TrivialAugment (torchvision's tables, one op per image);
-- ``mixing``: MixUp, CutMix and their switch (soft targets);
+- ``erasing``: random erasing (torchvision's RandomErasing, on the normalised images);
+- ``augmix``: AugMix (torchvision's formula and op table, every image its own chains);
+- ``mixing``: MixUp, CutMix and their switch, in timm's modes (soft targets);
 - ``tta``: test-time-augmentation views and their averaged softmax;
 - ``policy``: ``Policy`` and ``build_policy`` — training batches, preview, TTA, summary facts.
 
@@ -27,6 +29,8 @@ from regbench.augment.ops import (OPS, Affine, Brightness, Contrast, Crop, Cutou
                                   VFlip, op)
 from regbench.augment.auto import (GEOMETRIC, RandAugment, TrivialAugment, apply_named_op, geometric_ops,
                                    group_by_op)
+from regbench.augment.erasing import RandomErasing, erase, erasing_boxes
+from regbench.augment.augmix import AugMix, augmix_table
 from regbench.augment.mixing import CutMix, Mixer, MixUp, MixUpCutMix, cutmix, mixup
 from regbench.augment.policy import Policy, build_op, build_policy, preset_ops, preview_indices
 
@@ -35,6 +39,7 @@ __all__ = [
     "grayscale", "inverse_affine", "posterize", "random_boxes", "shifted_crop", "solarize", "warp",
     "OPS", "Affine", "Brightness", "Contrast", "Crop", "Cutout", "HFlip", "Noise", "Op", "Saturation", "VFlip", "op",
     "GEOMETRIC", "RandAugment", "TrivialAugment", "apply_named_op", "geometric_ops", "group_by_op",
+    "RandomErasing", "erase", "erasing_boxes", "AugMix", "augmix_table",
     "CutMix", "Mixer", "MixUp", "MixUpCutMix", "cutmix", "mixup",
     "Policy", "build_op", "build_policy", "preset_ops", "preview_indices",
 ]

@@ -52,11 +52,11 @@ def _augmentation_space(kind: str, bins: int, h: int, w: int,
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
 
-def geometric_ops(x: Batch, kind: torch.Tensor, magnitude: torch.Tensor) -> Batch:
-    """torchvision's geometric ops of RandAugment / TrivialAugment, each image its own: ``kind`` (per image) is
-    the index of its op in GEOMETRIC, ``magnitude`` its magnitude. All of them are affine maps, so one warp does
-    the whole batch (nearest, fill 0) — one grid_sample instead of one per op; the matrices are exactly those
-    of the ops one at a time."""
+def geometric_ops(x: Batch, kind: torch.Tensor, magnitude: torch.Tensor, mode: str = "nearest") -> Batch:
+    """torchvision's geometric ops of RandAugment / TrivialAugment / AugMix, each image its own: ``kind`` (per
+    image) is the index of its op in GEOMETRIC, ``magnitude`` its magnitude. All of them are affine maps, so one
+    warp does the whole batch (``mode``: nearest, RandAugment's default, or bilinear, AugMix's; fill 0) — one
+    grid_sample instead of one per op; the matrices are exactly those of the ops one at a time."""
     h, w = x.shape[-2:]
     m = magnitude.to(x.device, torch.float32)
     zero, one = torch.zeros_like(m), torch.ones_like(m)
@@ -69,7 +69,7 @@ def geometric_ops(x: Batch, kind: torch.Tensor, magnitude: torch.Tensor) -> Batc
                            torch.where(shear_x, deg, zero), torch.where(shear_y, deg, zero),
                            cx=torch.where(sheared, -w * 0.5, 0.0).double(),
                            cy=torch.where(sheared, -h * 0.5, 0.0).double())
-    return warp(x, theta, "nearest", "zero")
+    return warp(x, theta, mode, "zero")
 
 
 @functools.lru_cache(maxsize=16)

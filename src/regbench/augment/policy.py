@@ -4,7 +4,8 @@
 (``policy.identity``), so the training loop never branches on whether there is augmentation. The loop uses:
 
 - ``train_batches(data, batch_size, order, drop_last)``: one epoch of (x, y) batches — per-image ops on [0, 1]
-  chunks of the shuffled training images, then normalisation, then mixing per batch (soft targets);
+  chunks of the shuffled training images, then normalisation, then the ops that work on normalised images
+  (random_erasing, placed after Normalize as in torchvision's references), then mixing per batch (soft targets);
 - ``preview(data, k)``: (before, after) images for TensorBoard, or None;
 - ``tta(model, x, y, batch_size)``: the test-time-augmentation metrics, or None;
 - ``info()``: what summary.json records about the augmentation.
@@ -52,7 +53,8 @@ class Policy:
     no summary facts."""
 
     def __init__(self, ops: list[Op], num_classes: int, config: Any = None, flips_label_safe: bool = True):
-        self.ops = _fuse([o for o in ops if not o.mixes])
+        self.ops = _fuse([o for o in ops if not o.mixes and not o.normalised])
+        self.after_norm = [o for o in ops if o.normalised and not o.mixes]
         self.mixers = [o for o in ops if o.mixes]
         self.num_classes = num_classes
         self.config = config
@@ -61,7 +63,7 @@ class Policy:
     @property
     def identity(self) -> bool:
         """No ops at all: training batches are the normalised training images, as they are."""
-        return not self.ops and not self.mixers
+        return not self.ops and not self.after_norm and not self.mixers
 
     @property
     def soft_targets(self) -> bool:
@@ -78,6 +80,13 @@ class Policy:
         return x
 
     @torch.no_grad()
+    def normalised(self, x: Batch) -> Batch:
+        """The ops that work on normalised images (random_erasing), after the per-image ops and normalisation."""
+        for o in self.after_norm:
+            x = o(x)
+        return x
+
+    @torch.no_grad()
     def mix(self, x: Batch, y: torch.Tensor) -> tuple[Batch, torch.Tensor]:
         """The mixing ops (MixUp / CutMix) on one batch: partners come from that batch; targets become soft.
         Mixing is linear, so it may run on normalised images."""
@@ -90,7 +99,8 @@ class Policy:
 
     @torch.no_grad()
     def __call__(self, x: Batch, y: torch.Tensor) -> tuple[Batch, torch.Tensor]:
-        return self.mix(self.images(x), y)
+        """Every stage on a batch that needs no normalisation (the after-normalisation ops see it as given)."""
+        return self.mix(self.normalised(self.images(x)), y)
 
     def train_batches(self, data, batch_size: int, order: torch.Generator, drop_last: bool,
                       chunk: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -103,19 +113,30 @@ class Policy:
 
         if self.identity:
             return batches(data.train_x, data.train_y, batch_size, order, drop_last)
-        stream = batches(data.train_raw, data.train_y, batch_size, order, drop_last,
-                         lambda xb: data.normalize(self.images(xb)), chunk)
+        if self.after_norm:
+            def transform(xb):
+                return self.normalised(data.normalize(self.images(xb)))
+        else:
+            def transform(xb):
+                return data.normalize(self.images(xb))
+        stream = batches(data.train_raw, data.train_y, batch_size, order, drop_last, transform, chunk)
         return (self.mix(xb, yb) for xb, yb in stream) if self.mixers else stream
 
     def preview(self, data, k: int) -> Optional[tuple[Batch, Batch]]:
         """``k`` training images in [0, 1] before and after the per-image ops (every class in turn), or None for
-        the identity policy or k = 0. Drawn under a forked RNG: the preview leaves training's draws alone."""
+        the identity policy or k = 0. Drawn under a forked RNG: the preview leaves training's draws alone. The
+        after-normalisation ops (random_erasing) are shown mapped back to [0, 1] where the normalisation is
+        elementwise (per_channel, featurewise, none); a samplewise or zca preview shows the per-image ops only."""
         if self.identity or k == 0:
             return None
         device = data.train_raw.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             before = data.train_raw[preview_indices(data.train_y, k)]
-            return before, self.images(before)
+            after = self.images(before)
+            norm = data.normalize
+            if self.after_norm and norm is not None and norm.kind in ("per_channel", "featurewise", "none"):
+                after = (self.normalised(norm(after)) * norm.std + norm.mean).clamp_(0, 1)
+            return before, after
 
     def tta(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Optional[dict]:
         """Test-time augmentation of the normalised images ``x`` (``augmentation.tta``), or None when it is off."""
@@ -182,7 +203,7 @@ def build_policy(cfg, info, stats=None) -> Policy:
     """The policy of ``cfg`` (the augmentation node) for dataset ``info`` (the identity when it has no ops);
     ``stats``: the training pixels' per-channel mean in [0, 1] (cutout's fill)."""
     ops = []
-    seen_mixer = False
+    seen_mixer = seen_normalised = False
     for i, spec in enumerate(cfg.ops):
         key = f"augmentation.ops[{i}]"
         if not isinstance(spec, dict):
@@ -192,7 +213,11 @@ def build_policy(cfg, info, stats=None) -> Policy:
         o = build_op(spec, key, _Info(info, stats))
         if seen_mixer and not o.mixes:
             raise ConfigError(key, spec, "mixing ops (mixup, cutmix, mixup_cutmix) last in the list")
+        if seen_normalised and not (o.normalised or o.mixes):
+            raise ConfigError(key, spec, "the per-image ops before random_erasing (it runs on the normalised images, "
+                                         "after normalisation, as torchvision's references place RandomErasing)")
         seen_mixer |= o.mixes
+        seen_normalised |= o.normalised
         ops.append(o)
     return Policy(ops, info.num_classes, cfg, info.flips_label_safe)
 

@@ -1,5 +1,6 @@
-"""Layers and rules the model families share: activations, normalisation layers, weight init, drop-path, and
-the range checks of the keys several families have (activation, init, bias_init, negative_slope).
+"""Layers and rules the model families share: activations, normalisation layers, weight init, drop-path, Keras'
+noise layers (GaussianNoise, GaussianDropout; AlphaDropout is torch's own), DropBlock, and the range checks of the
+keys several families have (activation, init, bias_init, negative_slope).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import math
 from typing import Any, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from regbench.errors import ConfigError, choice
@@ -15,9 +17,9 @@ from regbench.errors import check as expect
 
 Rates = Union[float, Sequence[float]]
 
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "sigmoid", "tanh")
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "sigmoid", "tanh", "selu")
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "glorot_uniform",
-         "he_normal")
+         "he_normal", "lecun_normal")
 BIAS_INITS = ("zeros", "torch")
 KERAS_TRUNCATION = 0.87962566103423978  # std of a unit normal truncated at ±2 (keras VarianceScaling)
 
@@ -54,7 +56,9 @@ def make_activation(name: str, negative_slope: float = 0.01) -> nn.Module:
         return nn.Sigmoid()
     if name == "tanh":
         return nn.Tanh()
-    raise ConfigError("model.activation", name, "one of relu, leaky_relu, elu, sigmoid, tanh")
+    if name == "selu":  # Klambauer et al. 2017: λ·(x if x > 0 else α(eˣ − 1)); with lecun_normal, self-normalising
+        return nn.SELU()
+    raise ConfigError("model.activation", name, f"one of {', '.join(ACTIVATIONS)}")
 
 
 def make_norm(kind: Optional[str], features: int, dims: int, momentum: float = 0.1, eps: float = 1e-5,
@@ -130,12 +134,15 @@ def _init_kernel(w: torch.Tensor, scheme: str, negative_slope: float, nonlineari
         nn.init.kaiming_uniform_(w, a=negative_slope, nonlinearity=nonlinearity)
     elif scheme == "kaiming_normal":
         nn.init.kaiming_normal_(w, a=negative_slope, nonlinearity=nonlinearity)
-    elif scheme == "he_normal":  # Keras': normal truncated at ±2σ, σ chosen so the variance is 2/fan_in
-        std = math.sqrt(2.0 / nn.init._calculate_fan_in_and_fan_out(w)[0]) / KERAS_TRUNCATION
+    elif scheme in ("he_normal", "lecun_normal"):
+        # Keras 3 (keras/src/initializers/random_initializers.py): HeNormal / LecunNormal are VarianceScaling(scale=2
+        # / 1, mode="fan_in", distribution="truncated_normal"): a normal truncated at ±2σ with
+        # σ = √(scale/fan_in) / 0.8796…, so that the truncated draw has variance scale/fan_in.
+        scale = 2.0 if scheme == "he_normal" else 1.0
+        std = math.sqrt(scale / nn.init._calculate_fan_in_and_fan_out(w)[0]) / KERAS_TRUNCATION
         nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
     elif scheme != "default":
-        raise ConfigError("model.init", scheme, "default, xavier_uniform, xavier_normal, kaiming_uniform, "
-                          "kaiming_normal, glorot_uniform or he_normal")
+        raise ConfigError("model.init", scheme, ", ".join(INITS))
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device,
@@ -167,3 +174,134 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class GaussianNoise(nn.Module):
+    """Keras' GaussianNoise(stddev) (keras/src/layers/regularization/gaussian_noise.py, ``call``): in training,
+    ``x + N(0, stddev²)`` drawn afresh for every element (from the global RNG); evaluation is the identity."""
+
+    stack_refusal = "it draws Gaussian noise inside its forward pass, from the global RNG"
+
+    def __init__(self, stddev: float):
+        super().__init__()
+        self.stddev = stddev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.stddev == 0:
+            return x
+        return x + torch.randn_like(x).mul_(self.stddev)
+
+    def extra_repr(self) -> str:
+        return f"stddev={self.stddev}"
+
+
+class GaussianDropout(nn.Module):
+    """Keras' GaussianDropout(rate) (keras/src/layers/regularization/gaussian_dropout.py, ``call``): in training,
+    ``x · N(1, σ²)`` with σ = √(rate/(1 − rate)) (the variance of inverted dropout's mask of the same rate), drawn
+    for every element; evaluation is the identity."""
+
+    stack_refusal = "it draws Gaussian noise inside its forward pass, from the global RNG"
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        stddev = math.sqrt(self.rate / (1.0 - self.rate))
+        return x * torch.randn_like(x).mul_(stddev).add_(1.0)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def drop_block_gamma(drop_prob: float, block_size: int, h: int, w: int, gamma_scale: float = 1.0) -> float:
+    """DropBlock's seed probability γ on an h×w map, as timm 1.0.31 computes it (the block clipped to the map)."""
+    kh, kw = min(block_size, h), min(block_size, w)
+    return float(gamma_scale * drop_prob * h * w) / float(kh * kw) / float((h - kh + 1) * (w - kw + 1))
+
+
+def drop_block_2d(x: torch.Tensor, drop_prob: float, block_size: int, gamma_scale: float = 1.0) -> torch.Tensor:
+    """timm's ``drop_block_2d`` (timm/layers/drop.py, timm 1.0.31; its defaults with_noise=False,
+    couple_channels=True, scale_by_keep=True): block centres are drawn with probability
+    γ = gamma_scale·p·H·W / (kh·kw) / ((H − kh + 1)(W − kw + 1)), kh = min(block_size, H) (the block clipped to the
+    map), one mask per sample shared by its channels; each centre drops the kh×kw block around it (max pooling,
+    blocks cut at the border); the kept values are scaled by count/kept = numel/(Σ keep + 1e-7) over the batch."""
+    _, _, h, w = x.shape
+    kh, kw = min(block_size, h), min(block_size, w)
+    gamma = drop_block_gamma(drop_prob, block_size, h, w, gamma_scale)
+    with torch.no_grad():
+        block = torch.empty((x.shape[0], 1, h, w), dtype=x.dtype, device=x.device).bernoulli_(gamma)
+        block = F.max_pool2d(block, kernel_size=(kh, kw), stride=1, padding=(kh // 2, kw // 2))
+        if kh % 2 == 0 or kw % 2 == 0:  # an even kernel's pooling is one larger: timm keeps the last H×W
+            block = block[..., (kh + 1) % 2:, (kw + 1) % 2:]
+        keep = 1.0 - block
+        keep.mul_((keep.numel() / keep.to(torch.float32).sum().add(1e-7)).to(x.dtype))
+    return x * keep
+
+
+class DropBlock2d(nn.Module):
+    """timm's DropBlock2d (Ghiasi et al. 2018): :func:`drop_block_2d` in training, the identity in evaluation.
+    ``drop_prob`` may change between epochs (regularizer dropblock's linear schedule sets it)."""
+
+    stack_refusal = "it draws its block masks inside its forward pass, from the global RNG"
+
+    def __init__(self, drop_prob: float, block_size: int = 7, gamma_scale: float = 1.0):
+        super().__init__()
+        self.drop_prob, self.block_size, self.gamma_scale = drop_prob, block_size, gamma_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.drop_prob:
+            return x
+        return drop_block_2d(x, self.drop_prob, self.block_size, self.gamma_scale)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}, block_size={self.block_size}, gamma_scale={self.gamma_scale}"
+
+
+def noise_kwargs(slots: Any) -> dict[str, Any]:
+    """The noise slots of a :class:`~regbench.models.slots.LayerSlots` as the keyword arguments of the MLP, the
+    lecture CNN and the ResNet (as :func:`norm_kwargs`)."""
+    return {"gaussian_noise": slots.gaussian_noise, "noise_placement": slots.gaussian_noise_placement,
+            "gaussian_dropout": slots.gaussian_dropout, "alpha_dropout": slots.alpha_dropout}
+
+
+def make_gaussian_noise(stddev: float, placement: str, here: str) -> Optional[nn.Module]:
+    """GaussianNoise(stddev) when its placement is ``here`` (input | hidden) and stddev > 0, else None."""
+    return GaussianNoise(stddev) if stddev > 0 and placement == here else None
+
+
+def noise_dropouts(gaussian_dropout: float, alpha_dropout: float) -> list[tuple[str, nn.Module]]:
+    """The dropout-like noise layers for where a family's dropout goes (after an activation, after its dropout), in
+    this order, named as in the model: GaussianDropout, then torch's AlphaDropout."""
+    layers: list[tuple[str, nn.Module]] = []
+    if gaussian_dropout > 0:
+        layers.append(("gaussian_dropout", GaussianDropout(gaussian_dropout)))
+    if alpha_dropout > 0:
+        # torch's AlphaDropout is Keras' AlphaDropout: both keep a unit with probability 1 − p, set a dropped one to
+        # α' = −λα (SELU's saturation value) and return a·x + b with a = ((1 − p)(1 + p·α'²))^−½, b = −a·α'·p
+        # (keras/src/layers/regularization/alpha_dropout.py ``call``; tests/test_noise_layers.py checks torch's).
+        layers.append(("alpha_dropout", nn.AlphaDropout(alpha_dropout)))
+    return layers
+
+
+def check_alpha_dropout(m: Any, slots: Any) -> None:
+    """Alpha dropout needs SELU activations: its a, b are derived for SELU's saturation value, to keep the SELU
+    network's fixed point (mean 0, variance 1) through the layer (Klambauer et al. 2017, "alpha dropout")."""
+    if slots.filled("alpha_dropout") and m.activation != "selu":
+        raise ConfigError("model.activation", m.activation, f"selu with {slots.member('alpha_dropout')} in the stack "
+                          "(alpha dropout sets dropped units to SELU's saturation value and rescales to keep a SELU "
+                          "network's mean 0 and variance 1; with other activations it is neither)",
+                          f"add model.activation=selu model.init=lecun_normal, or use dropout instead of "
+                          f"{slots.member('alpha_dropout')}")
+
+
+def check_drop_block_places(slots: Any, places: int, where: str) -> None:
+    """A DropBlock slot's per-place lists (block_size, gamma_scale) have one value per place (``where``: what a
+    place is in this family, e.g. 'residual stage it is in (the last two)')."""
+    base = slots.key("drop_block").rsplit(".", 1)[0]
+    for name in ("block_size", "gamma_scale"):
+        value = getattr(slots.drop_block, name)
+        if isinstance(value, tuple) and len(value) != places:
+            raise ConfigError(f"{base}.{name}", list(value), f"one value, or a list of {places} (one per {where})")

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from regbench.errors import ConfigError
-from regbench.models.common import Rates, check_activation, check_init, expect, expect_choice, init_weights, \
-    make_activation, make_norm, norm_kwargs, rates
-from regbench.models.slots import LayerSlots, refuse_unapplied
+from regbench.models.common import DropBlock2d, Rates, check_activation, check_alpha_dropout, \
+    check_drop_block_places, check_init, expect, expect_choice, init_weights, make_activation, make_gaussian_noise, \
+    make_norm, noise_dropouts, noise_kwargs, norm_kwargs, rates
+from regbench.models.slots import DropBlockSpec, LayerSlots, refuse_unapplied
 from regbench.registry import MODELS
 
 POOLINGS = ("max", "avg", "none")
+DROP_BLOCK_BLOCKS = 2  # DropBlock in the last two conv blocks (32x32 input: the 16x16 and 8x8 maps, as the ResNet's)
 
 
 @dataclass
@@ -49,7 +51,11 @@ class LectureCNN(nn.Module):
     Blocks of ``convs_per_block`` 3x3 'same' convs with bias (-> norm) -> activation (-> Dropout2d), each block
     followed by 2x2 pooling; global pooling; Dense(dense) -> activation (-> dropout) -> Dense(classes).
     With the defaults on 32x32x3 input: 295,914 parameters (296,810 with BatchNorm after every conv).
-    Slots: dropout (one rate, the dense head), its placement, spatial dropout, a norm; no drop-path.
+    Slots: dropout (one rate, the dense head), its placement, spatial dropout, a norm; Keras' noise layers
+    (GaussianNoise on the input image or after the head's activation, GaussianDropout and AlphaDropout after the
+    head's activation, after its dropout: where Keras' CNNs put Dropout); DropBlock at the end of each of the last
+    two blocks (after the last activation and its Dropout2d, before the pooling: one per block, as timm puts one per
+    residual block); no drop-path.
     """
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, widths: Sequence[int] = (32, 64, 128),
@@ -57,15 +63,20 @@ class LectureCNN(nn.Module):
                  activation: str = "relu", negative_slope: float = 0.01, init: str = "default",
                  bias_init: Optional[str] = None, norm: Optional[str] = None, norm_momentum: float = 0.1, norm_eps: float = 1e-5,
                  norm_groups: int = 8, spatial_dropout: Rates = 0.0, head_dropout: Rates = 0.0,
-                 dropout_placement: str = "after_activation"):
+                 dropout_placement: str = "after_activation", gaussian_noise: float = 0.0,
+                 noise_placement: str = "input", gaussian_dropout: float = 0.0, alpha_dropout: float = 0.0,
+                 drop_block: Optional[DropBlockSpec] = None):
         super().__init__()
         if pooling != "none" and image_size >> len(widths) < 1:
             raise ConfigError("model.widths", list(widths), f"at most {image_size.bit_length() - 1} pooled blocks "
                               f"for {image_size}x{image_size} images", "use fewer widths or model.pooling=none")
         ps = rates(spatial_dropout, len(widths), "regularizer.dropout.spatial")
+        self.input_noise = make_gaussian_noise(gaussian_noise, noise_placement, "input")  # None: no module
+        first_db = len(widths) - min(DROP_BLOCK_BLOCKS, len(widths))
+        db = drop_block.per_place(len(widths) - first_db) if drop_block is not None and drop_block.rate > 0 else []
         blocks = []
         c = in_channels
-        for w, p in zip(widths, ps):
+        for b, (w, p) in enumerate(zip(widths, ps)):
             block = nn.Sequential()
             for i in range(convs_per_block):
                 block.add_module(f"conv{i}", nn.Conv2d(c, w, 3, padding=1, bias=True))
@@ -76,6 +87,9 @@ class LectureCNN(nn.Module):
                 if p > 0:
                     block.add_module(f"dropout{i}", nn.Dropout2d(p))
                 c = w
+            if db and b >= first_db:
+                size, scale = db[b - first_db]
+                block.add_module("drop_block", DropBlock2d(drop_block.rate, size, scale))
             if pooling == "max":
                 block.add_module("pool", nn.MaxPool2d(2))
             elif pooling == "avg":
@@ -83,12 +97,15 @@ class LectureCNN(nn.Module):
             blocks.append(block)
         self.features = nn.Sequential(*blocks)
         self.global_pool = nn.AdaptiveMaxPool2d(1) if global_pool == "max" else nn.AdaptiveAvgPool2d(1)
-        self.head = self._head(c, dense, num_classes, activation, negative_slope, head_dropout, dropout_placement)
+        self.head = self._head(c, dense, num_classes, activation, negative_slope, head_dropout, dropout_placement,
+                               make_gaussian_noise(gaussian_noise, noise_placement, "hidden"),
+                               noise_dropouts(gaussian_dropout, alpha_dropout))
         init_weights(self, init, activation, negative_slope, bias_init)
 
     @staticmethod
     def _head(c: int, dense: int, num_classes: int, activation: str, negative_slope: float, head_dropout: Rates,
-              dropout_placement: str) -> nn.Sequential:
+              dropout_placement: str, noise: Optional[nn.Module] = None,
+              dropouts: Sequence[tuple[str, nn.Module]] = ()) -> nn.Sequential:
         head = nn.Sequential()
         head.add_module("flatten", nn.Flatten())
         head.add_module("dense", nn.Linear(c, dense))
@@ -96,21 +113,33 @@ class LectureCNN(nn.Module):
         if p > 0 and dropout_placement == "before_activation":
             head.add_module("dropout", nn.Dropout(p))
         head.add_module("act", make_activation(activation, negative_slope))
+        if noise is not None:
+            head.add_module("noise", noise)
         if p > 0 and dropout_placement == "after_activation":
             head.add_module("dropout", nn.Dropout(p))
+        for name, layer in dropouts:
+            head.add_module(name, layer)
         head.add_module("out", nn.Linear(dense, num_classes))
         return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_noise is not None:
+            x = self.input_noise(x)
         return self.head(self.global_pool(self.features(x)))
 
     @staticmethod
     def check_slots(m: Any, slots: LayerSlots) -> None:
         """Refuse what the CNN has no place for (before anything is built)."""
-        refuse_unapplied(slots, "lecture_cnn", {"dropout", "dropout_placement", "spatial_dropout", "norm"})
+        refuse_unapplied(slots, "lecture_cnn", {"dropout", "dropout_placement", "spatial_dropout", "norm",
+                                                "gaussian_noise", "gaussian_noise_placement", "gaussian_dropout",
+                                                "alpha_dropout", "drop_block"})
         if len(slots.rate_list()) > 1:
             raise ConfigError(slots.key("dropout"), slots.rate_list(), "one rate for the CNN's single dense hidden "
                               "layer")
+        check_alpha_dropout(m, slots)
+        if slots.drop_block is not None:
+            places = min(DROP_BLOCK_BLOCKS, len(m.widths))
+            check_drop_block_places(slots, places, f"conv block it is in: the last {places} of model.widths")
 
     @classmethod
     def from_config(cls, m: Any, input_shape: Sequence[int], num_classes: int, slots: LayerSlots) -> "LectureCNN":
@@ -119,7 +148,7 @@ class LectureCNN(nn.Module):
                    m.activation, m.negative_slope, m.init, m.bias_init,
                    head_dropout=0.0 if slots.dropout is None else slots.dropout,
                    spatial_dropout=slots.spatial_dropout, dropout_placement=slots.dropout_placement,
-                   **norm_kwargs(slots.norm))
+                   **norm_kwargs(slots.norm), **noise_kwargs(slots), drop_block=slots.drop_block)
 
     @staticmethod
     def weight_layers(m: Any) -> int:

@@ -26,6 +26,23 @@ class NormSpec:
     groups: int = 8  # group_norm only
 
 
+@dataclass(frozen=True)
+class DropBlockSpec:
+    """DropBlock (Ghiasi et al. 2018, timm's DropBlock2d) in a conv model's deepest two stages or blocks: the drop
+    probability, and per place (one value for all, or a tuple of one per place, shallow to deep) the block size
+    (clipped to the feature map) and gamma's scale."""
+
+    rate: float
+    block_size: Union[int, tuple[int, ...]] = 7
+    gamma_scale: Union[float, tuple[float, ...]] = 1.0
+
+    def per_place(self, places: int) -> list[tuple[int, float]]:
+        """(block size, gamma scale) for each of ``places`` places (lists checked by the model's check_slots)."""
+        sizes = self.block_size if isinstance(self.block_size, tuple) else (self.block_size,) * places
+        scales = self.gamma_scale if isinstance(self.gamma_scale, tuple) else (self.gamma_scale,) * places
+        return list(zip(sizes, scales))
+
+
 @dataclass
 class LayerSlots:
     dropout: Optional[Rates] = None  # unit dropout: one rate, or one per layer where the model has several sites
@@ -34,6 +51,12 @@ class LayerSlots:
     norm: Optional[NormSpec] = None
     drop_path: float = 0.0  # stochastic depth: drop rate of the deepest residual branch
     drop_path_rule: str = "linear"  # linear: block l of L drops with l/L·drop_path | uniform: every block drop_path
+    # Keras' noise layers (training only; evaluation is the identity):
+    gaussian_noise: float = 0.0  # GaussianNoise(σ): adds N(0, σ²)
+    gaussian_noise_placement: str = "input"  # input: on the model's input | hidden: where dropout goes
+    gaussian_dropout: float = 0.0  # GaussianDropout(rate): multiplies by N(1, rate/(1−rate)), where dropout goes
+    alpha_dropout: float = 0.0  # AlphaDropout(rate) for SELU networks, where dropout goes
+    drop_block: Optional[DropBlockSpec] = None  # DropBlock in a conv model's deepest two stages (blocks)
     keys: dict[str, str] = field(default_factory=dict)  # slot -> the config key that filled it
 
     def set(self, slot: str, value: Any, key: str) -> None:
@@ -80,7 +103,8 @@ def applies_to_nothing(member: str, why: str, fix: str) -> RegbenchError:
 
 # Slots whose filling alone asks for layers; the others modify those layers and only ask when they differ from
 # their default (dropout's spatial rate 0 or placement after_activation ask nothing of an MLP).
-ASKS_WHEN_FILLED = {"dropout", "norm", "drop_path"}
+ASKS_WHEN_FILLED = {"dropout", "norm", "drop_path", "gaussian_noise", "gaussian_dropout", "alpha_dropout",
+                    "drop_block"}
 
 # How a model refuses a slot it has no place for: (expected, why, fix), formatted with model=, why=, member=.
 REFUSALS = {
@@ -94,6 +118,16 @@ REFUSALS = {
     "drop_path": ("a model with residual branches to drop (model={model} has none)", "", "use model=resnet, or "
                   "drop {member} from the stack"),
     "drop_path_rule": ("to be left alone with model={model} (no residual branches to drop)", "", "drop the key"),
+    "gaussian_noise": ("a model with a place for noise layers (model={model}: {why})", "it has none",
+                       "drop {member} from the stack"),
+    "gaussian_noise_placement": ("input with model={model} ({why})", "it has no hidden layer to add noise to",
+                                 "drop the key"),
+    "gaussian_dropout": ("a model with a place for dropout (model={model}: {why})", "it has none",
+                         "drop {member} from the stack"),
+    "alpha_dropout": ("a SELU network (model={model}: {why})", "it has no SELU activations",
+                      "use model=mlp or lecture_cnn with model.activation=selu, or drop {member} from the stack"),
+    "drop_block": ("a convolutional model (model={model}: {why})", "it has no conv feature maps to drop blocks of",
+                   "use model=lecture_cnn or resnet, or drop {member} from the stack"),
 }
 
 if set(REFUSALS) != set(SLOT_NAMES):  # a new slot needs its refusal text
@@ -118,6 +152,8 @@ def refuse_unapplied(slots: LayerSlots, model: str, applies: set[str], why: Opti
 
 
 def _value(value: Any) -> Any:
+    if isinstance(value, DropBlockSpec):
+        return value.rate
     return value.kind if isinstance(value, NormSpec) else value
 
 

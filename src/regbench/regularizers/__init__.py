@@ -36,15 +36,26 @@ ORDER = [
     "elastic_net",  # the penalties select their parameters once freezing is done; their terms are summed in
     "l1",  # this order (floating-point sums depend on it); the three were tied and sorted by name
     "l2",
+    "activity",  # a loss term on the layers' outputs (forward hooks), summed after the weight penalties; new
     "weight_decay",  # param groups of the trainable parameters; its coupled term reaches the gradient before
     #                  grad_clip clips it
     "dropout",  # model-shaping members (layer slots): independent of each other, kept where they were
     "stochastic_depth",  # the drop-path slot (model=resnet); new, so it moves no existing run
+    "gaussian_noise",  # Keras' noise layers and DropBlock: more layer slots, independent of the others (each model
+    "gaussian_dropout",  # fixes where its layers sit, whatever the order); new, so they move no existing run;
+    "alpha_dropout",  # dropblock's on_epoch_end only sets its layers' rate for the next epoch
+    "dropblock",
     "batchnorm",  # the three normalisations were tied and sorted by name (at most one is allowed)
     "group_norm",
     "layer_norm",
     "label_smoothing",  # a loss option only
     "grad_clip",  # last of the before_step hooks: clips the gradient every other member has finished
+    "sam",  # the step's second pass: it runs before the gradient rules wherever it sits; new, so it moves no run
+    "max_norm",  # Keras' kernel constraints (after_step): project the weights the optimizer stepped, before a
+    "unit_norm",  # weight average reads them; at most one of the four in a run (Keras: one kernel_constraint)
+    "non_neg",
+    "min_max_norm",
+    "weight_averaging",  # after every member acting on the step: its after_step averages the finished weights
     "early_stopping",  # ends training and restores the best weights before the final evaluations
     "mc_dropout",  # final evaluations last, on the restored model; test_extra lists them in this order
     "ensemble",
@@ -174,13 +185,23 @@ class Stack:
 
         return after_step
 
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        """The model evaluations read: a member's (weight averaging's averaged model), else the trained one."""
+    def eval_model(self, model: nn.Module, train_x: torch.Tensor) -> nn.Module:
+        """The model evaluations read: a member's (weight averaging's averaged model), else the trained one.
+        ``train_x``: the training split's un-augmented inputs (see Regularizer.eval_model)."""
         for r in self.members:
-            other = r.eval_model(model)
+            other = r.eval_model(model, train_x)
             if other is not None:
                 return other
         return model
+
+    def lr_schedule(self, epoch: int, optimizer: torch.optim.Optimizer, steps_per_epoch: int, default: Any) -> Any:
+        """The learning-rate schedule stepped in epoch ``epoch``: a member's (SWA's SWALR), else ``default`` (the
+        run's). Every member is asked at every epoch's start (see Regularizer.lr_schedule)."""
+        given = [(r.name, s) for r in self.members
+                 if (s := r.lr_schedule(epoch, optimizer, steps_per_epoch)) is not None]
+        if len(given) > 1:
+            raise RuntimeError(f"members {', '.join(n for n, _ in given)} each replace the learning-rate schedule")
+        return given[0][1] if given else default
 
     # --- epochs ---------------------------------------------------------------------------------
     def on_epoch_end(self, epoch: int, row: dict, model: nn.Module) -> bool:

@@ -34,7 +34,8 @@ STEP_FORMS = {"penalty": "penalty_on", "before_step": "grads_on"}
 # Hooks without a stacked form (the stacked step does not call them): a member overriding one is refused in a stack,
 # with this clause after "it".
 UNSTACKED_HOOKS = {"after_step": "acts after every optimizer step", "second_pass": "takes a second pass every step",
-                   "eval_model": "evaluates another model than the one trained"}
+                   "eval_model": "evaluates another model than the one trained",
+                   "lr_schedule": "replaces the run's learning-rate schedule"}
 
 
 def register(cls: type["Regularizer"]) -> type["Regularizer"]:
@@ -241,9 +242,18 @@ class Regularizer:
     def on_train_end(self, model: nn.Module, ctx: Context) -> None:
         """Once after the last epoch, before the test evaluation (e.g. restore the best weights)."""
 
-    def eval_model(self, model: nn.Module) -> Optional[nn.Module]:
+    def eval_model(self, model: nn.Module, train_x: torch.Tensor) -> Optional[nn.Module]:
         """The model validation, the clean training subset and the test set evaluate instead of the trained one
-        (weight averaging's averaged model), or None. At most one member of a stack gives one."""
+        (weight averaging's averaged model), or None. At most one member of a stack gives one. ``train_x``: the
+        training split's inputs as the model reads them, un-augmented, in split order (for a pass that recomputes
+        the other model's BatchNorm statistics: torch's update_bn)."""
+        return None
+
+    def lr_schedule(self, epoch: int, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Optional[Any]:
+        """Asked at the start of every epoch (a single run's, from 1): the learning-rate schedule stepped after each
+        optimizer step of epoch ``epoch`` instead of the run's (SWA's SWALR from its start epoch on), or None: the
+        run's. A member giving one builds it and carries its state across a resume (state_dict); the run's own
+        schedule is then left where it was. At most one member of a run gives one."""
         return None
 
     def final_eval(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, evaluate) -> Optional[dict]:
