@@ -740,6 +740,14 @@ CASES = [
     ("erasing-before-pixel-ops", ["augmentation.ops=[{op:random_erasing},{op:hflip}]"],
      "augmentation.ops[1]={'op': 'hflip'}: expected the per-image ops before random_erasing (it runs on the "
      "normalised images, after normalisation, as torchvision's references place RandomErasing)"),
+    ("search-direction", lambda t, m, c: run_cli(c, "-m", "hydra/sweeper=search", "trainer.monitor=val_acc",
+                                                  "regularizer=[l2]", "regularizer.l2.lam=interval(1e-5,1e-2)",
+                                                  *TINY, f"hydra.sweep.dir={t}/s"),
+     "hydra.sweeper.direction=minimize: the jobs return the best trainer.monitor=val_acc, which is better higher; "
+     "fix: hydra.sweeper.direction=maximize"),
+    ("search-interval-end", ["-m", "hydra/sweeper=search", "regularizer=[l2]",
+                             "regularizer.l2.lam=tag(log,interval(-1,1e-2))", *TINY],
+     "regularizer.l2.lam=-1.0: expected a number >= 0"),
 ]
 
 

@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("regbench.__main__", "regbench.cli", "hydra_plugins.*")),
     ("commands", ("regbench.cli_check", "regbench.cli_saved", "regbench.cli_errors", "regbench.report",
                   "regbench.report_files", "regbench.report_plots", "regbench.report_figures", "regbench.slurm",
-                  "regbench.stacked.launcher", "regbench.sweep", "regbench.sweep_names", "regbench.job_plan")),
+                  "regbench.stacked.launcher", "regbench.sweep", "regbench.sweep_names", "regbench.job_plan",
+                  "regbench.search")),
     ("dispatch", ("regbench.train",)),
     ("engines", ("regbench.stacked", "regbench.stacked.*")),  # (stacked.launcher: matched first, above)
     ("one run", ("regbench.run",)),

@@ -20,13 +20,15 @@ from regbench.cli_errors import describe, no_such_key, schema_keys
 from regbench.config import CONFIG_DIR, CONFIG_NAME
 from regbench.datasets import DATASETS
 from regbench.errors import RegbenchError
+from regbench.search import direction_problem
 from regbench.slurm import check_launcher
 from regbench.sweep_names import check_folders, naming_override
 from regbench.validation import validate
 
 
 def _jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
-    """The override lists to check: the first job, plus one job per further value of each swept key."""
+    """The override lists to check: the first job, plus one job per further value of each swept key (an interval a
+    search samples from: both of its ends)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -36,7 +38,12 @@ def _jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
         if o.is_sweep_override():
             if not multirun:
                 raise RegbenchError(f"{o.input_line}: a sweep (several values) needs multirun; fix: add -m")
-            values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else []
+            if o.is_discrete_sweep():
+                values = list(o.sweep_string_iterator())
+            elif o.is_interval_sweep():  # a search's range (Optuna, Ax, Nevergrad): both ends must be valid values
+                values = [repr(o.value().start), repr(o.value().end)]
+            else:
+                values = []
             choices.append([f"{key}={v}" for v in values] or [o.input_line])
         else:
             choices.append([o.input_line])
@@ -113,6 +120,9 @@ def _regbench_names(cfg: DictConfig) -> bool:
 def _check_sweep(overrides: Sequence[str], cfgs: list[DictConfig]) -> None:
     """Before any job of a sweep starts: one folder per job, no earlier command's job taken over."""
 
+    problem = direction_problem(cfgs[0])
+    if problem:
+        raise RegbenchError(problem)
     if _regbench_names(cfgs[0]):
         check_folders(list(overrides), _sweep_params(cfgs[0]), Path(cfgs[0].hydra.sweep.dir), cfgs[0].seed)
     _check_data(cfgs)
