@@ -500,6 +500,18 @@ def case_stacked_foreign_app(tmp_path, monkeypatch, capsys):
     return proc.stderr.strip()
 
 
+
+def case_search_other_command(tmp_path, capsys):
+    from regbench.search import SIGNATURE, quiet_optuna, signature
+
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    study = quiet_optuna().create_study(study_name="regbench", storage=f"sqlite:///{sweep}/search.db")
+    study.set_user_attr(SIGNATURE, signature(["regularizer=[l2]", "regularizer.l2.lam=interval(1e-5,1e-2)"], {}))
+    return run_cli(capsys, "-m", "hydra/sweeper=search", "regularizer=[l2]", "regularizer.l2.lam=interval(1e-5,1e-3)",
+                   *TINY, f"hydra.sweep.dir={sweep}")
+
+
 CASES = [
     ("typo-key", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key (valid keys here: max_epochs,"),
     ("typo-top-key", ["sed=1"], "sed: no such key (valid keys here: seed, data, model"),
@@ -746,8 +758,17 @@ CASES = [
      "hydra.sweeper.direction=minimize: the jobs return the best trainer.monitor=val_acc, which is better higher; "
      "fix: hydra.sweeper.direction=maximize"),
     ("search-interval-end", ["-m", "hydra/sweeper=search", "regularizer=[l2]",
-                             "regularizer.l2.lam=tag(log,interval(-1,1e-2))", *TINY],
+                             "regularizer.l2.lam=interval(-1,1e-2)", *TINY],
      "regularizer.l2.lam=-1.0: expected a number >= 0"),
+    ("search-log-interval", ["-m", "hydra/sweeper=search", "regularizer=[l2]",
+                             "regularizer.l2.lam=tag(log,interval(0,1e-2))", *TINY],
+     "regularizer.l2.lam=tag(log,interval(0,1e-2)): a log-scale interval starts above 0 (got 0.0)"),
+    ("search-trials", ["-m", "hydra/sweeper=search", "hydra.sweeper.n_jobs=0", "regularizer=[l2]",
+                       "regularizer.l2.lam=interval(1e-5,1e-2)", *TINY],
+     "hydra.sweeper.n_jobs=0: expected a whole number >= 1 (trials per batch); fix: hydra.sweeper.n_jobs=2"),
+    ("search-other-command", lambda t, m, c: case_search_other_command(t, c),
+     "its search (0 trials) was started by another command (overrides regularizer.l2.lam=interval(1e-5,1e-2) "
+     "regularizer=[l2]; search space (none)), whose trials would be counted for this one"),
 ]
 
 

@@ -41,7 +41,7 @@ def trials(sweep: Path) -> dict[str, int]:
 
 def test_an_interval_is_checked_at_both_ends(tmp_path, capsys):
     """A search samples anywhere in its interval: the pre-check validates both ends like a grid's values."""
-    low = one_line_error(capsys, *SEARCH, "regularizer.l2.lam=tag(log,interval(-1,1e-2))", *SMALL,
+    low = one_line_error(capsys, *SEARCH, "regularizer.l2.lam=interval(-1,1e-2)", *SMALL,
                          f"hydra.sweep.dir={tmp_path}/s")
     assert "regularizer.l2.lam=-1.0: expected a number >= 0" in low
     high = one_line_error(capsys, "-m", "hydra/sweeper=search", "regularizer=[dropout]",
@@ -94,3 +94,32 @@ def test_a_batch_of_trials_trains_as_one_stack(tmp_path):
     groups = {s["stacked"]["group"] for s in summaries}
     assert len(groups) == 1 and {s["stacked"]["members"] for s in summaries} == {2}
     assert trials(sweep) == {"COMPLETE": 2}
+
+
+def test_trial_counts_and_log_ranges_are_checked_before_anything_starts(tmp_path, capsys):
+    for key, value in (("n_trials", 0), ("n_jobs", 0), ("n_trials", -2)):
+        msg = one_line_error(capsys, *SEARCH, f"hydra.sweeper.{key}={value}", *SMALL, f"hydra.sweep.dir={tmp_path}/s")
+        assert f"hydra.sweeper.{key}={value}: expected a whole number >= 1" in msg
+    msg = one_line_error(capsys, "-m", "hydra/sweeper=search", "regularizer=[l2]",
+                         "regularizer.l2.lam=tag(log,interval(0,1e-2))", *SMALL, f"hydra.sweep.dir={tmp_path}/s")
+    assert "a log-scale interval starts above 0 (got 0.0)" in msg
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_study_started_by_another_command_is_not_continued(tmp_path, capsys):
+    """The sweep folder's study remembers the command that started it; another command (other fixed overrides, an
+    other search space) would count its trials as this one's: refused in one line, nothing written."""
+    from regbench.search import SIGNATURE, quiet_optuna, signature
+
+    optuna = quiet_optuna()
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    started = ["regularizer=[l2]", "regularizer.l2.lam=tag(log,interval(1e-5,1e-2))", *SMALL]
+    study = optuna.create_study(study_name="regbench", storage=f"sqlite:///{sweep}/search.db")
+    study.set_user_attr(SIGNATURE, signature(started, {}))
+    check(["hydra/sweeper=search", *started, f"hydra.sweep.dir={sweep}"], multirun=True)  # the same command: fine
+    msg = one_line_error(capsys, "-m", "hydra/sweeper=search", *started, "trainer.max_epochs=2",
+                         f"hydra.sweep.dir={sweep}")
+    assert f"hydra.sweep.dir={sweep}: its search (0 trials) was started by another command" in msg
+    assert "fix: the same command to continue it, or another hydra.sweep.dir" in msg
+    assert sorted(p.name for p in sweep.iterdir()) == ["search.db"]

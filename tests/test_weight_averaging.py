@@ -270,3 +270,33 @@ def test_early_stopping_without_restoring_stops_on_the_averages_validation(tmp_p
     summary = _summary(tmp_path)
     assert summary["status"] == "completed" and "trained" in summary["test_extra"]
     assert math.isfinite(summary["test"]["loss"])
+
+
+def test_the_report_compares_the_trained_model_of_every_configuration(tmp_path):
+    """A run that evaluated its trained model has that test as its "trained" one: the report's trained columns
+    compare an averaging configuration with one without it, paired by seed (not "0 seeds in common")."""
+    from regbench.report import report
+
+    sweep = tmp_path / "sweep"
+    for stack in ("[]", "[weight_averaging]"):
+        for seed in (0, 1):
+            fit(compose_cfg(*SMALL, "trainer.max_epochs=2", f"regularizer={stack}", f"seed={seed}"),
+                sweep / f"regularizer={stack}" / f"seed={seed}")
+    report(sweep, metrics="test_acc,test_trained_acc")
+    text = (sweep / "report.md").read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| regularizer=\\[weight\\_averaging\\] | 2 | ")]
+    assert len(rows) == 3  # its row, and its Δ in each of the two metrics' tables: both paired by seed
+    assert "0 seeds in common" not in text and all("paired" in r for r in rows[1:])
+    assert "equal on every seed" in rows[2]  # the trained model is the baseline's run: the member changes no step
+    plain = json.loads((sweep / "regularizer=[]" / "seed=0" / "summary.json").read_text())
+    assert "trained" not in (plain.get("test_extra") or {})  # nothing is added to the runs: the report reads their test
+
+
+def test_transfer_from_an_averaging_run_says_it_loads_the_trained_weights(tmp_path, caplog):
+    source = tmp_path / "source"
+    fit(compose_cfg(*SMALL, "trainer.max_epochs=2", "regularizer=[weight_averaging]"), source)
+    with caplog.at_level("WARNING"):
+        fit(compose_cfg(*SMALL, "trainer.max_epochs=1", "regularizer=[transfer]",
+                        f"regularizer.transfer.init_from={source}"), tmp_path / "target")
+    assert any("transfer loads the trained weights, not that model" in r.getMessage() and "weight_averaging"
+               in r.getMessage() for r in caplog.records)

@@ -20,7 +20,7 @@ from regbench.cli_errors import describe, no_such_key, schema_keys
 from regbench.config import CONFIG_DIR, CONFIG_NAME
 from regbench.datasets import DATASETS
 from regbench.errors import RegbenchError
-from regbench.search import direction_problem
+from regbench.search import search_problem
 from regbench.slurm import check_launcher
 from regbench.sweep_names import check_folders, naming_override
 from regbench.validation import validate
@@ -41,7 +41,11 @@ def _jobs(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
             if o.is_discrete_sweep():
                 values = list(o.sweep_string_iterator())
             elif o.is_interval_sweep():  # a search's range (Optuna, Ax, Nevergrad): both ends must be valid values
-                values = [repr(o.value().start), repr(o.value().end)]
+                interval = o.value()
+                if "log" in interval.tags and not interval.start > 0:
+                    raise RegbenchError(f"{o.input_line}: a log-scale interval starts above 0 (got {interval.start}); "
+                                        f"fix: e.g. {key}=tag(log,interval(1e-6,{interval.end}))")
+                values = [repr(interval.start), repr(interval.end)]
             else:
                 values = []
             choices.append([f"{key}={v}" for v in values] or [o.input_line])
@@ -120,7 +124,7 @@ def _regbench_names(cfg: DictConfig) -> bool:
 def _check_sweep(overrides: Sequence[str], cfgs: list[DictConfig]) -> None:
     """Before any job of a sweep starts: one folder per job, no earlier command's job taken over."""
 
-    problem = direction_problem(cfgs[0])
+    problem = search_problem(cfgs[0], overrides)
     if problem:
         raise RegbenchError(problem)
     if _regbench_names(cfgs[0]):

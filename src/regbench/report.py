@@ -42,7 +42,8 @@ METRICS = {
 }
 # Extra test evaluations (summary.json test_extra) get columns of their own when a sweep has them.
 EXTRA = {"acc": ("acc", True), "nll": ("NLL", False), "ece": ("ECE", False)}
-EXTRA_NAMES = {"members_mean": "bagging members' mean"}  # a bagging run's members, averaged (its row is the ensemble)
+# bagging: its members, averaged (its row is the ensemble); weight averaging: the model it trained (its row: the average)
+EXTRA_NAMES = {"members_mean": "bagging members' mean", "trained": "the trained model"}
 
 
 def find_jobs(sweep_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -100,7 +101,19 @@ def load_runs(sweep_dir: Path) -> tuple[list[dict], list[dict]]:
             continue
         done.append(entry)
     failed += missing_jobs(sweep_dir, {f["run"] for f in failed} | {d["run"] for d in done})
+    _trained_is_tested(done)
     return done, failed
+
+
+def _trained_is_tested(runs: list[dict]) -> None:
+    """Where some runs evaluated another model than the one they trained (weight averaging: their trained model's
+    own test is test_extra.trained), a run that evaluated its trained model has that test as its "trained" one, so
+    the trained columns compare every configuration (not only those with an average)."""
+    keys = [f"test_trained_{k}" for k in EXTRA]
+    if any(k in r for r in runs for k in keys):
+        for r in runs:
+            if not any(k in r for k in keys):
+                r.update({f"test_trained_{k}": r[f"test_{k}"] for k in EXTRA if f"test_{k}" in r})
 
 
 class _Unusable(Exception):

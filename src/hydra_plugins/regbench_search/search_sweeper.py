@@ -17,37 +17,45 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any, List
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from regbench.errors import RegbenchError
-from regbench.search import direction_problem
+from regbench.search import SIGNATURE, quiet_optuna, search_problem, signature
 
 log = logging.getLogger(__name__)
 # optuna 2.10 (what hydra-optuna-sweeper allows) uses SQLAlchemy 1.4 APIs that 2.0 removed (pinned below 2 in
 # pyproject.toml); its one-time "MovedIn20Warning" banner says nothing a regbench user can act on.
 os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
+# Hydra's OptunaSweeper imports optuna (and alembic, which logs a "setup plugin" line per plugin) when it is built,
+# before sweep() runs: quiet from here (regbench.search.quiet_optuna says why).
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 class SearchSweeper(OptunaSweeper):
     """Hydra's OptunaSweeper whose ``n_trials`` is the study's total of finished trials (see the module)."""
 
     def sweep(self, arguments: List[str]) -> None:
-        import optuna
-
+        optuna = quiet_optuna()
         impl = self.sweeper
-        problem = direction_problem(impl.config)  # the pre-check said it already (regbench.cli_check)
+        problem = search_problem(impl.config, arguments)  # the pre-check said it already (regbench.cli_check)
         if problem:
             raise RegbenchError(problem)
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # its migration plugins log at INFO on every open
         if impl.storage:
             study = _existing_study(impl.storage, impl.study_name)
-            if study is not None:
-                finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-                stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-                for t in stale:  # killed with the process that ran it: failed, and asked again (same folder)
-                    study._storage.set_trial_state(t._trial_id, optuna.trial.TrialState.FAIL)
+            if study is None:  # a new search: remember the command that started it (search_problem compares)
+                study = optuna.create_study(study_name=impl.study_name, storage=impl.storage,
+                                            direction=str(getattr(impl.direction, "name", impl.direction)))
+                study.set_user_attr(SIGNATURE, signature(arguments, impl.config.hydra.sweeper.params))
+            finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+            for t in stale:  # killed with the process that ran it: failed, and asked again (same folder)
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                with warnings.catch_warnings():  # enqueue_trial is "experimental" in optuna 2.10
+                    warnings.simplefilter("ignore")
                     study.enqueue_trial(_plain(t.params))
+            if study.trials:
                 left = max(0, impl.n_trials - len(finished))
                 log.info("search %s: %d of %d trials finished%s; %d to go", impl.study_name, len(finished),
                          impl.n_trials, f", {len(stale)} interrupted (asked again)" if stale else "", left)

@@ -79,9 +79,11 @@ class RandomErasing(Op):
         numbers = (isinstance(value, (list, tuple)) and len(value) in (1, info.channels)
                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value))
         if not (ok and (number or numbers or value == "random")):
+            lists = ("a list of one number" if info.channels == 1
+                     else f"a list of 1 or {info.channels} numbers (one per channel)")
             raise ConfigError(key, {f.name: getattr(self, f.name) for f in fields(self)},
-                              f"0 <= scale[0] <= scale[1] <= 1, 0 < ratio[0] <= ratio[1], value a number, "
-                              f"a list of 1 or {info.channels} numbers (one per channel), or random")
+                              "0 <= scale[0] <= scale[1] <= 1, 0 < ratio[0] <= ratio[1], value a number, "
+                              f"{lists}, or random")
 
     def boxes(self, x: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(start, end) of each image's box — empty where the image is not erased (not chosen, or no attempt fit)."""

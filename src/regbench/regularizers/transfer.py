@@ -7,6 +7,7 @@ of bounded size, uncompressed zip records, then ``torch.load(weights_only=True)`
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,10 @@ from torch import nn
 from regbench.errors import ConfigError, RegbenchError
 from regbench.checkpoint import load_checkpoint
 from regbench.models import weight_layer_count
-from regbench.regularizers.base import Context, Regularizer, Stacking, register
+from regbench.regularizers.base import REGISTRY, Context, Regularizer, Stacking, overrides, register
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +82,13 @@ class Transfer(Regularizer):
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
             raise RegbenchError(f"checkpoint {path}: has no 'model' state; fix: use a checkpoint written by regbench")
         theirs = ckpt["model"]
+        # A source run that evaluated another model than it trained (weight averaging's average) chose its best.pt
+        # and reported its results by that model, which its checkpoint keeps apart from "model": say which is loaded.
+        others = [n for n in (ckpt.get("regularizers") or {}) if n in REGISTRY and overrides(REGISTRY[n], "eval_model")]
+        if others:
+            log.warning("warning: %s was trained with %s, which evaluated another model than the one it trained (its "
+                        "results and best.pt are that model's); transfer loads the trained weights, not that model",
+                        path, ", ".join(others))
         ours = model.state_dict()
         keys = [k for k in ours if not _matches(k, self.cfg.skip)]
         if not keys:

@@ -145,7 +145,8 @@ class WeightAveraging(Regularizer):
         self.averaged = AveragedModel(model, multi_avg_fn=None if self.swa else self._ema,
                                       use_buffers=self.use_buffers)
         self.averaged.requires_grad_(False)
-        self.bn_pass = not self.use_buffers and any(isinstance(m, _BatchNorm) for m in model.modules())
+        self.has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
+        self.bn_pass = not self.use_buffers and self.has_bn
         self.batch_size, self.seed = int(ctx.cfg.data.batch_size), int(ctx.cfg.seed)
 
     def _ema(self, averaged: list, current: list, n_averaged) -> None:
@@ -196,7 +197,8 @@ class WeightAveraging(Regularizer):
     def info(self) -> Optional[dict]:
         c = self.cfg
         facts = {"mode": c.mode, "start_epoch": c.start_epoch, "updates": self.updates,
-                 "bn_statistics": "averaged" if self.use_buffers else "update_bn" if self.bn_pass else "no batch norm"}
+                 "bn_statistics": ("no batch norm" if not self.has_bn else "averaged" if self.use_buffers
+                                   else "update_bn")}
         if self.swa:
             facts.update(swa_lr=self.swa_lr, anneal_epochs=c.anneal_epochs, anneal_strategy=c.anneal_strategy)
         else:
@@ -208,8 +210,8 @@ class WeightAveraging(Regularizer):
         how = (f"swa: the average of each epoch's end weights, SWALR to lr {self.swa_lr:g} over {c.anneal_epochs:g} "
                f"epochs ({c.anneal_strategy})" if self.swa else
                f"ema: decay {c.decay:g} after every step{', with timm warm-up' if c.warmup else ''}")
-        bn = ("averaged" if self.use_buffers else "recomputed by update_bn before each evaluation" if self.bn_pass
-              else "none in the model")
+        bn = ("none in the model" if not self.has_bn else "averaged" if self.use_buffers
+              else "recomputed by update_bn before each evaluation")
         log.info("weight averaging %s, from epoch %d; BatchNorm statistics %s; evaluations read the average",
                  how, c.start_epoch + 1, bn)
 
