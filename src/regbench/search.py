@@ -29,7 +29,8 @@ def search_problem(cfg: Any, overrides: Sequence[str]) -> Optional[str]:
     for key in ("n_trials", "n_jobs"):
         value = OmegaConf.select(cfg, f"hydra.sweeper.{key}")
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            return (f"hydra.sweeper.{key}={value}: expected a whole number >= 1 ({'trials the study ends with' if key == 'n_trials' else 'trials per batch'}); "
+            what = "trials the study ends with" if key == "n_trials" else "trials per batch"
+            return (f"hydra.sweeper.{key}={value}: expected a whole number >= 1 ({what}); "
                     f"fix: hydra.sweeper.{key}={2 if key == 'n_jobs' else 20}")
     return direction_problem(cfg) or stored_study_problem(cfg, overrides)
 
