@@ -21,19 +21,19 @@ from regbench.regularizers.activity import activity_term
 from regbench.regularizers.stacking import stack_refusals
 from regbench.train import fit
 from regbench.validation import validate
-from tests.conftest import TINY, compose_cfg, interrupt_then_resume, small_model
+from tests.conftest import F32_REL, TINY, compose_cfg, interrupt_then_resume, small_model
 from tests.test_resume import metrics_without_time
 
 
 def test_keras_term_on_hand_computed_activations():
     # keras/src/regularizers/regularizers.py's example: Dense(5, kernel_initializer='ones') on ones(5, 5) * 2 gives
     # outputs of 10; activity_regularizer=L2(0.01): 0.01 · 25 · 100 = 25, "after dividing by batch size of 5 is 5.0"
-    assert activity_term(torch.full((5, 5), 10.0), 0.0, 0.01).item() == pytest.approx(5.0, rel=1e-7)
+    assert activity_term(torch.full((5, 5), 10.0), 0.0, 0.01).item() == pytest.approx(5.0, rel=F32_REL)
     a = torch.tensor([[1.0, -2.0], [3.0, 0.0]])  # B = 2: Σ|a| = 6, Σa² = 14
-    assert activity_term(a, 0.1, 0.0).item() == pytest.approx(0.1 * 6 / 2, rel=1e-7)
-    assert activity_term(a, 0.1, 0.01).item() == pytest.approx((0.1 * 6 + 0.01 * 14) / 2, rel=1e-7)
+    assert activity_term(a, 0.1, 0.0).item() == pytest.approx(0.1 * 6 / 2, rel=F32_REL)
+    assert activity_term(a, 0.1, 0.01).item() == pytest.approx((0.1 * 6 + 0.01 * 14) / 2, rel=F32_REL)
     conv = torch.ones(4, 3, 2, 2)  # a conv layer's output: summed over every unit of the sample, divided by B = 4
-    assert activity_term(conv, 0.5, 0.0).item() == pytest.approx(0.5 * 48 / 4, rel=1e-7)
+    assert activity_term(conv, 0.5, 0.0).item() == pytest.approx(0.5 * 48 / 4, rel=F32_REL)
     assert activity_term(a.bfloat16(), 0.0, 1.0).dtype == torch.float32  # under autocast: summed in float32
 
 

@@ -26,7 +26,7 @@ from regbench.regularizers.stacking import stack_refusals
 from regbench.regularizers.weight_averaging import ema_decay
 from regbench.train import fit
 from regbench.validation import validate
-from tests.conftest import compose_cfg
+from tests.conftest import F32_REL, compose_cfg
 
 SMALL = ["data.train_size=128", "data.batch_size=32", "data.test_size=100", "trainer.max_epochs=4",
          "trainer.progress_bar=false", "model.hidden=[32]", "scheduler=cosine", "trainer.keep_last=5"]
@@ -136,7 +136,7 @@ def test_ema_after_every_step_with_warmup_by_hand_numbers():
         member.after_step(model, opt)
         d = {0: 0.0, 1: 0.5, 2: 0.6, 3: 0.6}[n]  # copy; 1 - 1/2 = 0.5; min(0.6, 1 - 1/3); 0.6
         expected = w if expected is None else d * expected + (1 - d) * w
-        assert member.averaged.module.weight.item() == pytest.approx(expected, rel=1e-6)
+        assert member.averaged.module.weight.item() == pytest.approx(expected, rel=F32_REL)
     assert expected == pytest.approx(0.6 * (0.6 * 6.0 + 0) + 0.4 * 2.0)
     assert member.eval_model(model, torch.zeros(4, 1)) is member.averaged
 
