@@ -142,7 +142,7 @@ def _torchvision_augmix(img, d, i, names, interpolation):
     depth are torchvision's Identity."""
     depth = d["which"].shape[2]
     t = v2.AugMix(severity=3, mixture_width=d["w"].shape[1], chain_depth=depth, alpha=1.0,
-                  interpolation=interpolation)
+                  interpolation=v2.InterpolationMode(interpolation))  # (torchvision < 0.26 takes only the enum)
     dirichlet = iter([d["m"][i:i + 1], d["w"][i:i + 1]])
     t._sample_dirichlet = lambda params: next(dirichlet)
     steps = []
