@@ -207,17 +207,23 @@ def writes_fail_after_epoch(monkeypatch, epoch: int, err: int) -> None:
                 raise OSError(err, os.strerror(err), str(path))
             return os.open(path, flags, *args, **kwargs)
 
-    real = train.fault_point
+    monkeypatch.setattr(rio, "os", FailingOS())
+    monkeypatch.setattr(train, "fault_point", _once_recorded(train.fault_point, epoch,
+                                                              lambda: failing.update(on=True)))
 
-    def fault(point, at, settle=None):
+
+def _once_recorded(real, epoch: int, then):
+    """regbench's fault_point hook ``real`` that, once ``epoch``'s summary.json is written (the background writer
+    settled: its files on disk), calls ``then``."""
+
+    def hook(point, at, settle=None):
         real(point, at, settle)
         if point == "after_summary" and at == epoch:
             if settle is not None:
                 settle()
-            failing["on"] = True
+            then()
 
-    monkeypatch.setattr(rio, "os", FailingOS())
-    monkeypatch.setattr(train, "fault_point", fault)
+    return hook
 
 
 def interrupt_then_resume(monkeypatch, overrides, run_dir: Path, epoch: int) -> None:
@@ -227,17 +233,11 @@ def interrupt_then_resume(monkeypatch, overrides, run_dir: Path, epoch: int) -> 
     import regbench.run as train
     from regbench.train import fit
 
-    real = train.fault_point
-
-    def stop(point, at, settle=None):
-        real(point, at, settle)
-        if point == "after_summary" and at == epoch:
-            if settle is not None:
-                settle()
-            raise KeyboardInterrupt
+    def stop():
+        raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(train, "fault_point", stop)
+        m.setattr(train, "fault_point", _once_recorded(train.fault_point, epoch, stop))
         with pytest.raises(KeyboardInterrupt):
             fit(compose_cfg(*overrides), run_dir)
     fit(compose_cfg(*overrides, "trainer.resume=true"), run_dir)
